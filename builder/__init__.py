@@ -1,0 +1,1 @@
+"""The build pipeline: passes, calibration, verification, benchmark, report, packaging."""

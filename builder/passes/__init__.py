@@ -1,0 +1,1 @@
+"""Build passes, one per file, grouped by backend."""

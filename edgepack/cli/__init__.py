@@ -1,0 +1,76 @@
+"""The `edgepack` command line.
+
+Errors are translated here and nowhere else: an `EdgepackError` becomes one red line on stderr and
+the error's exit code (2 bad input, 1 gate or verification failed); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError
+
+app = typer.Typer(
+    name="edgepack",
+    help="Build ML models for edge hardware, package signed bundles, roll them out to fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgepack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    # Imported here so each command module stays independent; none imports heavy backends at import time.
+    from edgepack.cli import build, bundle, keys, profiles
+
+    app.command("build")(build.build)
+    app.add_typer(profiles.app, name="profiles")
+    app.add_typer(keys.app, name="keys")
+    app.add_typer(bundle.app, name="bundle")
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        rv = app(args=args, prog_name="edgepack", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/red]")
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except EdgepackError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

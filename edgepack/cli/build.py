@@ -1,0 +1,5 @@
+"""`edgepack build` (placeholder until implemented)."""
+
+
+def build() -> None:
+    """Build a model for a hardware profile."""

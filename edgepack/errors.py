@@ -1,0 +1,94 @@
+"""The one exception tree of edgepack.
+
+    EdgepackError                 base; carries an exit code and an HTTP status for the edges
+    ├── ConfigError               a config, profile or command-line value is invalid (exit 2)
+    │   └── ProfileError          a hardware profile cannot be found or does not validate
+    ├── DataError                 calibration/validation data is missing or does not match the model
+    ├── ModelError                the model cannot be loaded, checked or converted (exit 2)
+    │   └── UnsupportedOpError    an op the target runtime cannot run; names the op and node
+    ├── PassError                 a build pass failed for a reason that is not the user's input
+    ├── GateFailed                a quality gate or verification failed (exit 1)
+    ├── BundleError               a bundle is malformed, unsafe or does not verify (exit 1)
+    │   ├── SignatureError        the signature is missing, invalid, or from an unknown key
+    │   ├── IntegrityError        a member's hash or size does not match the manifest
+    │   └── UnsafeMemberError     a member with an absolute path, `..`, or a link
+    └── ProtocolError             a malformed or unknown protocol message
+
+Only the edges (CLI, API) translate these into exit codes, status codes or log lines.
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Base class of every error edgepack raises on purpose."""
+
+    exit_code: int = 2
+    http_status: int = 400
+
+    def __init__(self, message: str, **context: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+        for key, value in context.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(EdgepackError):
+    """A config file, profile or command-line value is invalid."""
+
+
+class ProfileError(ConfigError):
+    """A hardware profile cannot be found or does not validate."""
+
+
+class DataError(EdgepackError):
+    """Calibration or validation data is missing, unreadable or does not match the model's inputs."""
+
+
+class ModelError(EdgepackError):
+    """A model cannot be loaded, checked or converted."""
+
+
+class UnsupportedOpError(ModelError):
+    """The model uses an op the target runtime cannot run (attributes: op_type, node_name, runtime)."""
+
+
+class PassError(EdgepackError):
+    """A build pass failed on valid input (attribute: pass_name)."""
+
+    exit_code = 1
+    http_status = 500
+
+
+class GateFailed(EdgepackError):
+    """A quality gate or verification failed; the report says which and why."""
+
+    exit_code = 1
+    http_status = 422
+
+
+class BundleError(EdgepackError):
+    """A bundle is malformed, unsafe, or does not verify."""
+
+    exit_code = 1
+    http_status = 400
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, invalid, or made with a key that is not trusted."""
+
+
+class IntegrityError(BundleError):
+    """A bundle member's hash or size does not match the manifest (attribute: member)."""
+
+
+class UnsafeMemberError(BundleError):
+    """A bundle member has an absolute path, a `..` component, or is a link or device."""
+
+
+class ProtocolError(EdgepackError):
+    """A protocol message is malformed or carries an unknown schema version."""

@@ -1,0 +1,1 @@
+"""fleet package (see ../shared/DESIGN.md)."""

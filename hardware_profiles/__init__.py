@@ -1,0 +1,79 @@
+"""Hardware profiles: `*.yaml` files in this package, validated by `schema.HardwareProfile`.
+
+`load_profile("jetson")` resolves a name or alias among the bundled profiles; a path to a user's YAML
+file works too. Every problem is a `ProfileError` with one line that names the file and the field.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from edgepack.errors import ProfileError
+from hardware_profiles.schema import HardwareProfile
+
+PROFILES_DIR = Path(__file__).parent
+
+__all__ = ["HardwareProfile", "PROFILES_DIR", "list_profiles", "load_profile", "load_profile_file"]
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        problem = "unknown field"
+    else:
+        problem = first["msg"]
+        if "input" in first and first["type"] not in ("missing",):
+            problem += f" (got {first['input']!r})"
+    more = len(exc.errors()) - 1
+    suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"profile {source}: {location}: {problem}{suffix}"
+
+
+def load_profile_file(path: Path) -> HardwareProfile:
+    """Load and validate one profile YAML file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ProfileError(f"profile {path}:{where} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {path}: expected a mapping at the top level")
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(_format_validation_error(str(path), exc)) from None
+
+
+@lru_cache(maxsize=1)
+def _bundled() -> tuple[HardwareProfile, ...]:
+    return tuple(load_profile_file(p) for p in sorted(PROFILES_DIR.glob("*.yaml")))
+
+
+def list_profiles() -> list[HardwareProfile]:
+    """All bundled profiles, sorted by name."""
+    return sorted(_bundled(), key=lambda p: p.name)
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Resolve a bundled profile by name or alias, or load a user's YAML file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ProfileError(f"profile file {path} does not exist")
+        return load_profile_file(path)
+    for profile in _bundled():
+        if text in profile.all_names:
+            return profile
+    names = ", ".join(sorted(n for p in _bundled() for n in p.all_names))
+    raise ProfileError(f"unknown profile {text!r}; known: {names}")

@@ -1,0 +1,1 @@
+"""testbeds package (see ../shared/DESIGN.md)."""

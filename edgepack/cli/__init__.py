@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -58,13 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        rv = app(args=args, prog_name="edgepack", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/red]")
-        sys.exit(130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+        # Standalone mode: typer handles usage errors (exit 2) and --help itself and calls sys.exit.
+        app(args=args, prog_name="edgepack")
     except EdgepackError as exc:
         if debug:
             raise
@@ -73,4 +67,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,88 @@
+"""Estimated latency on the target from the profile's roofline performance model.
+
+Per node: time = max(ops / (peak_ops[precision] * efficiency), bytes / bandwidth) + per-node overhead,
+where ops (2 per multiply-accumulate) and bytes (weights + activations at the node's precision) are
+counted from the statically shaped float graph. It is an estimate and always labelled so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.onnx_utils import load_model
+
+ESTIMATE_LABEL = "estimate: roofline model from the profile (ops and bytes counted from the graph)"
+_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# Nodes folded away or fused on every target runtime: they cost no separate kernel.
+FREE_OPS = {"Constant", "Identity", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "QuantizeLinear", "DequantizeLinear", "Cast", "Dropout"}
+
+
+def _shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+        elif value.type.tensor_type.HasField("shape") and not dims:
+            shapes[value.name] = ()
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def count_graph(model_path: Path) -> list[dict[str, Any]]:
+    """Per node: op type, name, MACs, weight elements and activation elements."""
+    model = load_model(model_path)
+    shapes = _shapes(model)
+    initializers = {init.name for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        out_shape = shapes.get(node.output[0]) if node.output else None
+        out_elems = int(np.prod(out_shape)) if out_shape is not None else 0
+        in_elems = sum(int(np.prod(shapes[i])) for i in node.input if i and i in shapes and i not in initializers)
+        weight_elems = sum(int(np.prod(shapes[i])) for i in node.input if i in initializers)
+        macs = 0
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in shapes:
+            w = shapes[node.input[1]]
+            per_output = int(np.prod(w[1:]))  # Conv: in/groups * kernel; ConvTranspose: out/groups * kernel
+            if node.op_type == "Conv":
+                macs = out_elems * per_output
+            else:  # each input element meets out_channels/groups * kernel weights
+                macs = int(np.prod(shapes.get(node.input[0], (0,)))) * per_output
+        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
+            a = shapes.get(node.input[0])
+            if a:
+                macs = out_elems * int(a[-1])
+        nodes.append({"op_type": node.op_type, "name": node.name, "macs": macs, "weights": weight_elems,
+                      "activations": in_elems + out_elems})
+    return nodes
+
+
+def estimate_latency_ms(nodes: list[dict[str, Any]], profile: Any, precision: str, float_nodes: set[str] = frozenset()) -> float:
+    """Estimated single-inference latency on the target for a variant of `precision`."""
+    perf = profile.performance
+    peaks = perf.peak_ops_per_s
+    bandwidth = perf.memory_bandwidth_gb_s * 1e9
+    total_s = 0.0
+    for node in nodes:
+        if node["op_type"] in FREE_OPS:
+            continue
+        node_precision = precision
+        if precision == "int8" and (node["op_type"] not in COMPUTE_OPS or node["name"] in float_nodes):
+            # Non-compute ops run on dequantized values; fallback nodes stay float.
+            node_precision = "fp16" if "fp16" in peaks and profile.accelerators else "fp32"
+        if node_precision not in peaks:
+            node_precision = "fp32" if "fp32" in peaks else next(iter(peaks))
+        ops = 2.0 * node["macs"]
+        width = _BYTES[node_precision]
+        moved = (node["weights"] + node["activations"]) * width
+        compute_s = ops / (peaks[node_precision] * perf.efficiency) if ops else 0.0
+        total_s += max(compute_s, moved / bandwidth) + perf.per_node_overhead_us * 1e-6
+    return round(total_s * 1000.0, 4)

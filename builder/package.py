@@ -1,0 +1,101 @@
+"""Assemble and sign the bundle of the selected variant (DESIGN.md "The bundle").
+
+Only deterministic facts go into the bundle (hashes, accuracy, sizes, the latency *estimate*), never
+wall-clock measurements, so identical inputs give a byte-identical `.edgepack`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.onnx_utils import io_signature, load_model, sha256_file
+from builder.sbom import make_sbom
+from builder.stats import reference_stats
+from builder.verify import run_model
+from edgepack.bundle import canonical_json, write_bundle
+
+# Relative tolerance of the self-test per precision: a device's kernels may round differently.
+SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 8e-2}
+MANIFEST_METRICS = ("metric", "accuracy", "accuracy_delta", "agreement", "cosine", "max_abs_error", "mean_abs_error",
+                    "size_bytes", "size_ratio", "estimated_target_latency_ms", "fallback_nodes", "sparsity")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, Any], report: dict[str, Any], profile: Any,
+                   runtime: Any, data: Any, val_feeds: list[dict[str, np.ndarray]], config: Any, tools: dict[str, str],
+                   private_key: Any):
+    model = load_model(model_path)
+    signature = io_signature(model)
+    model_sha = sha256_file(model_path)
+    members: dict[str, bytes] = {"model/model.onnx": model_path.read_bytes()}
+
+    outputs = run_model(model_path, val_feeds)
+    inputs = {name: np.stack([feed[name] for feed in val_feeds]) for name in val_feeds[0]}
+    stats = reference_stats(inputs, outputs.arrays, source=f"validation data ({len(val_feeds)} samples) through the {variant['name']} model")
+    members["reference/stats.json"] = canonical_json(stats)
+
+    count = min(config.verify.selftest_samples, len(val_feeds))
+    rel = SELFTEST_TOLERANCE[variant["precision"]]
+    output_names = [o["name"] for o in signature["outputs"]]
+    cases = []
+    for index in range(count):
+        case: dict[str, Any] = {"inputs": {}, "outputs": {}}
+        for position, (name, value) in enumerate(sorted(val_feeds[index].items())):
+            member = f"selftest/{index}/in{position}.npy"
+            members[member] = _npy(value)
+            case["inputs"][name] = member
+        for position, name in enumerate(output_names):
+            member = f"selftest/{index}/out{position}.npy"
+            expected = outputs.arrays[name][index].astype(np.float32)
+            members[member] = _npy(expected)
+            case["outputs"][name] = member
+        cases.append(case)
+    scale = max(float(np.abs(outputs.arrays[n][:count]).max()) for n in output_names) if count else 1.0
+    selftest = {
+        "schema_version": 1,
+        "runtime": "onnxruntime",
+        "tolerance": {"atol": round(max(1e-5, rel * max(scale, 1e-6)), 8), "rtol": rel,
+                      "doc": "|actual - expected| <= atol + rtol * |expected|, elementwise"},
+        "cases": cases,
+    }
+    members["selftest/cases.json"] = canonical_json(selftest)
+    members["sbom.cdx.json"] = canonical_json(make_sbom(config.name, config.version, model_sha, "onnxruntime", tools))
+
+    manifest = {
+        "schema_version": 1,
+        "name": config.name,
+        "version": config.version,
+        "profile": profile.name,
+        "profile_aliases": list(profile.aliases),
+        "runtime": "onnxruntime",
+        "execution_providers": list(runtime.execution_providers),
+        "precision": variant["precision"],
+        "variant": variant["name"],
+        "model": "model/model.onnx",
+        "model_format": "onnx",
+        "io": signature,
+        "selftest": "selftest/cases.json",
+        "reference_stats": "reference/stats.json",
+        "sbom": "sbom.cdx.json",
+        "lineage": report["lineage"],
+        "metrics": {key: variant.get(key) for key in MANIFEST_METRICS},
+        "reference_metrics": {"accuracy": report["reference"]["accuracy"], "size_bytes": report["reference"]["size_bytes"]},
+        "gates": {k: v for k, v in report["gates"].items() if k != "passed"},
+        "envelope": {
+            "estimated_target_latency_ms": variant["estimated_target_latency_ms"],
+            "latency_note": "estimate from the profile's performance model; fleet gates compare devices with a control cohort",
+            "output_distribution": "reference/stats.json#outputs",
+        },
+        "quantization": variant.get("quantization"),
+        "created_by": report["created_by"],
+    }
+    return write_bundle(bundle_path, members, manifest, private_key)

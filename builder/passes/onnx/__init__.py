@@ -1,0 +1,1 @@
+"""Passes for ONNX models run by onnxruntime (and TensorRT-ready ONNX)."""

@@ -1,0 +1,524 @@
+"""The build pipeline for onnxruntime targets.
+
+    validate everything (config, profile, data, pass configs, signing key)
+      → check → static shapes → opset upgrade → simplify           (the fp32 reference)
+      → variants: fp16 · int8 (static Q/DQ) · int8-dynamic · pruned
+      → verify each against fp32 on the validation set → INT8 accuracy fallback
+      → host latency + target estimate → gates → selection → bundle + report
+
+Nothing is written to the output folder until the end, and then file by file through atomic
+renames, so a failed build leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from builder.cache import BuildCache, cache_key
+from builder.data import BuildData, load_build_data
+from builder.estimate import ESTIMATE_LABEL, count_graph, estimate_latency_ms
+from builder.hostinfo import host_info, host_is_target
+from builder.latency import measure_latency
+from builder.onnx_utils import elem_type_to_numpy, graph_inputs, load_model, sha256_file, tool_versions, value_info_shape
+from builder.passes.base import Pass, PassContext, PassOutput, load_all_passes
+from builder.select import evaluate_gates, select_variant
+from builder.verify import Outputs, compare, load_metric, run_model
+from edgepack import __version__
+from edgepack.config import BuildConfig, load_build_config
+from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class ProgressSink(Protocol):
+    def start(self, task: str) -> None: ...
+    def finish(self, task: str, detail: str = "", cached: bool = False) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class _SilentProgress:
+    def start(self, task: str) -> None:
+        pass
+
+    def finish(self, task: str, detail: str = "", cached: bool = False) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class BuildRequest:
+    config_path: Path
+    profile: str
+    out_dir: Path
+    model_override: Path | None = None
+    signing_key: Path | None = None
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    keep_work: bool = False
+
+
+@dataclasses.dataclass
+class BuildResult:
+    report: dict[str, Any]
+    exit_code: int
+    outputs: list[Path]
+    signing_key_path: Path | None = None
+    dev_key_created: bool = False
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Every pass the build will run, validated before the first one starts."""
+
+    check: Pass
+    static_shapes: Pass | None
+    opset: Pass
+    simplify: Pass
+    fp16: Pass | None
+    int8: Pass | None
+    int8_dynamic_config: dict[str, Any] | None
+    prune: Pass | None
+    int8_config: dict[str, Any]
+
+
+class Builder:
+    def __init__(self, request: BuildRequest, progress: ProgressSink | None = None) -> None:
+        self.request = request
+        self.progress = progress or _SilentProgress()
+        self.pass_log: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.cache = BuildCache(request.cache_dir, enabled=request.use_cache)
+        self.tools = tool_versions()
+
+    # ---------------------------------------------------------------- validation (nothing runs yet)
+    def _validate(self) -> None:
+        from hardware_profiles import load_profile
+
+        overrides = {"model": str(self.request.model_override.resolve())} if self.request.model_override else None
+        self.config: BuildConfig = load_build_config(self.request.config_path, overrides)
+        self.profile = load_profile(self.request.profile)
+        runtime = self.profile.runtime("onnxruntime")
+        if runtime is None:
+            listed = ", ".join(r.name for r in self.profile.runtimes)
+            raise ConfigError(f"profile {self.profile.name} lists no onnxruntime runtime ({listed}); this builder targets onnxruntime")
+        self.runtime = runtime
+        self.gates = {
+            **{k: v for k, v in self.profile.default_gates.model_dump().items() if v is not None},
+            **{k: v for k, v in self.config.gates.model_dump().items() if v is not None},
+        }
+        model_path = self.config.model_path
+        if not model_path.is_file():
+            raise ModelError(f"model {model_path} does not exist")
+        self.data: BuildData = load_build_data(self.config.calibration_path, self.config.validation_path, self.config.data.labels_key)
+        if self.data.validation is None:
+            raise ConfigError(f"{self.request.config_path}: data.validation is required: every variant is verified against fp32 on it")
+        if self.config.metric in ("top1",) and self.data.validation.labels is None:
+            raise DataError(
+                f"metric top1 needs labels: validation data {self.data.validation.path.name} has no {self.config.data.labels_key!r} array "
+                "(add labels or use metric: agreement)"
+            )
+        load_metric(self.config.metric)
+        precisions = self.config.optimize.precisions
+        if "fp32" not in precisions:
+            self.notes.append("fp32 is always built: it is the reference every variant is verified against")
+        want_int8 = "int8" in precisions and "int8" in self.profile.precisions
+        if want_int8 and self.data.calibration is None:
+            raise DataError("int8 needs calibration data: set data.calibration in edgepack.yaml (or drop int8 from optimize.precisions)")
+        for precision in precisions:
+            if precision not in self.profile.precisions:
+                self.notes.append(f"{precision} skipped: profile {self.profile.name} runs {', '.join(self.profile.precisions)}")
+        passes = load_all_passes()
+        opt = self.config.optimize
+        int8_config = {
+            "calibration_method": opt.calibration.method,
+            "percentile": opt.calibration.percentile,
+            "calibration_samples": opt.calibration.samples,
+            "per_channel": opt.int8.per_channel,
+            **({"op_types": list(opt.int8.op_types)} if opt.int8.op_types else {}),
+        }
+        self.plan = _Plan(
+            check=passes["check"].from_dict({"runtime": "onnxruntime"}),
+            static_shapes=None,  # needs the model's inputs; built right after the check
+            opset=passes["opset-upgrade"].from_dict({"min_opset": 13}),
+            simplify=passes["simplify"].from_dict({"enabled": opt.simplify}),
+            fp16=passes["fp16"].from_dict({}) if ("fp16" in precisions and "fp16" in self.profile.precisions) else None,
+            int8=passes["int8-static"].from_dict(int8_config) if want_int8 else None,
+            int8_dynamic_config={} if (opt.int8.dynamic != "never" and "int8" in precisions and "int8" in self.profile.precisions) else None,
+            prune=passes["prune"].from_dict(opt.prune.model_dump()) if opt.prune else None,
+            int8_config=int8_config,
+        )
+        if self.plan.int8_dynamic_config is not None:
+            passes["int8-dynamic"].from_dict(self.plan.int8_dynamic_config)
+        from edgepack.signing import resolve_signing_key
+
+        self.signing_key, self.signing_key_path, self.dev_key = resolve_signing_key(self.request.signing_key)
+
+    # ---------------------------------------------------------------- running passes through the cache
+    def _run_pass(self, pass_: Pass, input_model: Path, label: str | None = None, quiet: bool = False) -> PassOutput:
+        label = label or pass_.name
+        if not quiet:
+            self.progress.start(label)
+        started = time.perf_counter()
+        key = cache_key(
+            "pass", pass_.name, pass_.config_json(), sha256_file(input_model), self.tools,
+            self.profile.model_dump(mode="json"),
+            self.data.calibration.sha256 if (pass_.uses_calibration_data and self.data.calibration) else None,
+        )
+        hit = self.cache.get_model(key)
+        if hit is not None:
+            model_path, info = hit
+            output = PassOutput(model_path=model_path, info=info)
+            cached = True
+        else:
+            ctx = PassContext(work_dir=self.work_dir / label.replace("/", "_").replace(" ", "_"), profile=self.profile, build=self.config, data=self.data,
+                              cache_dir=self.cache.root if self.cache.enabled else None)
+            ctx.work_dir.mkdir(parents=True, exist_ok=True)
+            output = pass_.run(input_model, ctx)
+            output.model_path = self.cache.put_model(key, output.model_path, output.info)
+            cached = False
+        seconds = time.perf_counter() - started
+        if not quiet:
+            self.pass_log.append({"name": label, "pass": pass_.name, "seconds": round(seconds, 3), "cached": cached})
+            self.progress.finish(label, f"{seconds:.2f} s", cached)
+        return output
+
+    def _cached_result(self, kind: str, parts: tuple, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        key = cache_key(kind, *parts, self.tools)
+        hit = self.cache.get_result(key)
+        if hit is not None:
+            return hit, True
+        result = compute()
+        self.cache.put_result(key, result)
+        return result, False
+
+    # ---------------------------------------------------------------- the build
+    def run(self) -> BuildResult:
+        started = time.perf_counter()
+        self._validate()
+        self.work_dir = Path(tempfile.mkdtemp(prefix="edgepack-build-"))
+        try:
+            return self._build(started)
+        finally:
+            if not self.request.keep_work:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _static_shapes_for(self, model: Any) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        configured = dict(self.config.inputs or {})
+        model_inputs = graph_inputs(model)
+        unknown = sorted(set(configured) - {i.name for i in model_inputs})
+        if unknown:
+            raise ConfigError(f"inputs {unknown} in {self.request.config_path.name} are not model inputs ({', '.join(i.name for i in model_inputs)})")
+        for value in model_inputs:
+            dims = value_info_shape(value)
+            if value.name in configured:
+                shapes[value.name] = tuple(configured[value.name])
+                continue
+            if dims and all(isinstance(d, int) for d in dims) or not dims and value.type.tensor_type.HasField("shape"):
+                shapes[value.name] = tuple(int(d) for d in dims)
+                continue
+            split = self.data.validation or self.data.calibration
+            array = split.arrays.get(value.name) if split else None
+            if array is None:
+                raise ModelError(
+                    f"input {value.name!r} has dynamic dims {dims} and no data to take a shape from; "
+                    f"set inputs: {{{value.name}: [...]}} in edgepack.yaml"
+                )
+            sample = tuple(array.shape[1:])
+            if len(sample) == len(dims):
+                shapes[value.name] = sample
+            elif len(sample) + 1 == len(dims):
+                shapes[value.name] = (1, *sample)
+            else:
+                raise DataError(f"array {value.name!r} has per-sample shape {list(sample)}, which fits no shape of model input {value.name!r} {dims}")
+        return shapes
+
+    def _build(self, started: float) -> BuildResult:
+        config, profile = self.config, self.profile
+        source_model = config.model_path
+        source_sha = sha256_file(source_model)
+        checked = self._run_pass(self.plan.check, source_model)
+        model = load_model(checked.model_path)
+        shapes = self._static_shapes_for(model)
+        dtypes = {v.name: np.dtype(elem_type_to_numpy(v.type.tensor_type.elem_type)) for v in graph_inputs(model)}
+        # Data problems are the user's input: report them before spending time on conversions.
+        self.data.input_shapes = shapes
+        self.data.check_against(shapes, dtypes)
+        static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": {k: list(v) for k, v in shapes.items()}})
+        current = self._run_pass(static_pass, checked.model_path).model_path
+        opset_out = self._run_pass(self.plan.opset, current)
+        current = opset_out.model_path
+        base = self._run_pass(self.plan.simplify, current).model_path
+
+        val_feeds = list(self.data.feeds("validation", limit=config.verify.max_samples))
+        labels = self.data.validation.labels
+        if labels is not None:
+            labels = labels[: len(val_feeds)]
+        reference_outputs = self._outputs(base, val_feeds)
+        graph_counts = count_graph(base)
+        total_macs = sum(n["macs"] for n in graph_counts)
+        matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
+        is_target, target_reason = host_is_target(profile)
+        self.is_target = is_target
+
+        built: list[tuple[str, str, Path, dict[str, Any]]] = [("fp32", "fp32", base, {})]
+        if self.plan.fp16:
+            out = self._run_pass(self.plan.fp16, base)
+            built.append(("fp16", "fp16", out.model_path, out.info))
+        int8_info: dict[str, Any] | None = None
+        if self.plan.int8:
+            out = self._run_pass(self.plan.int8, base)
+            int8_info = out.info
+            built.append(("int8", "int8", out.model_path, out.info))
+        if self.plan.int8_dynamic_config is not None:
+            dynamic_mode = config.optimize.int8.dynamic
+            heavy = total_macs > 0 and matmul_macs / total_macs >= 0.5
+            if dynamic_mode == "always" or (dynamic_mode == "auto" and heavy):
+                dyn_pass = load_all_passes()["int8-dynamic"].from_dict(
+                    {**self.plan.int8_dynamic_config, "reduce_range": bool(self.plan.int8 and self.plan.int8.scheme(profile)["reduce_range"])}
+                )
+                out = self._run_pass(dyn_pass, base)
+                built.append(("int8-dynamic", "int8", out.model_path, out.info))
+            elif dynamic_mode == "auto":
+                share = matmul_macs / total_macs if total_macs else 0.0
+                self.notes.append(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
+        if self.plan.prune:
+            out = self._run_pass(self.plan.prune, base)
+            built.append(("fp32-sparse", "fp32", out.model_path, out.info))
+            if self.plan.int8:
+                q = self._run_pass(self.plan.int8, out.model_path, label="int8-sparse")
+                built.append(("int8-sparse", "int8", q.model_path, {**q.info, "sparsity": out.info["sparsity"], "prune": out.info}))
+
+        variants: list[dict[str, Any]] = []
+        reference_record: dict[str, Any] | None = None
+        for name, precision, path, info in built:
+            record = self._evaluate(name, precision, path, info, val_feeds, labels, reference_outputs, graph_counts)
+            if name == "fp32":
+                reference_record = record
+            variants.append(record)
+        reference_accuracy = reference_record["accuracy"]
+        for record in variants:
+            self._apply_reference(record, reference_record)
+
+        sensitivity: dict[str, Any] = {}
+        for index, record in enumerate(variants):
+            if record["name"] == "int8" and self.plan.int8 and config.optimize.int8.fallback and any(
+                g["gate"] in ("max_accuracy_drop", "min_agreement") for g in record["failed_gates"]
+            ):
+                new_record, ranking = self._fallback(record, base, val_feeds, labels, reference_outputs, reference_record, graph_counts)
+                sensitivity["int8"] = ranking
+                variants[index] = new_record
+        self._int8_notes(variants, reference_record)
+        selected, reason = select_variant(variants, config.metric)
+        gates_passed = selected is not None
+        report: dict[str, Any] = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "name": config.name,
+            "version": config.version,
+            "profile": profile.name,
+            "profile_description": profile.description,
+            "runtime": "onnxruntime",
+            "execution_providers": list(self.runtime.execution_providers),
+            "created_by": f"edgepack {__version__}",
+            "host": {**host_info(), "is_target": is_target, "reason": target_reason},
+            "metric": config.metric,
+            "selected": selected,
+            "selection_reason": reason,
+            "gates": {**{k: self.gates.get(k) for k in ("max_accuracy_drop", "max_p95_latency_ms", "max_size_mb", "min_agreement")}, "passed": gates_passed},
+            "reference": {"name": "fp32", "accuracy": reference_accuracy, "size_bytes": reference_record["size_bytes"],
+                          "validation_samples": len(val_feeds)},
+            "variants": variants,
+            "notes": self.notes,
+            "passes": self.pass_log,
+            "sensitivity": sensitivity,
+            "estimate_label": ESTIMATE_LABEL,
+            "lineage": self._lineage(source_sha),
+            "source_model": {"path": str(source_model), "sha256": source_sha, "opset": opset_out.info.get("from")},
+            "bundle": None,
+        }
+        stage = self.work_dir / "out"
+        stage.mkdir()
+        stem = f"{config.name}-{config.version}-{profile.name}"
+        files: list[Path] = []
+        if selected is not None:
+            from builder.package import package_bundle
+
+            self.progress.start("package")
+            chosen = next(v for v in variants if v["name"] == selected)
+            chosen_path = next(p for n, _, p, _ in built if n == selected) if selected != "int8" or not chosen.get("_fallback_path") else Path(chosen["_fallback_path"])
+            bundle_path = stage / f"{stem}.edgepack"
+            info = package_bundle(
+                bundle_path=bundle_path, model_path=chosen_path, variant=chosen, report=report, profile=profile,
+                runtime=self.runtime, data=self.data, val_feeds=val_feeds, config=config, tools=self.tools,
+                private_key=self.signing_key,
+            )
+            final_bundle = self.request.out_dir / bundle_path.name
+            report["bundle"] = {"path": str(final_bundle), "sha256": info.sha256, "size_bytes": info.size_bytes}
+            files.append(bundle_path)
+            self.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
+        for variant in variants:
+            variant.pop("_fallback_path", None)
+        report["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses, "enabled": self.cache.enabled}
+        report["duration_s"] = round(time.perf_counter() - started, 3)
+        from builder.report_html import render_report_html
+
+        json_path = stage / f"{stem}.report.json"
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+        html_path = stage / f"{stem}.report.html"
+        html_path.write_text(render_report_html(report))
+        files += [json_path, html_path]
+        outputs = self._publish(files)
+        return BuildResult(report=report, exit_code=0 if gates_passed else 1, outputs=outputs,
+                           signing_key_path=self.signing_key_path, dev_key_created=self.dev_key)
+
+    # ---------------------------------------------------------------- pieces
+    def _outputs(self, model_path: Path, feeds: list[dict[str, np.ndarray]]) -> Outputs:
+        key = cache_key("outputs", sha256_file(model_path), self.data.validation.sha256, len(feeds), self.tools)
+        hit = self.cache.get_result(key)
+        if hit is not None:
+            return Outputs({name: np.asarray(v["data"], dtype=np.float64).reshape(v["shape"]) for name, v in hit.items()})
+        outputs = run_model(model_path, feeds)
+        # Cache small output sets only: a JSON of millions of floats costs more than recomputing.
+        if sum(a.size for a in outputs.arrays.values()) <= 200_000:
+            self.cache.put_result(key, {name: {"shape": list(a.shape), "data": a.ravel().tolist()} for name, a in outputs.arrays.items()})
+        return outputs
+
+    def _evaluate(self, name: str, precision: str, path: Path, info: dict[str, Any], val_feeds, labels,
+                  reference_outputs: Outputs, graph_counts, float_nodes: set[str] = frozenset()) -> dict[str, Any]:
+        config = self.config
+        self.progress.start(f"verify {name}")
+        outputs = self._outputs(path, val_feeds)
+        metrics = compare(outputs, reference_outputs, labels, config.metric)
+        self.progress.finish(f"verify {name}", f"{config.metric} {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.3f}")
+        self.progress.start(f"latency {name}")
+        bench = config.benchmark
+        model_sha = sha256_file(path)
+        latency, latency_cached = self._cached_result(
+            "latency", (model_sha, bench.model_dump(), host_info()["cpu"]),
+            lambda: measure_latency(path, val_feeds[0], bench.warmup, bench.runs, bench.threads),
+        )
+        self.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
+        estimate = estimate_latency_ms(graph_counts, self.profile, precision, set(float_nodes))
+        if self.is_target:
+            target_p50, target_p95, source = latency["p50"], latency["p95"], "host"
+        else:
+            target_p50, target_p95, source = estimate, estimate, "estimate"
+        record: dict[str, Any] = {
+            "name": name,
+            "precision": precision,
+            "format": "onnx",
+            "runtime": "onnxruntime",
+            "size_bytes": path.stat().st_size,
+            "model_sha256": model_sha,
+            "metric": config.metric,
+            **{k: round(v, 6) for k, v in metrics.items()},
+            "latency_ms": latency,
+            "latency_cached": latency_cached,
+            "estimated_target_latency_ms": estimate,
+            "target_latency_ms": target_p50,
+            "target_latency_p95_ms": target_p95,
+            "target_latency_source": source,
+            "fallback_nodes": sorted(float_nodes) if float_nodes else list(info.get("fallback_nodes", [])),
+            "sparsity": info.get("sparsity"),
+            "quantization": info.get("quantization"),
+            "runnable": precision in self.profile.precisions,
+            "notes": [],
+        }
+        return record
+
+    def _apply_reference(self, record: dict[str, Any], reference: dict[str, Any]) -> None:
+        record["accuracy_delta"] = round(record["accuracy"] - reference["accuracy"], 6)
+        record["size_ratio"] = round(record["size_bytes"] / reference["size_bytes"], 4)
+        record["latency_ratio"] = round(record["latency_ms"]["p50"] / reference["latency_ms"]["p50"], 4) if reference["latency_ms"]["p50"] else None
+        record["failed_gates"] = evaluate_gates(record, self.gates, self.config.metric, reference["accuracy"])
+        record["passed"] = not record["failed_gates"]
+
+    def _fallback(self, record, base: Path, val_feeds, labels, reference_outputs, reference_record, graph_counts):
+        from builder.sensitivity import rank_nodes
+
+        self.progress.start("sensitivity int8")
+        passes = load_all_passes()
+        ranking = rank_nodes(self, base, val_feeds, reference_outputs)
+        self.progress.finish("sensitivity int8", f"{len(ranking)} nodes ranked")
+        limit = min(self.config.optimize.int8.max_fallback_nodes, len(ranking))
+        best = record
+        for count in range(1, limit + 1):
+            excluded = tuple(sorted(entry["node"] for entry in ranking[:count]))
+            pass_ = passes["int8-static"].from_dict({**self.plan.int8_config, "nodes_to_exclude": list(excluded)})
+            out = self._run_pass(pass_, base, label=f"int8 fallback {count}")
+            candidate = self._evaluate("int8", "int8", out.model_path, out.info, val_feeds, labels, reference_outputs,
+                                       graph_counts, float_nodes=set(excluded))
+            self._apply_reference(candidate, reference_record)
+            candidate["_fallback_path"] = str(out.model_path)
+            best = candidate
+            if not any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in candidate["failed_gates"]):
+                candidate["notes"].append(f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
+                return candidate, ranking
+        best["notes"].append(f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes)")
+        return best, ranking
+
+    def _int8_notes(self, variants: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+        """Say so when INT8 does not pay on this host (it sometimes is slower and larger than float)."""
+        for record in variants:
+            if record["precision"] != "int8":
+                continue
+            slower = record["latency_ms"]["p50"] > reference["latency_ms"]["p50"] * 1.05
+            larger = record["size_bytes"] > reference["size_bytes"]
+            if slower or larger:
+                parts = []
+                if slower:
+                    parts.append(f"{record['latency_ms']['p50'] / reference['latency_ms']['p50']:.2f}x slower")
+                if larger:
+                    parts.append(f"{record['size_bytes'] / reference['size_bytes']:.2f}x larger")
+                message = f"{record['name']} does not pay here: {' and '.join(parts)} than fp32 on this host (p50 measured with onnxruntime CPU)"
+                record["notes"].append(message)
+                self.notes.append(message)
+
+    def _lineage(self, source_sha: str) -> dict[str, Any]:
+        config_doc = self.config.model_dump(mode="json")
+        return {
+            "source_model_sha256": source_sha,
+            "calibration_sha256": self.data.calibration.sha256 if self.data.calibration else None,
+            "validation_sha256": self.data.validation.sha256 if self.data.validation else None,
+            "config_sha256": cache_key("config", config_doc),
+            "profile_sha256": cache_key("profile", self.profile.model_dump(mode="json")),
+            "tools": self.tools,
+        }
+
+    def _publish(self, files: list[Path]) -> list[Path]:
+        out_dir = self.request.out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        published = []
+        for path in files:
+            target = out_dir / path.name
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
+            os.close(fd)
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            published.append(target)
+        return published
+
+
+def run_build(request: BuildRequest, progress: ProgressSink | None = None) -> BuildResult:
+    """Build, verify and package; raises EdgepackError subclasses for bad input."""
+    try:
+        return Builder(request, progress).run()
+    except EdgepackError:
+        raise
+    except MemoryError:
+        raise PassError("the build ran out of memory") from None

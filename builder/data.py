@@ -74,7 +74,7 @@ class BuildData:
         count = data.count if limit is None else min(limit, data.count)
         for index in range(count):
             yield {
-                name: data.arrays[name][index].reshape(self.input_shapes[name]) for name in self.input_shapes
+                name: np.asarray(data.arrays[name][index]).reshape(self.input_shapes[name]) for name in self.input_shapes
             }
 
 

@@ -33,13 +33,16 @@ def check_ops_known(model: Any, runtime: str) -> None:
             )
 
 
-def check_loads_in_onnxruntime(model_path: Path) -> None:
+def check_loads_in_onnxruntime(model_path: Path, optimize: bool = False) -> None:
     """Create a real onnxruntime session; a missing kernel becomes an UnsupportedOpError naming the node."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Basic optimization runs shape inference through control-flow subgraphs, as the simplify pass will.
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     try:
         ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -171,7 +171,7 @@ class Builder:
             self.progress.start(label)
         started = time.perf_counter()
         key = cache_key(
-            "pass", pass_.name, pass_.config_json(), sha256_file(input_model), self.tools,
+            "pass", pass_.name, pass_.code_sha256(), pass_.config_json(), sha256_file(input_model), self.tools,
             self.profile.model_dump(mode="json"),
             self.data.calibration.sha256 if (pass_.uses_calibration_data and self.data.calibration) else None,
         )
@@ -184,7 +184,13 @@ class Builder:
             ctx = PassContext(work_dir=self.work_dir / label.replace("/", "_").replace(" ", "_"), profile=self.profile, build=self.config, data=self.data,
                               cache_dir=self.cache.root if self.cache.enabled else None)
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
-            output = pass_.run(input_model, ctx)
+            try:
+                output = pass_.run(input_model, ctx)
+            except EdgepackError:
+                raise
+            except Exception as exc:  # a converter's own failure: name the pass, keep it to one line
+                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise PassError(f"pass {pass_.name} failed on {input_model.name}: {detail}", pass_name=pass_.name) from exc
             output.model_path = self.cache.put_model(key, output.model_path, output.info)
             cached = False
         seconds = time.perf_counter() - started
@@ -212,6 +218,9 @@ class Builder:
         finally:
             if not self.request.keep_work:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _needs_static_shapes(self) -> bool:
+        return any(r.name in ("tensorrt", "tflite") for r in self.profile.runtimes[:1])
 
     def _static_shapes_for(self, model: Any) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -255,8 +264,16 @@ class Builder:
         # Data problems are the user's input: report them before spending time on conversions.
         self.data.input_shapes = shapes
         self.data.check_against(shapes, dtypes)
-        static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": {k: list(v) for k, v in shapes.items()}})
-        current = self._run_pass(static_pass, checked.model_path).model_path
+        # Fix shapes the config names; fix the others from the data only where the target needs static
+        # shapes (TensorRT, TFLite): onnxruntime runs dynamic dims, and some models only accept them.
+        fixed = {k: list(v) for k, v in shapes.items() if k in (config.inputs or {}) or self._needs_static_shapes()}
+        current = checked.model_path
+        if fixed:
+            static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": fixed})
+            current = self._run_pass(static_pass, current).model_path
+        else:
+            self.notes.append("input shapes left dynamic (onnxruntime target, none set under `inputs:`); feeds use " +
+                              ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
         opset_out = self._run_pass(self.plan.opset, current)
         current = opset_out.model_path
         base = self._run_pass(self.plan.simplify, current).model_path
@@ -304,6 +321,12 @@ class Builder:
         reference_record: dict[str, Any] | None = None
         for name, precision, path, info in built:
             record = self._evaluate(name, precision, path, info, val_feeds, labels, reference_outputs, graph_counts)
+            if info.get("quantized_nodes") == 0:
+                where = info.get("control_flow_nodes")
+                why = (f"the compute lives inside control-flow subgraphs ({', '.join(where)}), which static quantization does not enter"
+                       if where else "no node of the quantized op types was found")
+                record["dropped_reason"] = f"{name}: no node was quantized: {why}"
+                self.notes.append(record["dropped_reason"])
             if name == "fp32":
                 reference_record = record
             variants.append(record)
@@ -442,7 +465,7 @@ class Builder:
         record["size_ratio"] = round(record["size_bytes"] / reference["size_bytes"], 4)
         record["latency_ratio"] = round(record["latency_ms"]["p50"] / reference["latency_ms"]["p50"], 4) if reference["latency_ms"]["p50"] else None
         record["failed_gates"] = evaluate_gates(record, self.gates, self.config.metric, reference["accuracy"])
-        record["passed"] = not record["failed_gates"]
+        record["passed"] = not record["failed_gates"] and not record.get("dropped_reason") and record["runnable"]
 
     def _fallback(self, record, base: Path, val_feeds, labels, reference_outputs, reference_record, graph_counts):
         from builder.sensitivity import rank_nodes

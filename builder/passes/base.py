@@ -83,6 +83,15 @@ class Pass:
     def config_json(self) -> str:
         return json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
 
+    @classmethod
+    def code_sha256(cls) -> str:
+        """Hash of the pass's source file: a changed pass never reuses results of the old code."""
+        import hashlib
+        import inspect
+
+        source = inspect.getsourcefile(cls)
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else ""
+
     def run(self, input_model: Path, ctx: PassContext) -> PassOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

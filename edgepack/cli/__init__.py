@@ -67,3 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Exception as exc:  # a bug or an unexpected failure: still one line unless --debug
+        if debug:
+            raise
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)

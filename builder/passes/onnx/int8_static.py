@@ -121,9 +121,12 @@ class Int8Static(Pass):
             )
         except Exception as exc:
             raise PassError(f"static INT8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", pass_name=self.name) from None
+        quantized, control_flow = _quantized_nodes(output, set(self.config.op_types or DEFAULT_OP_TYPES))
         return PassOutput(
             model_path=output,
             info={
+                "quantized_nodes": quantized,
+                "control_flow_nodes": control_flow,
                 "quantization": {
                     "format": "QDQ",
                     "calibration": self.config.calibration_method,
@@ -135,3 +138,14 @@ class Int8Static(Pass):
                 "fallback_nodes": list(self.config.nodes_to_exclude),
             },
         )
+
+
+def _quantized_nodes(model_path: Path, op_types: set[str]) -> tuple[int, list[str]]:
+    """How many compute nodes read a dequantized weight, and the control-flow nodes the quantizer skipped."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    dq_outputs = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    quantized = sum(1 for node in model.graph.node if node.op_type in op_types and len(node.input) > 1 and node.input[1] in dq_outputs)
+    control_flow = [f"{node.op_type} {node.name}" for node in model.graph.node if node.op_type in ("If", "Loop", "Scan")]
+    return quantized, control_flow

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from builder.onnx_utils import graph_inputs, load_model, save_model
+from builder.op_support import check_loads_in_onnxruntime
 from builder.passes.base import Pass, PassConfig, PassContext, PassOutput
 from edgepack.errors import ModelError
 
@@ -21,8 +22,6 @@ class StaticShapes(Pass):
     Config = StaticShapesConfig
 
     def run(self, input_model: Path, ctx: PassContext) -> PassOutput:
-        import onnx
-
         model = load_model(input_model)
         inputs = {inp.name: inp for inp in graph_inputs(model)}
         unknown = sorted(set(self.config.shapes) - set(inputs))
@@ -53,11 +52,16 @@ class StaticShapes(Pass):
                 node.name = candidate
                 taken.add(candidate)
                 named += 1
-        # Stale intermediate shapes would contradict the new static ones: drop and infer again.
+        # Stale intermediate shapes would contradict the new static ones; the runtime infers them again.
+        # (onnx's own inference is not run here: it mis-infers some control-flow subgraphs, e.g. Silero VAD's If.)
         del model.graph.value_info[:]
-        try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        except Exception as exc:
-            raise ModelError(f"shape inference failed with static input shapes {changed}: {str(exc)[:200]}") from None
         output = save_model(model, ctx.scratch("static.onnx"))
+        try:
+            check_loads_in_onnxruntime(output, optimize=True)
+        except ModelError as exc:
+            fixed = ", ".join(f"{k}: {v}" for k, v in changed.items())
+            raise ModelError(
+                f"the model does not accept the static input shapes {{{fixed}}}: {exc.message}. "
+                "Fix the shapes under `inputs:` in edgepack.yaml, or drop them for a runtime that takes dynamic shapes"
+            ) from None
         return PassOutput(model_path=output, info={"shapes": changed, "nodes_named": named})

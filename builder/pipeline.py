@@ -160,6 +160,11 @@ class Builder:
         )
         if self.plan.int8_dynamic_config is not None:
             passes["int8-dynamic"].from_dict(self.plan.int8_dynamic_config)
+        # The model's inputs against the data: the user's input, so checked before any pass runs.
+        model = load_model(model_path)
+        self.shapes = self._static_shapes_for(model)
+        dtypes = {v.name: np.dtype(elem_type_to_numpy(v.type.tensor_type.elem_type)) for v in graph_inputs(model)}
+        self.data.check_against(self.shapes, dtypes)
         from edgepack.signing import resolve_signing_key
 
         self.signing_key, self.signing_key_path, self.dev_key = resolve_signing_key(self.request.signing_key)
@@ -257,13 +262,8 @@ class Builder:
         config, profile = self.config, self.profile
         source_model = config.model_path
         source_sha = sha256_file(source_model)
+        shapes = self.shapes
         checked = self._run_pass(self.plan.check, source_model)
-        model = load_model(checked.model_path)
-        shapes = self._static_shapes_for(model)
-        dtypes = {v.name: np.dtype(elem_type_to_numpy(v.type.tensor_type.elem_type)) for v in graph_inputs(model)}
-        # Data problems are the user's input: report them before spending time on conversions.
-        self.data.input_shapes = shapes
-        self.data.check_against(shapes, dtypes)
         # Fix shapes the config names; fix the others from the data only where the target needs static
         # shapes (TensorRT, TFLite): onnxruntime runs dynamic dims, and some models only accept them.
         fixed = {k: list(v) for k, v in shapes.items() if k in (config.inputs or {}) or self._needs_static_shapes()}

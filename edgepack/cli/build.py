@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _RichProgress:

@@ -1,0 +1,210 @@
+"""`edgepack build` end to end, as a user runs it: real processes, real onnxruntime, real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from builder.pipeline import BuildRequest, run_build
+from edgepack.bundle import open_bundle
+from edgepack.errors import GateFailed
+from edgepack.signing import generate_keypair, load_public_key
+from testbeds.tiny import write_config
+
+from tests.support import REPO, run_cli
+
+DIGITS = REPO / "examples" / "digits"
+
+
+@pytest.fixture
+def keys(tmp_path):
+    private, public = generate_keypair(tmp_path / "keys")
+    return private, public
+
+
+def _report(out: Path) -> dict:
+    (path,) = out.glob("*.report.json")
+    return json.loads(path.read_text())
+
+
+def test_digits_for_jetson_selects_int8_within_half_a_point_and_under_30_percent_size(tmp_path, keys):
+    private, public = keys
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "jetson", "--config", str(DIGITS / "edgepack.yaml"), "--out", str(out),
+                     "--signing-key", str(private))
+    assert result.returncode == 0, result.stderr
+    assert "selected int8" in result.stderr and "digits-cnn-1.0.0-jetson-orin-nano.edgepack" in result.stderr
+    report = _report(out)
+    assert report["profile"] == "jetson-orin-nano" and report["selected"] == "int8"
+    variants = {v["name"]: v for v in report["variants"]}
+    int8, fp32 = variants["int8"], variants["fp32"]
+    assert fp32["accuracy"] >= 0.95
+    assert abs(int8["accuracy_delta"]) <= 0.005
+    assert int8["size_bytes"] <= 0.30 * fp32["size_bytes"]
+    assert int8["target_latency_source"] == "estimate"  # the host is not a Jetson
+    assert int8["quantization"]["symmetric_activations"] is True  # TensorRT wants zero points of 0
+    for key in ("size_bytes", "accuracy", "accuracy_delta", "agreement", "latency_ms", "estimated_target_latency_ms", "fallback_nodes", "passed"):
+        assert key in int8
+    assert report["gates"]["passed"] is True
+    bundle = Path(report["bundle"]["path"])
+    verified = open_bundle(bundle, [load_public_key(public)])
+    assert verified.manifest["precision"] == "int8" and verified.manifest["profile"] == "jetson-orin-nano"
+    assert {"model/model.onnx", "reference/stats.json", "selftest/cases.json", "sbom.cdx.json"} <= set(verified.members)
+    assert verified.manifest["lineage"]["source_model_sha256"]
+    html = (out / "digits-cnn-1.0.0-jetson-orin-nano.report.html").read_text()
+    assert "<svg" in html and "int8" in html
+
+
+def test_selftest_vectors_reproduce_in_onnxruntime(tmp_path, keys):
+    import io
+
+    import onnxruntime as ort
+
+    private, public = keys
+    result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "out", signing_key=private))
+    bundle = open_bundle(Path(result.report["bundle"]["path"]), [load_public_key(public)])
+    cases = json.loads(bundle.read("selftest/cases.json"))
+    session = ort.InferenceSession(bundle.read("model/model.onnx"), providers=["CPUExecutionProvider"])
+    tol = cases["tolerance"]
+    assert cases["cases"]
+    for case in cases["cases"]:
+        feed = {name: np.load(io.BytesIO(bundle.read(member))) for name, member in case["inputs"].items()}
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        for name, member in case["outputs"].items():
+            expected = np.load(io.BytesIO(bundle.read(member)))
+            np.testing.assert_allclose(outputs[name], expected, atol=tol["atol"], rtol=tol["rtol"])
+    stats = json.loads(bundle.read("reference/stats.json"))
+    assert stats["method"] == "psi" and abs(sum(stats["inputs"]["input"]["bin_fractions"]) - 1) < 1e-6
+
+
+def test_two_builds_of_the_same_inputs_are_byte_identical(tmp_path, keys):
+    private, _ = keys
+    bundles = []
+    for index in range(2):
+        out = tmp_path / f"out{index}"
+        result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=out,
+                                        signing_key=private, use_cache=False))
+        bundles.append(Path(result.report["bundle"]["path"]).read_bytes())
+    assert bundles[0] == bundles[1]
+
+
+def test_an_unchanged_rebuild_is_served_from_the_cache(tmp_path, keys, tiny_project):
+    private, _ = keys
+    request = BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi4", out_dir=tmp_path / "a",
+                           signing_key=private, cache_dir=tmp_path / "cache")
+    first = run_build(request)
+    assert not any(p["cached"] for p in first.report["passes"])
+    second = run_build(BuildRequest(**{**request.__dict__, "out_dir": tmp_path / "b"}))
+    assert all(p["cached"] for p in second.report["passes"])
+    assert all(v["latency_cached"] for v in second.report["variants"])
+    assert second.report["bundle"]["sha256"] == first.report["bundle"]["sha256"]
+    # a changed input misses the cache
+    write_config(tiny_project, optimize={"calibration": {"method": "percentile"}})
+    third = run_build(BuildRequest(**{**request.__dict__, "out_dir": tmp_path / "c"}))
+    int8 = next(p for p in third.report["passes"] if p["name"] == "int8-static")
+    assert int8["cached"] is False
+
+
+def test_json_flag_prints_the_report_on_stdout(tmp_path, tiny_project):
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "x86-avx512-vnni", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out), "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["selected"] == _report(out)["selected"]
+    assert printed["host"]["is_target"] in (True, False)
+    assert "development key" in result.stderr  # no key given: a dev key was created and announced
+
+
+def test_no_passing_variant_exits_1_with_the_failed_gate_per_variant(tmp_path, tiny_project):
+    write_config(tiny_project, gates={"max_size_mb": 0.0001})
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    assert result.returncode == 1
+    report = _report(out)
+    assert report["selected"] is None and report["gates"]["passed"] is False
+    assert all(any(g["gate"] == "max_size_mb" for g in v["failed_gates"]) for v in report["variants"])
+    assert not list(out.glob("*.edgepack"))
+    assert "no variant passed" in result.stderr
+
+
+def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_nodes(tmp_path, tiny_project):
+    # First learn how far plain int8 is from fp32 on cosine, then demand half of that.
+    write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "a"))
+    drop = 1.0 - next(v for v in plain.report["variants"] if v["name"] == "int8")["accuracy"]
+    assert drop > 0
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2})
+    result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "b"))
+    int8 = next(v for v in result.report["variants"] if v["name"] == "int8")
+    assert int8["fallback_nodes"], "the accuracy fallback kept no node in float"
+    assert set(int8["fallback_nodes"]) <= {"conv1", "conv2", "fc"}
+    assert int8["passed"] and 1.0 - int8["accuracy"] <= drop / 2
+    ranking = result.report["sensitivity"]["int8"]
+    assert [r["node"] for r in ranking][: len(int8["fallback_nodes"])] == sorted(int8["fallback_nodes"], key=[r["node"] for r in ranking].index)
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
+
+
+def _assert_clean_failure(result, out: Path, needle: str):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert needle in result.stderr, result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_truncated_model_is_exit_2_and_writes_nothing(tmp_path, tiny_project):
+    model = tiny_project / "model.onnx"
+    model.write_bytes(model.read_bytes()[:300])
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "not a readable ONNX file")
+
+
+def test_profile_with_an_unknown_field_is_exit_2(tmp_path, tiny_project):
+    from hardware_profiles import PROFILES_DIR
+
+    profile = yaml.safe_load((PROFILES_DIR / "rpi5.yaml").read_text())
+    profile["turbo_mode"] = True
+    path = tmp_path / "my-board.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", str(path), "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "turbo_mode")
+
+
+def test_config_naming_missing_data_is_exit_2(tmp_path, tiny_project):
+    write_config(tiny_project, data={"calibration": "nope/calib.npz"})
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "nope/calib.npz")
+
+
+def test_calibration_array_of_the_wrong_shape_is_exit_2(tmp_path, tiny_project):
+    np.savez(tiny_project / "calib.npz", input=np.zeros((8, 1, 7, 7), np.float32))
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "per-sample shape [1, 7, 7]")
+
+
+def test_top1_without_labels_and_unknown_config_keys_are_exit_2(tmp_path, tiny_project):
+    np.savez(tiny_project / "val.npz", input=np.zeros((8, 1, 8, 8), np.float32))
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "needs labels")
+    write_config(tiny_project, optimise={"precisions": ["int8"]})
+    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "optimise: unknown field")
+
+
+def test_unknown_profile_is_exit_2(tmp_path, tiny_project):
+    out = tmp_path / "dist"
+    result = run_cli("build", "--profile", "toaster", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    _assert_clean_failure(result, out, "unknown profile 'toaster'")

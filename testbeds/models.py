@@ -1,0 +1,47 @@
+"""Locate real third-party ONNX models that ship inside pip packages.
+
+The packages are found, never imported: `rapidocr_onnxruntime/__init__.py` imports OpenCV, which the
+test environment does not have, and `silero_vad` pulls in torch/torchaudio helpers. `find_spec` on a
+top-level package reads only the file system, so it is safe. Install the models with
+
+    pip install --no-deps rapidocr-onnxruntime silero-vad
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime silero-vad"
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed top-level package, without executing its `__init__`."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        locations = list(spec.submodule_search_locations or [])
+        if locations:
+            return Path(locations[0])
+        if spec.origin:
+            return Path(spec.origin).parent
+    raise FileNotFoundError(f"package {package!r} is not installed ({INSTALL_HINT})")
+
+
+def _shipped(package: str, relative: str) -> Path:
+    path = package_dir(package) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r} ({INSTALL_HINT})")
+    return path
+
+
+def ppocr_cls_model() -> Path:
+    """PP-OCR mobile v2.0 text-direction classifier: `x` [N, 3, 48, 192] -> softmax [N, 2] (0°, 180°)."""
+    return _shipped("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+def silero_vad_model() -> Path:
+    """Silero VAD v5: `input` [1, 512] at 16 kHz, `state` [2, 1, 128], `sr` int64 -> speech probability."""
+    return _shipped("silero_vad", "data/silero_vad.onnx")

@@ -14,7 +14,7 @@ import numpy as np
 
 from builder.estimate import count_graph
 from builder.passes.base import load_all_passes
-from builder.passes.onnx.int8_static import DEFAULT_OP_TYPES
+from builder.passes.onnx.int8_static import COMPUTE_OP_TYPES
 from builder.verify import Outputs, run_model
 
 MAX_CANDIDATES = 64
@@ -22,7 +22,7 @@ SUBSET = 64
 
 
 def rank_nodes(builder: Any, base: Path, val_feeds: list[dict[str, np.ndarray]], reference: Outputs) -> list[dict[str, Any]]:
-    op_types = set(builder.plan.int8_config.get("op_types") or DEFAULT_OP_TYPES)
+    op_types = set(builder.plan.int8_config.get("op_types") or COMPUTE_OP_TYPES) & set(COMPUTE_OP_TYPES)
     nodes = [n for n in count_graph(base) if n["op_type"] in op_types]
     # The heaviest nodes first: if the cap bites, the cheap ones are the ones left unmeasured.
     nodes.sort(key=lambda n: -n["macs"])

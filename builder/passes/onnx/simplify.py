@@ -37,6 +37,11 @@ class Simplify(Pass):
         options.optimized_model_filepath = str(output)
         ort.InferenceSession(str(input_model), sess_options=options, providers=["CPUExecutionProvider"])
         after = load_model(output)
+        grown = output.stat().st_size / max(1, input_model.stat().st_size)
+        if grown > 1.10:
+            # Constant folding can materialise shared or generated constants (Silero VAD grows 2.3 → 3.2 MB):
+            # a bigger model is not simpler for a device, keep the original.
+            return PassOutput(model_path=input_model, info={"skipped": True, "reason": f"the optimized graph was {grown:.2f}x larger; kept the original"})
         # Keep the producer of the source model visible for lineage; onnxruntime overwrites it.
         return PassOutput(
             model_path=output,

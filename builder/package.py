@@ -14,8 +14,6 @@ import numpy as np
 
 from builder.onnx_utils import io_signature, load_model, sha256_file
 from builder.sbom import make_sbom
-from builder.stats import reference_stats
-from builder.verify import run_model
 from edgepack.bundle import canonical_json, write_bundle
 
 # Relative tolerance of the self-test per precision: a device's kernels may round differently.
@@ -31,16 +29,13 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, Any], report: dict[str, Any], profile: Any,
-                   runtime: Any, data: Any, val_feeds: list[dict[str, np.ndarray]], config: Any, tools: dict[str, str],
-                   private_key: Any):
+                   runtime: Any, val_feeds: list[dict[str, np.ndarray]], outputs: Any, stats: dict[str, Any],
+                   config: Any, tools: dict[str, str], private_key: Any):
     model = load_model(model_path)
     signature = io_signature(model)
     model_sha = sha256_file(model_path)
     members: dict[str, bytes] = {"model/model.onnx": model_path.read_bytes()}
 
-    outputs = run_model(model_path, val_feeds)
-    inputs = {name: np.stack([feed[name] for feed in val_feeds]) for name in val_feeds[0]}
-    stats = reference_stats(inputs, outputs.arrays, source=f"validation data ({len(val_feeds)} samples) through the {variant['name']} model")
     members["reference/stats.json"] = canonical_json(stats)
 
     count = min(config.verify.selftest_samples, len(val_feeds))

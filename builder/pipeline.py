@@ -270,7 +270,15 @@ class Builder:
         current = checked.model_path
         if fixed:
             static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": fixed})
-            current = self._run_pass(static_pass, current).model_path
+            try:
+                current = self._run_pass(static_pass, current).model_path
+            except ModelError as exc:
+                if self._needs_static_shapes():
+                    hint = (f"profile {profile.name} runs {profile.runtimes[0].name}, which needs static shapes; "
+                            "this model cannot be built for it")
+                else:
+                    hint = "fix or drop the shapes under `inputs:` in edgepack.yaml (onnxruntime also runs dynamic shapes)"
+                raise ModelError(f"{exc.message}. {hint}") from None
         else:
             self.notes.append("input shapes left dynamic (onnxruntime target, none set under `inputs:`); feeds use " +
                               ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
@@ -381,9 +389,18 @@ class Builder:
             chosen = next(v for v in variants if v["name"] == selected)
             chosen_path = next(p for n, _, p, _ in built if n == selected) if selected != "int8" or not chosen.get("_fallback_path") else Path(chosen["_fallback_path"])
             bundle_path = stage / f"{stem}.edgepack"
+            outputs = self._outputs(chosen_path, val_feeds)
+
+            def compute_stats() -> dict[str, Any]:
+                from builder.stats import reference_stats
+
+                inputs = {name: np.stack([feed[name] for feed in val_feeds]) for name in val_feeds[0]}
+                return reference_stats(inputs, outputs.arrays, source=f"validation data ({len(val_feeds)} samples) through the {selected} model")
+
+            stats, _ = self._cached_result("stats", (chosen["model_sha256"], self.data.validation.sha256, len(val_feeds), selected), compute_stats)
             info = package_bundle(
                 bundle_path=bundle_path, model_path=chosen_path, variant=chosen, report=report, profile=profile,
-                runtime=self.runtime, data=self.data, val_feeds=val_feeds, config=config, tools=self.tools,
+                runtime=self.runtime, val_feeds=val_feeds, outputs=outputs, stats=stats, config=config, tools=self.tools,
                 private_key=self.signing_key,
             )
             final_bundle = self.request.out_dir / bundle_path.name

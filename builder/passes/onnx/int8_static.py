@@ -98,7 +98,8 @@ class Int8Static(Pass):
         range_key = hashlib.sha256(
             "|".join(
                 [sha256_file(input_model), ctx.data.calibration.sha256, self.config.calibration_method,
-                 str(self.config.percentile), str(len(feeds)), str(scheme["symmetric_activations"])]
+                 str(self.config.percentile), str(len(feeds)), str(scheme["symmetric_activations"]),
+                 ",".join(sorted(self.config.op_types or DEFAULT_OP_TYPES))]
             ).encode()
         ).hexdigest()[:32]
         cache_root = ctx.cache_dir if ctx.cache_dir is not None else ctx.work_dir

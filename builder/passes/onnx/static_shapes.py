@@ -61,7 +61,6 @@ class StaticShapes(Pass):
         except ModelError as exc:
             fixed = ", ".join(f"{k}: {v}" for k, v in changed.items())
             raise ModelError(
-                f"the model does not accept the static input shapes {{{fixed}}}: {exc.message}. "
-                "Fix the shapes under `inputs:` in edgepack.yaml, or drop them for a runtime that takes dynamic shapes"
+                f"the model does not accept the static input shapes {{{fixed}}}: {exc.message}"
             ) from None
         return PassOutput(model_path=output, info={"shapes": changed, "nodes_named": named})

@@ -208,3 +208,24 @@ def test_unknown_profile_is_exit_2(tmp_path, tiny_project):
     out = tmp_path / "dist"
     result = run_cli("build", "--profile", "toaster", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
     _assert_clean_failure(result, out, "unknown profile 'toaster'")
+
+
+def test_bundle_verify_on_a_built_bundle_good_tampered_and_other_key(tmp_path, keys):
+    private, public = keys
+    result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "out", signing_key=private))
+    bundle = Path(result.report["bundle"]["path"])
+    ok = run_cli("bundle", "verify", str(bundle), "--trusted-key", str(public))
+    assert ok.returncode == 0 and "OK" in ok.stdout + ok.stderr
+    # another key
+    _, other_public = generate_keypair(tmp_path / "other")
+    other = run_cli("bundle", "verify", str(bundle), "--trusted-key", str(other_public))
+    assert other.returncode == 1 and "unknown key" in other.stderr
+    # one byte of the model inside the tar changed in place
+    data = bytearray(bundle.read_bytes())
+    with tarfile.open(bundle) as tar:
+        member = tar.getmember("model/model.onnx")
+    data[member.offset_data + member.size // 2] ^= 0x01
+    tampered = tmp_path / "tampered.edgepack"
+    tampered.write_bytes(bytes(data))
+    bad = run_cli("bundle", "verify", str(tampered), "--trusted-key", str(public))
+    assert bad.returncode == 1 and "model/model.onnx" in bad.stderr and "Traceback" not in bad.stderr

@@ -49,12 +49,13 @@ class _RichProgress:
 
 
 def _summary(report: dict) -> Table:
-    table = Table(title=f"{report['name']} {report['version']} → {report['profile']} ({report['metric']})", title_justify="left")
-    for column in ("variant", "size KB", "accuracy", "Δ", "agreement", "host p50 ms", "target ms", "gates"):
+    table = Table(title=f"{report['name']} {report['version']} → {report['profile']} ({report['metric']}; ~ = estimated on the target)",
+                  title_justify="left")
+    for column in ("variant", "KB", "accuracy", "Δ", "agree", "host p50 ms", "target ms", "gates"):
         table.add_column(column, justify="right" if column not in ("variant", "gates") else "left")
     for v in report["variants"]:
         marker = " ★" if v["name"] == report["selected"] else ""
-        target = f"{v['target_latency_ms']:.3g}" + (" est." if v["target_latency_source"] == "estimate" else "")
+        target = ("~" if v["target_latency_source"] == "estimate" else "") + f"{v['target_latency_ms']:.3g}"
         gates = "[green]pass[/green]" if v["passed"] else "[red]" + ", ".join(g["gate"] for g in v["failed_gates"]) + "[/red]"
         table.add_row(
             v["name"] + marker, f"{v['size_bytes'] / 1024:.1f}", f"{v['accuracy']:.4f}", f"{v['accuracy_delta']:+.4f}",

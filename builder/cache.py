@@ -39,37 +39,47 @@ class BuildCache:
         self.misses = 0
 
     def get_model(self, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """The cached main model file of a pass (its sidecar files lie beside it) and the pass info."""
         if not self.enabled:
             return None
         entry = self.root / "passes" / key
-        model, info = entry / "model.onnx", entry / "info.json"
-        if model.is_file() and info.is_file():
+        info_path = entry / "info.json"
+        if info_path.is_file():
             try:
-                data = json.loads(info.read_text())
+                stored = json.loads(info_path.read_text())
             except ValueError:
                 return None
-            self.hits += 1
-            return model, data
+            model = entry / stored.get("_model_file", "model.onnx")
+            if model.is_file() and all((entry / name).is_file() for name in stored.get("_sidecars", [])):
+                self.hits += 1
+                info = {k: v for k, v in stored.items() if not k.startswith("_")}
+                return model, info
         self.misses += 1
         return None
 
-    def put_model(self, key: str, model_path: Path, info: dict[str, Any]) -> Path:
+    def put_model(self, key: str, model_path: Path, info: dict[str, Any], sidecars: list[Path] | None = None) -> Path:
+        """Store a pass's main model file, its sidecars (e.g. an IR's .bin) and info; returns the stored main file."""
         if not self.enabled:
             return model_path
         final = self.root / "passes" / key
+        name = model_path.name if model_path.suffix != ".onnx" else "model.onnx"
         if final.is_dir():
-            return final / "model.onnx"
+            return final / name
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        sidecars = list(sidecars or [])
         try:
-            shutil.copyfile(model_path, staging / "model.onnx")
-            (staging / "info.json").write_text(json.dumps(info, sort_keys=True, default=str))
+            shutil.copyfile(model_path, staging / name)
+            for sidecar in sidecars:
+                shutil.copyfile(sidecar, staging / sidecar.name)
+            stored = {**info, "_model_file": name, "_sidecars": [s.name for s in sidecars]}
+            (staging / "info.json").write_text(json.dumps(stored, sort_keys=True, default=str))
             os.replace(staging, final)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
             if not final.is_dir():
                 return model_path
-        return final / "model.onnx"
+        return final / name
 
     def get_result(self, key: str) -> dict[str, Any] | None:
         if not self.enabled:

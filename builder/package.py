@@ -28,13 +28,16 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, Any], report: dict[str, Any], profile: Any,
+def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, variant: dict[str, Any], report: dict[str, Any], profile: Any,
                    runtime: Any, val_feeds: list[dict[str, np.ndarray]], outputs: Any, stats: dict[str, Any],
                    config: Any, tools: dict[str, str], private_key: Any):
-    model = load_model(model_path)
-    signature = io_signature(model)
-    model_sha = sha256_file(model_path)
-    members: dict[str, bytes] = {"model/model.onnx": model_path.read_bytes()}
+    # The io signature is the ONNX one: every runtime adapter takes and returns these names and float
+    # dtypes; a runtime with integer IO (Edge TPU) declares its quantization under io_quantization.
+    signature = io_signature(load_model(base_model))
+    if candidate.format == "onnx":
+        signature = io_signature(load_model(candidate.model_path))
+    model_sha = candidate.sha256()
+    members: dict[str, Any] = {member: path.read_bytes() for member, path in candidate.files.items()}
 
     members["reference/stats.json"] = canonical_json(stats)
 
@@ -57,13 +60,13 @@ def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, An
     scale = max(float(np.abs(outputs.arrays[n][:count]).max()) for n in output_names) if count else 1.0
     selftest = {
         "schema_version": 1,
-        "runtime": "onnxruntime",
+        "runtime": candidate.runtime,
         "tolerance": {"atol": round(max(1e-5, rel * max(scale, 1e-6)), 8), "rtol": rel,
                       "doc": "|actual - expected| <= atol + rtol * |expected|, elementwise"},
         "cases": cases,
     }
     members["selftest/cases.json"] = canonical_json(selftest)
-    members["sbom.cdx.json"] = canonical_json(make_sbom(config.name, config.version, model_sha, "onnxruntime", tools))
+    members["sbom.cdx.json"] = canonical_json(make_sbom(config.name, config.version, model_sha, candidate.runtime, tools))
 
     manifest = {
         "schema_version": 1,
@@ -71,12 +74,15 @@ def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, An
         "version": config.version,
         "profile": profile.name,
         "profile_aliases": list(profile.aliases),
-        "runtime": "onnxruntime",
-        "execution_providers": list(runtime.execution_providers),
+        "runtime": candidate.runtime,
+        "execution_providers": list(runtime.execution_providers) if runtime is not None else [],
+        "delegates": list(runtime.delegates) if runtime is not None else [],
+        "devices": list(runtime.devices) if runtime is not None else [],
         "precision": variant["precision"],
         "variant": variant["name"],
-        "model": "model/model.onnx",
-        "model_format": "onnx",
+        "model": candidate.model_member,
+        "model_files": sorted(candidate.files),
+        "model_format": candidate.format,
         "io": signature,
         "selftest": "selftest/cases.json",
         "reference_stats": "reference/stats.json",
@@ -91,6 +97,7 @@ def package_bundle(*, bundle_path: Path, model_path: Path, variant: dict[str, An
             "output_distribution": "reference/stats.json#outputs",
         },
         "quantization": variant.get("quantization"),
+        **{key: variant[key] for key in ("tensorrt", "edgetpu", "io_quantization") if key in variant},
         "created_by": report["created_by"],
     }
     return write_bundle(bundle_path, members, manifest, private_key)

@@ -31,7 +31,9 @@ from builder.latency import measure_latency
 from builder.onnx_utils import elem_type_to_numpy, graph_inputs, load_model, sha256_file, tool_versions, value_info_shape
 from builder.passes.base import Pass, PassContext, PassOutput, load_all_passes
 from builder.select import evaluate_gates, select_variant
-from builder.verify import Outputs, compare, load_metric, run_model
+from builder.runtimes import RuntimeUnavailable, get_adapter
+from builder.targets import Candidate, get_target
+from builder.verify import Outputs, compare, load_metric
 from edgepack import __version__
 from edgepack.config import BuildConfig, load_build_config
 from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError
@@ -108,11 +110,10 @@ class Builder:
         overrides = {"model": str(self.request.model_override.resolve())} if self.request.model_override else None
         self.config: BuildConfig = load_build_config(self.request.config_path, overrides)
         self.profile = load_profile(self.request.profile)
-        runtime = self.profile.runtime("onnxruntime")
-        if runtime is None:
+        self.targets = [(r, get_target(r.name)) for r in self.profile.runtimes]
+        if not any(target for _, target in self.targets):
             listed = ", ".join(r.name for r in self.profile.runtimes)
-            raise ConfigError(f"profile {self.profile.name} lists no onnxruntime runtime ({listed}); this builder targets onnxruntime")
-        self.runtime = runtime
+            raise ConfigError(f"profile {self.profile.name}: edgepack builds for none of its runtimes ({listed})")
         self.gates = {
             **{k: v for k, v in self.profile.default_gates.model_dump().items() if v is not None},
             **{k: v for k, v in self.config.gates.model_dump().items() if v is not None},
@@ -160,6 +161,9 @@ class Builder:
         )
         if self.plan.int8_dynamic_config is not None:
             passes["int8-dynamic"].from_dict(self.plan.int8_dynamic_config)
+        for _, target in self.targets:
+            if target is not None:
+                target.validate(self)
         # The model's inputs against the data: the user's input, so checked before any pass runs.
         model = load_model(model_path)
         self.shapes = self._static_shapes_for(model)
@@ -176,14 +180,17 @@ class Builder:
             self.progress.start(label)
         started = time.perf_counter()
         key = cache_key(
-            "pass", pass_.name, pass_.code_sha256(), pass_.config_json(), sha256_file(input_model), self.tools,
-            self.profile.model_dump(mode="json"),
+            "pass", pass_.name, pass_.code_sha256(), pass_.config_json(), _model_sha(input_model), self.tools,
+            self.profile.model_dump(mode="json") if pass_.uses_profile else None,
             self.data.calibration.sha256 if (pass_.uses_calibration_data and self.data.calibration) else None,
+            self.data.validation.sha256 if (pass_.uses_validation_data and self.data.validation) else None,
+            self.config.metric if pass_.uses_validation_data else None,
         )
         hit = self.cache.get_model(key)
         if hit is not None:
             model_path, info = hit
-            output = PassOutput(model_path=model_path, info=info)
+            output = PassOutput(model_path=model_path, info=info,
+                                sidecars=[model_path.with_suffix(".bin")] if model_path.suffix == ".xml" else [])
             cached = True
         else:
             ctx = PassContext(work_dir=self.work_dir / label.replace("/", "_").replace(" ", "_"), profile=self.profile, build=self.config, data=self.data,
@@ -196,7 +203,9 @@ class Builder:
             except Exception as exc:  # a converter's own failure: name the pass, keep it to one line
                 detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise PassError(f"pass {pass_.name} failed on {input_model.name}: {detail}", pass_name=pass_.name) from exc
-            output.model_path = self.cache.put_model(key, output.model_path, output.info)
+            stored = self.cache.put_model(key, output.model_path, output.info, output.sidecars)
+            output = PassOutput(model_path=stored, info=output.info,
+                                sidecars=[stored.parent / s.name for s in output.sidecars] if stored != output.model_path else output.sidecars)
             cached = False
         seconds = time.perf_counter() - started
         if not quiet:
@@ -290,65 +299,72 @@ class Builder:
         labels = self.data.validation.labels
         if labels is not None:
             labels = labels[: len(val_feeds)]
-        reference_outputs = self._outputs(base, val_feeds)
+        reference = Candidate("fp32", "fp32", "onnxruntime", "onnx", base)
+        reference_outputs = self._outputs(reference, val_feeds)
         graph_counts = count_graph(base)
         total_macs = sum(n["macs"] for n in graph_counts)
         matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
+        self.matmul_share = matmul_macs / total_macs if total_macs else 0.0
+        self.graph_counts = graph_counts
         is_target, target_reason = host_is_target(profile)
         self.is_target = is_target
+        control_flow = [f"{n.op_type} {n.name}" for n in load_model(base).graph.node if n.op_type in ("If", "Loop", "Scan")]
+        if control_flow:
+            self.notes.append(f"the latency estimate leaves out compute inside control-flow subgraphs ({', '.join(control_flow)})")
 
-        built: list[tuple[str, str, Path, dict[str, Any]]] = [("fp32", "fp32", base, {})]
-        if self.plan.fp16:
-            out = self._run_pass(self.plan.fp16, base)
-            built.append(("fp16", "fp16", out.model_path, out.info))
-        int8_info: dict[str, Any] | None = None
-        if self.plan.int8:
-            out = self._run_pass(self.plan.int8, base)
-            int8_info = out.info
-            built.append(("int8", "int8", out.model_path, out.info))
-        if self.plan.int8_dynamic_config is not None:
-            dynamic_mode = config.optimize.int8.dynamic
-            heavy = total_macs > 0 and matmul_macs / total_macs >= 0.5
-            if dynamic_mode == "always" or (dynamic_mode == "auto" and heavy):
-                dyn_pass = load_all_passes()["int8-dynamic"].from_dict(
-                    {**self.plan.int8_dynamic_config, "reduce_range": bool(self.plan.int8 and self.plan.int8.scheme(profile)["reduce_range"])}
-                )
-                out = self._run_pass(dyn_pass, base)
-                built.append(("int8-dynamic", "int8", out.model_path, out.info))
-            elif dynamic_mode == "auto":
-                share = matmul_macs / total_macs if total_macs else 0.0
-                self.notes.append(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
-        if self.plan.prune:
-            out = self._run_pass(self.plan.prune, base)
-            built.append(("fp32-sparse", "fp32", out.model_path, out.info))
-            if self.plan.int8:
-                q = self._run_pass(self.plan.int8, out.model_path, label="int8-sparse")
-                built.append(("int8-sparse", "int8", q.model_path, {**q.info, "sparsity": out.info["sparsity"], "prune": out.info}))
+        built: list[Candidate] = []
+        self.onnx_family_runtime = None
+        for runtime, target in self.targets:
+            if target is None:
+                self.notes.append(f"{runtime.name}: edgepack builds no variants for this runtime")
+                continue
+            self.progress.start(f"{runtime.name} variants")
+            try:
+                candidates = target.candidates(self, base)
+            except RuntimeUnavailable as exc:
+                self.notes.append(f"{runtime.name} variants skipped: {exc.message}")
+                continue
+            taken = {c.name for c in built}
+            for candidate in candidates:
+                if candidate.name in taken:
+                    candidate.name = f"{runtime.name}-{candidate.name}"
+                built.append(candidate)
+            self.progress.finish(f"{runtime.name} variants", ", ".join(c.name for c in candidates) or "none")
+        if not built:
+            raise ConfigError(f"profile {profile.name}: no runtime edgepack can build for ({', '.join(r.name for r in profile.runtimes)})")
+        self.candidates = {c.name: c for c in built}
 
         variants: list[dict[str, Any]] = []
         reference_record: dict[str, Any] | None = None
-        for name, precision, path, info in built:
-            record = self._evaluate(name, precision, path, info, val_feeds, labels, reference_outputs, graph_counts)
+        for candidate in built:
+            record = self._evaluate(candidate, val_feeds, labels, reference_outputs)
+            info = candidate.info
             if info.get("quantized_nodes") == 0:
                 where = info.get("control_flow_nodes")
                 why = (f"the compute lives inside control-flow subgraphs ({', '.join(where)}), which static quantization does not enter"
                        if where else "no node of the quantized op types was found")
-                record["dropped_reason"] = f"{name}: no node was quantized: {why}"
+                record["dropped_reason"] = f"{candidate.name}: no node was quantized: {why}"
                 self.notes.append(record["dropped_reason"])
-            if name == "fp32":
+            elif info.get("dropped_reason"):
+                record["dropped_reason"] = f"{candidate.name}: {info['dropped_reason']}"
+            if candidate.format == "onnx" and candidate.precision == "fp32" and candidate.model_path == base and reference_record is None:
                 reference_record = record
             variants.append(record)
+        if reference_record is None:
+            reference_record = self._evaluate(reference, val_feeds, labels, reference_outputs)
+            reference_record["name"] = "fp32-reference"
         reference_accuracy = reference_record["accuracy"]
         for record in variants:
             self._apply_reference(record, reference_record)
 
         sensitivity: dict[str, Any] = {}
         for index, record in enumerate(variants):
-            if record["name"] == "int8" and self.plan.int8 and config.optimize.int8.fallback and any(
-                g["gate"] in ("max_accuracy_drop", "min_agreement") for g in record["failed_gates"]
-            ):
-                new_record, ranking = self._fallback(record, base, val_feeds, labels, reference_outputs, reference_record, graph_counts)
-                sensitivity["int8"] = ranking
+            candidate = self.candidates[record["name"]]
+            if (candidate.format == "onnx" and candidate.info.get("quantization", {}).get("format") == "QDQ"
+                    and "sparse" not in candidate.name and self.plan.int8 and config.optimize.int8.fallback
+                    and any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in record["failed_gates"])):
+                new_record, ranking = self._fallback(record, candidate, base, val_feeds, labels, reference_outputs, reference_record)
+                sensitivity[record["name"]] = ranking
                 variants[index] = new_record
         self._int8_notes(variants, reference_record)
         selected, reason = select_variant(variants, config.metric)
@@ -359,8 +375,8 @@ class Builder:
             "version": config.version,
             "profile": profile.name,
             "profile_description": profile.description,
-            "runtime": "onnxruntime",
-            "execution_providers": list(self.runtime.execution_providers),
+            "runtime": next((v["runtime"] for v in variants if v["name"] == selected), profile.runtimes[0].name),
+            "runtimes": [r.name for r in profile.runtimes],
             "created_by": f"edgepack {__version__}",
             "host": {**host_info(), "is_target": is_target, "reason": target_reason},
             "metric": config.metric,
@@ -387,9 +403,9 @@ class Builder:
 
             self.progress.start("package")
             chosen = next(v for v in variants if v["name"] == selected)
-            chosen_path = next(p for n, _, p, _ in built if n == selected) if selected != "int8" or not chosen.get("_fallback_path") else Path(chosen["_fallback_path"])
+            chosen_candidate = self.candidates[selected]
             bundle_path = stage / f"{stem}.edgepack"
-            outputs = self._outputs(chosen_path, val_feeds)
+            outputs = self._outputs(chosen_candidate, val_feeds)
 
             def compute_stats() -> dict[str, Any]:
                 from builder.stats import reference_stats
@@ -399,16 +415,18 @@ class Builder:
 
             stats, _ = self._cached_result("stats", (chosen["model_sha256"], self.data.validation.sha256, len(val_feeds), selected), compute_stats)
             info = package_bundle(
-                bundle_path=bundle_path, model_path=chosen_path, variant=chosen, report=report, profile=profile,
-                runtime=self.runtime, val_feeds=val_feeds, outputs=outputs, stats=stats, config=config, tools=self.tools,
+                bundle_path=bundle_path, candidate=chosen_candidate, base_model=base, variant=chosen, report=report, profile=profile,
+                runtime=profile.runtime(chosen_candidate.runtime), val_feeds=val_feeds, outputs=outputs, stats=stats, config=config, tools=self.tools,
                 private_key=self.signing_key,
             )
             final_bundle = self.request.out_dir / bundle_path.name
             report["bundle"] = {"path": str(final_bundle), "sha256": info.sha256, "size_bytes": info.size_bytes}
             files.append(bundle_path)
             self.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
-        for variant in variants:
-            variant.pop("_fallback_path", None)
+        for candidate in built:
+            for name, path in candidate.artifacts.items():
+                shutil.copyfile(path, stage / name)
+                files.append(stage / name)
         report["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses, "enabled": self.cache.enabled}
         report["duration_s"] = round(time.perf_counter() - started, 3)
         from builder.report_html import render_report_html
@@ -423,43 +441,51 @@ class Builder:
                            signing_key_path=self.signing_key_path, dev_key_created=self.dev_key)
 
     # ---------------------------------------------------------------- pieces
-    def _outputs(self, model_path: Path, feeds: list[dict[str, np.ndarray]]) -> Outputs:
-        key = cache_key("outputs", sha256_file(model_path), self.data.validation.sha256, len(feeds), self.tools)
+    def _outputs(self, candidate: Candidate, feeds: list[dict[str, np.ndarray]]) -> Outputs:
+        """Outputs of a candidate on the validation feeds, in its own runtime (cached when small)."""
+        key = cache_key("outputs", candidate.runtime, candidate.sha256(), self.data.validation.sha256, len(feeds), self.tools)
         hit = self.cache.get_result(key)
         if hit is not None:
             return Outputs({name: np.asarray(v["data"], dtype=np.float64).reshape(v["shape"]) for name, v in hit.items()})
-        outputs = run_model(model_path, feeds)
+        outputs = get_adapter(candidate.runtime).run(candidate.model_path, feeds)
         # Cache small output sets only: a JSON of millions of floats costs more than recomputing.
         if sum(a.size for a in outputs.arrays.values()) <= 200_000:
             self.cache.put_result(key, {name: {"shape": list(a.shape), "data": a.ravel().tolist()} for name, a in outputs.arrays.items()})
         return outputs
 
-    def _evaluate(self, name: str, precision: str, path: Path, info: dict[str, Any], val_feeds, labels,
-                  reference_outputs: Outputs, graph_counts, float_nodes: set[str] = frozenset()) -> dict[str, Any]:
-        config = self.config
+    def _evaluate(self, candidate: Candidate, val_feeds, labels, reference_outputs: Outputs) -> dict[str, Any]:
+        config, name, precision = self.config, candidate.name, candidate.precision
+        info, float_nodes = candidate.info, candidate.float_nodes
         self.progress.start(f"verify {name}")
-        outputs = self._outputs(path, val_feeds)
+        outputs = self._outputs(candidate, val_feeds)
         metrics = compare(outputs, reference_outputs, labels, config.metric)
-        self.progress.finish(f"verify {name}", f"{config.metric} {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.3f}")
+        self.progress.finish(f"verify {name}", f"{candidate.runtime}: {config.metric} {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.3f}")
         self.progress.start(f"latency {name}")
         bench = config.benchmark
-        model_sha = sha256_file(path)
+        model_sha = candidate.sha256()
+        adapter = get_adapter(candidate.runtime)
         latency, latency_cached = self._cached_result(
-            "latency", (model_sha, bench.model_dump(), host_info()["cpu"]),
-            lambda: measure_latency(path, val_feeds[0], bench.warmup, bench.runs, bench.threads),
+            "latency", (candidate.runtime, model_sha, bench.model_dump(), host_info()["cpu"]),
+            lambda: adapter.latency(candidate.model_path, val_feeds[0], bench.warmup, bench.runs, bench.threads),
         )
         self.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
-        estimate = estimate_latency_ms(graph_counts, self.profile, precision, set(float_nodes))
-        if self.is_target:
+        estimate = estimate_latency_ms(self.graph_counts, self.profile, precision, set(float_nodes))
+        runs_on_target = candidate.runtime == self.profile.runtimes[0].name or (
+            candidate.runtime == "onnxruntime" and self.profile.runtimes[0].name == "onnxruntime")
+        if self.is_target and runs_on_target:
             target_p50, target_p95, source = latency["p50"], latency["p95"], "host"
         else:
             target_p50, target_p95, source = estimate, estimate, "estimate"
+        runtime_spec = self.profile.runtime(candidate.runtime)
+        runtime_precisions = runtime_spec.precisions if runtime_spec and runtime_spec.precisions else self.profile.precisions
+        runnable = runtime_spec is not None and precision in runtime_precisions
         record: dict[str, Any] = {
             "name": name,
             "precision": precision,
-            "format": "onnx",
-            "runtime": "onnxruntime",
-            "size_bytes": path.stat().st_size,
+            "format": candidate.format,
+            "runtime": candidate.runtime,
+            "verified_in": adapter.name,
+            "size_bytes": candidate.size_bytes,
             "model_sha256": model_sha,
             "metric": config.metric,
             **{k: round(v, 6) for k, v in metrics.items()},
@@ -472,9 +498,15 @@ class Builder:
             "fallback_nodes": sorted(float_nodes) if float_nodes else list(info.get("fallback_nodes", [])),
             "sparsity": info.get("sparsity"),
             "quantization": info.get("quantization"),
-            "runnable": precision in self.profile.precisions,
+            "runnable": runnable,
             "notes": [],
         }
+        for key in ("tensorrt", "edgetpu", "io_quantization", "converter"):
+            if key in info:
+                record[key] = info[key]
+        if not runnable:
+            record["dropped_reason"] = (f"{name}: profile {self.profile.name} cannot run {precision} on {candidate.runtime}"
+                                        if runtime_spec else f"{name}: profile {self.profile.name} does not list {candidate.runtime}")
         return record
 
     def _apply_reference(self, record: dict[str, Any], reference: dict[str, Any]) -> None:
@@ -484,27 +516,32 @@ class Builder:
         record["failed_gates"] = evaluate_gates(record, self.gates, self.config.metric, reference["accuracy"])
         record["passed"] = not record["failed_gates"] and not record.get("dropped_reason") and record["runnable"]
 
-    def _fallback(self, record, base: Path, val_feeds, labels, reference_outputs, reference_record, graph_counts):
+    def _fallback(self, record, candidate: Candidate, base: Path, val_feeds, labels, reference_outputs, reference_record):
         from builder.sensitivity import rank_nodes
 
-        self.progress.start("sensitivity int8")
+        self.progress.start(f"sensitivity {candidate.name}")
         passes = load_all_passes()
         ranking = rank_nodes(self, base, val_feeds, reference_outputs)
-        self.progress.finish("sensitivity int8", f"{len(ranking)} nodes ranked")
+        self.progress.finish(f"sensitivity {candidate.name}", f"{len(ranking)} nodes ranked")
         limit = min(self.config.optimize.int8.max_fallback_nodes, len(ranking))
         best = record
         for count in range(1, limit + 1):
             excluded = tuple(sorted(entry["node"] for entry in ranking[:count]))
             pass_ = passes["int8-static"].from_dict({**self.plan.int8_config, "nodes_to_exclude": list(excluded)})
-            out = self._run_pass(pass_, base, label=f"int8 fallback {count}")
-            candidate = self._evaluate("int8", "int8", out.model_path, out.info, val_feeds, labels, reference_outputs,
-                                       graph_counts, float_nodes=set(excluded))
-            self._apply_reference(candidate, reference_record)
-            candidate["_fallback_path"] = str(out.model_path)
-            best = candidate
-            if not any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in candidate["failed_gates"]):
-                candidate["notes"].append(f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
-                return candidate, ranking
+            out = self._run_pass(pass_, base, label=f"{candidate.name} fallback {count}")
+            trial = Candidate(candidate.name, candidate.precision, candidate.runtime, candidate.format, out.model_path,
+                              {**candidate.info, **out.info}, float_nodes=frozenset(excluded))
+            if candidate.runtime == "tensorrt":
+                from builder.targets.onnx import tensorrt_engine_spec
+
+                trial.info["tensorrt"] = tensorrt_engine_spec(trial, any(a.sparse_int8_tops for a in self.profile.accelerators))
+            trial_record = self._evaluate(trial, val_feeds, labels, reference_outputs)
+            self._apply_reference(trial_record, reference_record)
+            self.candidates[candidate.name] = trial
+            best = trial_record
+            if not any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in trial_record["failed_gates"]):
+                trial_record["notes"].append(f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
+                return trial_record, ranking
         best["notes"].append(f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes)")
         return best, ranking
 
@@ -513,15 +550,19 @@ class Builder:
         for record in variants:
             if record["precision"] != "int8":
                 continue
-            slower = record["latency_ms"]["p50"] > reference["latency_ms"]["p50"] * 1.05
-            larger = record["size_bytes"] > reference["size_bytes"]
+            # Compare with the float variant of the same runtime where there is one.
+            base = next((v for v in variants if v["precision"] == "fp32" and v["runtime"] == record["runtime"]
+                         and "sparse" not in v["name"]), reference)
+            slower = record["latency_ms"]["p50"] > base["latency_ms"]["p50"] * 1.05
+            larger = record["size_bytes"] > base["size_bytes"]
             if slower or larger:
                 parts = []
                 if slower:
-                    parts.append(f"{record['latency_ms']['p50'] / reference['latency_ms']['p50']:.2f}x slower")
+                    parts.append(f"{record['latency_ms']['p50'] / base['latency_ms']['p50']:.2f}x slower")
                 if larger:
-                    parts.append(f"{record['size_bytes'] / reference['size_bytes']:.2f}x larger")
-                message = f"{record['name']} does not pay here: {' and '.join(parts)} than fp32 on this host (p50 measured with onnxruntime CPU)"
+                    parts.append(f"{record['size_bytes'] / base['size_bytes']:.2f}x larger")
+                message = (f"{record['name']} does not pay here: {' and '.join(parts)} than {base['name']} on this host "
+                           f"(p50 measured with {record['verified_in']} on the CPU)")
                 record["notes"].append(message)
                 self.notes.append(message)
 
@@ -552,6 +593,13 @@ class Builder:
                 raise
             published.append(target)
         return published
+
+
+def _model_sha(path: Path) -> str:
+    """Hash of a model and its sidecars (an OpenVINO .xml with its .bin)."""
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        return cache_key("ir", sha256_file(path), sha256_file(path.with_suffix(".bin")))
+    return sha256_file(path)
 
 
 def run_build(request: BuildRequest, progress: ProgressSink | None = None) -> BuildResult:

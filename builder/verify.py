@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from builder.onnx_utils import make_session
-from edgepack.errors import ConfigError
+from edgepack.errors import ConfigError, ModelError
 
 HIGHER_IS_BETTER = {"top1": True, "agreement": True, "cosine": True, "mae": False}
 
@@ -75,11 +75,19 @@ def load_metric(metric: str) -> Callable[..., float] | None:
 
 def compare(candidate: Outputs, reference: Outputs, labels: np.ndarray | None, metric: str) -> dict[str, Any]:
     """Metrics of `candidate` (against labels where the metric needs them) and its agreement with fp32."""
-    cand_pred = _predictions(candidate.first)
+    # Outputs are matched by position: converters (onnx2tf, OpenVINO) may rename them, never reorder.
+    pairs = list(zip(candidate.arrays.values(), reference.arrays.values()))
+    if len(pairs) != len(reference.arrays):
+        raise ModelError(f"the variant has {len(candidate.arrays)} outputs, the fp32 reference {len(reference.arrays)}")
+    pairs = [(c.reshape(r.shape) if c.size == r.size else c, r) for c, r in pairs]
+    for c, r in pairs:
+        if c.shape != r.shape:
+            raise ModelError(f"a variant output has shape {list(c.shape)}, the fp32 reference {list(r.shape)}")
+    cand_pred = _predictions(pairs[0][0])
     ref_pred = _predictions(reference.first)
     agreement = float((cand_pred == ref_pred).mean())
-    cos = float(np.mean([_cosine(candidate.arrays[n], reference.arrays[n]) for n in reference.arrays]))
-    abs_err = [np.abs(candidate.arrays[n] - reference.arrays[n]) for n in reference.arrays]
+    cos = float(np.mean([_cosine(c, r) for c, r in pairs]))
+    abs_err = [np.abs(c - r) for c, r in pairs]
     max_abs = float(max(e.max() for e in abs_err))
     mean_abs = float(np.mean([e.mean() for e in abs_err]))
     if metric == "top1":
@@ -90,7 +98,7 @@ def compare(candidate: Outputs, reference: Outputs, labels: np.ndarray | None, m
         accuracy = cos
     elif metric == "mae":
         target = labels.reshape(candidate.first.shape).astype(np.float64) if labels is not None else reference.first
-        accuracy = float(np.abs(candidate.first - target).mean())
+        accuracy = float(np.abs(pairs[0][0] - target).mean())
     else:
         accuracy = float(load_metric(metric)(candidate.arrays, labels))
     return {

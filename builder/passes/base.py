@@ -47,6 +47,8 @@ class PassOutput:
 
     model_path: Path
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Files that belong to the model and must travel with it (an OpenVINO IR's .bin beside its .xml).
+    sidecars: list[Path] = dataclasses.field(default_factory=list)
 
 
 class Pass:
@@ -57,6 +59,10 @@ class Pass:
     Config: ClassVar[type[PassConfig]] = PassConfig
     # Extra cache-key material beyond the input model and config (e.g. the calibration data hash).
     uses_calibration_data: ClassVar[bool] = False
+    # Validation data (e.g. accuracy-controlled quantization) is part of the key too.
+    uses_validation_data: ClassVar[bool] = False
+    # Whether the profile changes the output (False for converters shared by several profiles).
+    uses_profile: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,98 @@
+"""ONNX targets: onnxruntime (CPU/GPU execution providers) and TensorRT-ready ONNX for Jetson.
+
+Both build the same family from the fp32 reference: fp16, static INT8 in Q/DQ form, dynamic INT8 for
+MatMul-heavy models, and pruned variants. TensorRT additionally checks every op against TensorRT's
+ONNX op support list and marks 2:4-sparse INT8 for Ampere/Orin sparse tensor cores. The TensorRT
+engine itself is device-specific: the bundle declares how to build it on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from builder.passes.base import load_all_passes
+from builder.targets import Candidate, Target
+
+
+class OnnxRuntimeTarget(Target):
+    runtime = "onnxruntime"
+
+    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
+        if getattr(builder, "onnx_family_runtime", None):
+            # TensorRT candidates are the same ONNX files; onnxruntime (TensorRT/CUDA EP) runs them too.
+            return []
+        builder.onnx_family_runtime = self.runtime
+        return onnx_family(builder, base, self.runtime)
+
+
+class TensorRTTarget(Target):
+    runtime = "tensorrt"
+
+    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
+        from builder.tensorrt_support import unsupported_tensorrt_ops
+
+        problems = unsupported_tensorrt_ops(base)
+        if problems:
+            listed = ", ".join(f"{op} (node {node})" for op, node in problems[:5])
+            builder.notes.append(f"TensorRT cannot parse this model: unsupported op(s) {listed}; building for onnxruntime instead")
+            return []
+        builder.onnx_family_runtime = self.runtime
+        candidates = onnx_family(builder, base, self.runtime)
+        sparse_capable = any(a.sparse_int8_tops for a in builder.profile.accelerators)
+        for candidate in candidates:
+            bad = unsupported_tensorrt_ops(candidate.model_path)
+            if bad:
+                candidate.info["dropped_reason"] = "TensorRT cannot parse: " + ", ".join(f"{op} (node {node})" for op, node in bad[:5])
+            candidate.info["tensorrt"] = tensorrt_engine_spec(candidate, sparse_capable)
+        return candidates
+
+
+def tensorrt_engine_spec(candidate: Candidate, sparse_capable: bool) -> dict[str, Any]:
+    """How the device builds its engine from this ONNX (the engine is specific to GPU and TensorRT version)."""
+    flags = []
+    if candidate.precision == "fp16":
+        flags.append("--fp16")
+    if candidate.precision == "int8":
+        # Explicit quantization: scales come from the Q/DQ nodes; --fp16 lets non-quantized layers use half.
+        flags += ["--int8", "--fp16"]
+    sparse = bool(candidate.info.get("sparsity")) and candidate.info.get("prune", {}).get("pattern") == "2:4"
+    if sparse and sparse_capable:
+        flags.append("--sparsity=enable")
+    return {
+        "build_on_device": True,
+        "explicit_quantization": candidate.precision == "int8",
+        "sparse_tensor_cores": sparse and sparse_capable,
+        "trtexec": " ".join(["trtexec", f"--onnx={candidate.model_member}", "--saveEngine=model.engine", *flags]),
+        "doc": "device_agent.tensorrt_engine builds and caches the engine when `tensorrt` is importable on the device",
+    }
+
+
+def onnx_family(builder: Any, base: Path, runtime: str) -> list[Candidate]:
+    plan, config, profile = builder.plan, builder.config, builder.profile
+    passes = load_all_passes()
+    out: list[Candidate] = [Candidate("fp32", "fp32", runtime, "onnx", base, {})]
+    if plan.fp16:
+        result = builder._run_pass(plan.fp16, base)
+        out.append(Candidate("fp16", "fp16", runtime, "onnx", result.model_path, result.info))
+    if plan.int8:
+        result = builder._run_pass(plan.int8, base)
+        out.append(Candidate("int8", "int8", runtime, "onnx", result.model_path, result.info))
+    if plan.int8_dynamic_config is not None:
+        mode = config.optimize.int8.dynamic
+        share = builder.matmul_share
+        if mode == "always" or (mode == "auto" and share >= 0.5):
+            reduce_range = bool(plan.int8 and plan.int8.scheme(profile)["reduce_range"])
+            dyn = passes["int8-dynamic"].from_dict({**plan.int8_dynamic_config, "reduce_range": reduce_range})
+            result = builder._run_pass(dyn, base)
+            out.append(Candidate("int8-dynamic", "int8", runtime, "onnx", result.model_path, result.info))
+        elif mode == "auto":
+            builder.notes.append(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
+    if plan.prune:
+        pruned = builder._run_pass(plan.prune, base)
+        out.append(Candidate("fp32-sparse", "fp32", runtime, "onnx", pruned.model_path, {**pruned.info, "prune": pruned.info}))
+        if plan.int8:
+            q = builder._run_pass(plan.int8, pruned.model_path, label="int8-sparse")
+            out.append(Candidate("int8-sparse", "int8", runtime, "onnx", q.model_path,
+                                 {**q.info, "sparsity": pruned.info["sparsity"], "prune": pruned.info}))
+    return out

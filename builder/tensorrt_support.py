@@ -1,0 +1,30 @@
+"""TensorRT's ONNX op support, as data (`builder/data/tensorrt_onnx_ops.yaml`), and the check against it."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from builder.onnx_utils import load_model
+
+DATA = Path(__file__).parent / "data" / "tensorrt_onnx_ops.yaml"
+
+
+@lru_cache(maxsize=1)
+def tensorrt_ops() -> frozenset[str]:
+    data = yaml.safe_load(DATA.read_text())
+    return frozenset(data["supported"])
+
+
+def unsupported_tensorrt_ops(model_path: Path) -> list[tuple[str, str]]:
+    """(op_type, node name) of every node TensorRT's ONNX parser does not support, in graph order."""
+    supported = tensorrt_ops()
+    model = load_model(model_path)
+    problems = []
+    for index, node in enumerate(model.graph.node):
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx") or node.op_type not in supported:
+            problems.append((node.op_type if not domain else f"{domain}.{node.op_type}", node.name or f"#{index}"))
+    return problems

@@ -48,9 +48,6 @@ def host_is_target(profile: Any) -> tuple[bool, str]:
         return False, f"host is {host['machine']}, target is {profile.arch}: latency on the target is estimated"
     if profile.accelerators:
         return False, f"target runs on {profile.accelerators[0].name}: latency on the target is estimated"
-    preferred = profile.runtimes[0].name
-    if preferred != "onnxruntime":
-        return False, f"target prefers {preferred}: onnxruntime latency on the host does not stand for it"
     want = set(profile.cpu.features) & KERNEL_FEATURES
     have = set(host["cpu_features"]) & KERNEL_FEATURES
     if want != have:

@@ -425,8 +425,10 @@ class Builder:
             self.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
         for candidate in built:
             for name, path in candidate.artifacts.items():
-                shutil.copyfile(path, stage / name)
-                files.append(stage / name)
+                published = stage / f"{stem}.{name}"
+                if not published.exists():
+                    shutil.copyfile(path, published)
+                    files.append(published)
         report["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses, "enabled": self.cache.enabled}
         report["duration_s"] = round(time.perf_counter() - started, 3)
         from builder.report_html import render_report_html
@@ -470,9 +472,9 @@ class Builder:
         )
         self.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
         estimate = estimate_latency_ms(self.graph_counts, self.profile, precision, set(float_nodes))
-        runs_on_target = candidate.runtime == self.profile.runtimes[0].name or (
-            candidate.runtime == "onnxruntime" and self.profile.runtimes[0].name == "onnxruntime")
-        if self.is_target and runs_on_target:
+        # The host stands for the target only when the target is a CPU with the host's kernel features;
+        # then every CPU runtime's measurement is the target's, and all variants compare on one footing.
+        if self.is_target:
             target_p50, target_p95, source = latency["p50"], latency["p95"], "host"
         else:
             target_p50, target_p95, source = estimate, estimate, "estimate"

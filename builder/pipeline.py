@@ -102,6 +102,8 @@ class Builder:
         self.notes: list[str] = []
         self.cache = BuildCache(request.cache_dir, enabled=request.use_cache)
         self.tools = tool_versions()
+        # Files a target wants next to the report even when it built no candidate (a converter's log).
+        self.extra_artifacts: dict[str, Path] = {}
 
     # ---------------------------------------------------------------- validation (nothing runs yet)
     def _validate(self) -> None:
@@ -423,7 +425,7 @@ class Builder:
             report["bundle"] = {"path": str(final_bundle), "sha256": info.sha256, "size_bytes": info.size_bytes}
             files.append(bundle_path)
             self.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
-        for candidate in built:
+        for candidate in [*built, Candidate("", "", "", "", base, artifacts=self.extra_artifacts)]:
             for name, path in candidate.artifacts.items():
                 published = stage / f"{stem}.{name}"
                 if not published.exists():

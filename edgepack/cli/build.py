@@ -65,25 +65,83 @@ def _summary(report: dict) -> Table:
 
 
 def build(
-    profile: str = typer.Option(..., "--profile", "-p", help="Hardware profile name, alias (jetson) or path to a profile YAML."),
+    profile: Optional[list[str]] = typer.Option(None, "--profile", "-p", help="Hardware profile name, alias (jetson) or path to a profile YAML; repeat for several."),
+    all_profiles: bool = typer.Option(False, "--all-profiles", help="Build for every bundled profile."),
     config: Path = typer.Option(Path("edgepack.yaml"), "--config", "-c", help="Build config."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model to build instead of the config's `model`."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="Output folder for the bundle and reports."),
     signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (else $EDGEPACK_SIGNING_KEY, ./keys/edgepack.key, a dev key)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Build cache folder (default $EDGEPACK_CACHE_DIR or ~/.cache/edgepack)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every pass and measurement."),
-    json_output: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (progress stays on stderr)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (the matrix for several profiles)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
-    """Build a model for a hardware profile: variants, verification, latency, selection, signed bundle."""
+    """Build a model for hardware profiles: variants, verification, latency, selection, signed bundle."""
     from builder.pipeline import BuildRequest, run_build
+    from edgepack.errors import ConfigError, EdgepackError
 
     if "--debug" not in sys.argv:
         # onnxruntime's quantization tools log advice through the root logger; the report carries what matters.
         logging.getLogger().setLevel(logging.ERROR)
+    if all_profiles:
+        from hardware_profiles import list_profiles
+
+        profiles = [p.name for p in list_profiles()]
+    else:
+        profiles = list(profile or [])
+    if not profiles:
+        raise ConfigError("name a profile with --profile NAME (repeatable) or use --all-profiles; `edgepack profiles` lists them")
+    if len(profiles) == 1:
+        result = _build_one(BuildRequest(config_path=config, profile=profiles[0], out_dir=out, model_override=model,
+                                         signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache), quiet, json_output)
+        raise typer.Exit(result.exit_code)
+
+    from builder.matrix import make_matrix, profile_entry, write_matrix
+
+    entries, name, version, metric = [], None, None, None
+    for index, profile_name in enumerate(profiles, 1):
+        console.rule(f"[bold]{profile_name}[/bold] ({index}/{len(profiles)})")
+        request = BuildRequest(config_path=config, profile=profile_name, out_dir=out, model_override=model,
+                               signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache)
+        try:
+            result = _build_one(request, quiet, json_output=False)
+        except EdgepackError as exc:
+            # One profile's bad fit (an op its runtime lacks) must not stop the others.
+            console.print(f"[bold red]error:[/bold red] {profile_name}: {exc.message}")
+            entries.append(profile_entry(None, profile_name, exc.exit_code, exc.message))
+            continue
+        name, version, metric = result.report["name"], result.report["version"], result.report["metric"]
+        entries.append(profile_entry(result.report, profile_name, result.exit_code))
+    if name is None:
+        from edgepack.config import load_build_config
+
+        loaded = load_build_config(config)
+        name, version, metric = loaded.name, loaded.version, loaded.metric
+    matrix = make_matrix(name, version, entries, metric)
+    json_path, html_path = write_matrix(matrix, out)
+    table = Table(title=f"{name} {version}: {len(profiles)} profiles", title_justify="left")
+    for column in ("profile", "selected", "runtime", "Δ", "KB", "target ms", "exit"):
+        table.add_column(column)
+    for entry in entries:
+        chosen = next((v for v in entry["variants"] if v["name"] == entry["selected"]), None)
+        if chosen:
+            delta = chosen["accuracy_delta"]
+            table.add_row(entry["profile"], chosen["name"], chosen["runtime"], f"{delta:+.4f}" if delta is not None else "—",
+                          f"{chosen['size_bytes'] / 1024:.0f}", ("~" if chosen["target_latency_source"] == "estimate" else "") + f"{chosen['target_latency_ms']:.3g}",
+                          str(entry["exit_code"]))
+        else:
+            table.add_row(entry["profile"], "—", "—", "—", "—", "—", f"{entry['exit_code']} {entry['error'] or 'no variant passed'}")
+    console.print(table)
+    console.print(f"matrix: {json_path} and {html_path}")
+    if json_output:
+        sys.stdout.write(json.dumps(matrix, indent=2, default=str) + "\n")
+    raise typer.Exit(matrix["exit_code"])
+
+
+def _build_one(request, quiet: bool, json_output: bool):
+    from builder.pipeline import run_build
+
     progress = _RichProgress(enabled=not quiet)
-    request = BuildRequest(config_path=config, profile=profile, out_dir=out, model_override=model,
-                           signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache)
     try:
         result = run_build(request, progress)
     finally:
@@ -103,6 +161,6 @@ def build(
         console.print(f"bundle: {report['bundle']['path']}  sha256 {report['bundle']['sha256'][:16]}…")
     else:
         console.print(f"[bold red]no variant passed[/bold red]: {report['selection_reason']}")
-    stem = Path(result.outputs[-1]).with_suffix("").with_suffix("")
-    console.print(f"report: {stem}.report.json and {stem}.report.html")
-    raise typer.Exit(result.exit_code)
+    stem = f"{report['name']}-{report['version']}-{report['profile']}"
+    console.print(f"report: {request.out_dir / (stem + '.report.json')} and {request.out_dir / (stem + '.report.html')}")
+    return result

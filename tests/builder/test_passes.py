@@ -175,3 +175,18 @@ def test_prune_reports_the_achieved_sparsity(tmp_path, pattern):
     if pattern == "2:4":
         # conv1 has one input channel: not a multiple of 4, left dense and listed
         assert any(s.startswith("w1") for s in out.info["skipped_tensors"])
+
+
+def test_tensorrt_check_flags_unsupported_ops_and_asymmetric_qdq(tmp_path, tiny_project):
+    from builder.tensorrt_support import unsupported_tensorrt_ops
+
+    model = make_tiny_cnn(tmp_path / "m.onnx", opset=13)
+    assert unsupported_tensorrt_ops(model) == []
+    # asymmetric uint8 activations (the x86 scheme) have non-zero zero points: TensorRT refuses them
+    x86 = PASSES["int8-static"].from_dict({}).run(model, _ctx(tmp_path, tiny_project, "x86-avx512-vnni"))
+    assert any("zero point" in op for op, _ in unsupported_tensorrt_ops(x86.model_path))
+    jetson = PASSES["int8-static"].from_dict({}).run(model, _ctx(tmp_path / "j", tiny_project, "jetson"))
+    assert unsupported_tensorrt_ops(jetson.model_path) == []
+    node = helper.make_node("NonZero", ["logits"], ["out"], name="nz")
+    odd = make_tiny_cnn(tmp_path / "odd.onnx", opset=13, extra_node=node)
+    assert ("NonZero", "nz") in unsupported_tensorrt_ops(odd)

@@ -370,6 +370,8 @@ class Builder:
                 variants[index] = new_record
         self._int8_notes(variants, reference_record)
         selected, reason = select_variant(variants, config.metric)
+        for record in variants:
+            record["decision"] = _decision(record, selected)
         gates_passed = selected is not None
         report: dict[str, Any] = {
             "schema_version": REPORT_SCHEMA_VERSION,
@@ -597,6 +599,17 @@ class Builder:
                 raise
             published.append(target)
         return published
+
+
+def _decision(record: dict[str, Any], selected: str | None) -> str:
+    """One line per variant for the report: why it was kept or dropped."""
+    if record["name"] == selected:
+        return "selected"
+    if record.get("dropped_reason"):
+        return f"dropped: {record['dropped_reason']}"
+    if record["failed_gates"]:
+        return "dropped: " + "; ".join(g["message"] for g in record["failed_gates"])
+    return "kept as a candidate: passes every gate, not the fastest/smallest on the target"
 
 
 def _model_sha(path: Path) -> str:

@@ -17,3 +17,21 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("EDGEPACK_SIGNING_KEY", raising=False)
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     yield
+
+
+@pytest.fixture
+def mosquitto():
+    """A private Mosquitto broker on a free loopback port, stopped after the test."""
+    from testbeds.mosquitto import MosquittoBroker
+
+    with MosquittoBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def postgres_url():
+    """EDGEPACK_TEST_POSTGRES_URL (CI sets it); tests that need PostgreSQL fail loudly without it."""
+    url = os.environ.get("EDGEPACK_TEST_POSTGRES_URL")
+    if not url:
+        raise RuntimeError("set EDGEPACK_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test (`.ci/run` does)")
+    return url

@@ -1,0 +1,187 @@
+"""MQTT protocol v1 between the fleet server and device agents (DESIGN.md "MQTT protocol v1").
+
+    edgepack/v1/devices/{id}/desired     fleet → device, retained      DesiredState
+    edgepack/v1/devices/{id}/status      device → fleet, retained, LWT DeviceStatus
+    edgepack/v1/devices/{id}/telemetry   device → fleet, per window    Telemetry
+
+Every message carries `schema_version`; `decode` refuses oversized payloads, malformed JSON, unknown
+schema versions and invalid fields with a `ProtocolError` (callers log and count it, never crash).
+Device ids are a small validated type: MQTT wildcards and separators (`/`, `+`, `#`) can never
+reach a topic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgepack.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "edgepack/v1/devices"
+MAX_PAYLOAD_BYTES = 64 * 1024
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+InstallPhase = Literal["idle", "downloading", "verifying", "installing", "selftest", "active", "failed", "rolled_back"]
+Action = Literal["install", "rollback", "shadow"]
+
+
+def validate_device_id(device_id: str) -> str:
+    """A device id safe to put in a topic and a path: letters, digits, '.', '_', '-' (at most 128)."""
+    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        raise ProtocolError(f"invalid device id {device_id!r}: use letters, digits, '.', '_' or '-' (no '/', '+', '#')",
+                            device_id=device_id)
+    return device_id
+
+
+def desired_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{validate_device_id(device_id)}/desired"
+
+
+def status_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{validate_device_id(device_id)}/status"
+
+
+def telemetry_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{validate_device_id(device_id)}/telemetry"
+
+
+def parse_topic(topic: str) -> tuple[str, str]:
+    """(device_id, kind) of a device topic; ProtocolError for anything else."""
+    prefix = TOPIC_ROOT + "/"
+    if not topic.startswith(prefix):
+        raise ProtocolError(f"not an edgepack device topic: {topic!r}")
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 2 or parts[1] not in ("desired", "status", "telemetry"):
+        raise ProtocolError(f"malformed device topic: {topic!r}")
+    return validate_device_id(parts[0]), parts[1]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class BundleRef(BaseModel):
+    """What a device needs to fetch and check a bundle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Bundle id: the sha256 of the .edgepack file.")
+    name: str
+    version: str
+    profile: str
+    sha256: str
+    size: int = Field(ge=0)
+    url: str = Field(description="Download URL (HTTP Range supported); relative URLs are resolved against the fleet URL.")
+
+    @field_validator("id", "sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError("must be a lower-case sha256 hex digest")
+        return value
+
+
+class DesiredState(_Message):
+    """What the fleet wants a device to run; retained, so an offline device converges on reconnect."""
+
+    rollout_id: str | None = None
+    seq: int = Field(ge=0, description="Increases with every new desired state for this device.")
+    action: Action
+    bundle: BundleRef | None = Field(default=None, description="The bundle to install, roll back to, or shadow.")
+    issued_at: float = Field(default=0.0, description="Unix time the fleet issued this state.")
+
+
+class DeviceStatus(_Message):
+    """A device's state; retained. The last will publishes `state: offline`."""
+
+    device_id: str
+    state: Literal["online", "offline"] = "online"
+    seq: int = Field(default=0, ge=0, description="The desired-state seq this status answers.")
+    rollout_id: str | None = None
+    phase: InstallPhase = "idle"
+    current_bundle: str | None = Field(default=None, description="Id of the active bundle.")
+    previous_bundle: str | None = Field(default=None, description="Id of the bundle in the other slot.")
+    shadow_bundle: str | None = None
+    profile: str | None = None
+    error: str | None = None
+    ts: float = 0.0
+    agent_version: str | None = None
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
+
+
+class LatencySummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    bounds_ms: list[float] = Field(default_factory=list, description="Histogram bucket upper bounds in ms.")
+    counts: list[int] = Field(default_factory=list, description="Counts per bucket; one more than bounds (overflow).")
+
+
+class Telemetry(_Message):
+    """One window of a device's inference statistics (the fleet's telemetry gates read these)."""
+
+    device_id: str
+    bundle_id: str | None = None
+    window_s: float = Field(gt=0)
+    inferences: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    latency_ms: LatencySummary = LatencySummary()
+    drift: dict[str, float] = Field(default_factory=dict, description="Drift score per input/output name.")
+    drift_method: str | None = None
+    shadow: dict[str, float] | None = None
+    rss_bytes: int | None = None
+    ts: float = 0.0
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    return json.dumps(message.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(model: type[M], payload: bytes | str) -> M:
+    """Parse one message; every problem is a ProtocolError with a one-line reason."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("payload is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("payload is not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"unknown schema_version {version!r} (this side speaks {SCHEMA_VERSION})")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from None

@@ -1,0 +1,163 @@
+"""The fleet's database schema (SQLAlchemy 2, SQLite by default, PostgreSQL by URL).
+
+Everything a restarted server needs to resume lives here: bundles and their stages, devices and their
+last status, rollouts with their wave members, every wave decision with its evidence, the audit log.
+Alembic migrations under `fleet/migrations/` create exactly these tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Bundle(Base):
+    __tablename__ = "bundles"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, doc="sha256 of the .edgepack file")
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64), index=True)
+    runtime: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    key_id: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    stage: Mapped[str | None] = mapped_column(String(16), nullable=True, doc="None, staging or production")
+    uploaded_by: Mapped[str] = mapped_column(String(128))
+    uploaded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16), doc="viewer, operator or admin")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    uses_left: Mapped[int] = mapped_column(Integer, default=1)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    profile: Mapped[str] = mapped_column(String(64), index=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    phase: Mapped[str] = mapped_column(String(16), default="idle")
+    current_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acked_seq: Mapped[int] = mapped_column(Integer, default=0, doc="Last desired seq the device answered")
+    desired_seq: Mapped[int] = mapped_column(Integer, default=0, doc="Seq of the last desired state published")
+    desired: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="The last desired state published")
+    last_status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"))
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    waves: Mapped[list[Any]] = mapped_column(JSON, doc="Cumulative percentages, e.g. [1, 10, 50, 100]")
+    gates: Mapped[list[Any]] = mapped_column(JSON, default=list, doc="Gate specs: [{metric, op, threshold, relative_to}]")
+    bake_s: Mapped[float] = mapped_column(Float, default=30.0)
+    min_reports: Mapped[int] = mapped_column(Integer, default=1)
+    install_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
+    status: Mapped[str] = mapped_column(String(16), index=True, doc="pending running paused succeeded rolled_back aborted")
+    current_wave: Mapped[int] = mapped_column(Integer, default=-1, doc="Index of the wave being deployed or baked")
+    wave_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RolloutMember(Base):
+    """A device a rollout touched: which wave, what it ran before, what it reported."""
+
+    __tablename__ = "rollout_members"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    wave_index: Mapped[int] = mapped_column(Integer)
+    cohort: Mapped[str] = mapped_column(String(16), default="treatment", doc="treatment or control")
+    previous_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    desired_seq: Mapped[int] = mapped_column(Integer, default=0)
+    assigned_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    phase: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RolloutDecision(Base):
+    __tablename__ = "rollout_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    wave_index: Mapped[int] = mapped_column(Integer)
+    decision: Mapped[str] = mapped_column(String(16), doc="promote, hold or rollback")
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(128), default="controller")
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TelemetryWindow(Base):
+    """One telemetry window a device reported (read by the telemetry gates)."""
+
+    __tablename__ = "telemetry"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    window_s: Mapped[float] = mapped_column(Float)
+    inferences: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

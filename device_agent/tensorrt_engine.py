@@ -265,7 +265,8 @@ def _build_serialized(trt: Any, onnx_path: Path, spec: EngineSpec) -> bytes:
                 raise ModelError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag_name}, which this bundle needs",
                                  runtime="tensorrt")
             config.set_flag(flag)
-    if spec.fp16 and not builder.platform_has_fast_fp16:
+    # platform_has_fast_fp16 is deprecated in TensorRT 10 and may go; only a hint for the log.
+    if spec.fp16 and not getattr(builder, "platform_has_fast_fp16", True):
         log.warning("this GPU has no fast FP16; TensorRT will pick FP32 kernels where they are faster")
 
     serialized = builder.build_serialized_network(network, config)

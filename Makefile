@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepack-installed
-EXTRAS ?= builder,dev
+EXTRAS ?= all
 
 .PHONY: venv demo test bench clean
 

@@ -68,6 +68,7 @@ class BuildRequest:
     cache_dir: Path | None = None
     use_cache: bool = True
     keep_work: bool = False
+    toolchain: str = "none"  # "docker" runs vendor-toolchain steps in the profile's container images
 
 
 @dataclasses.dataclass
@@ -234,6 +235,28 @@ class Builder:
         finally:
             if not self.request.keep_work:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _toolchain_steps(self, candidate: Candidate) -> list[dict[str, Any]]:
+        """Vendor-toolchain steps for the selected variant (Edge TPU compiler, trtexec), run in containers
+        with `--toolchain docker`; their outputs join the bundle under toolchain/."""
+        from builder.toolchain import run_step, steps_for_candidate
+
+        work = self.work_dir / "toolchain"
+        steps = steps_for_candidate(self.profile, candidate.runtime, candidate.model_path, work, precision=candidate.precision,
+                                    sparse=bool(candidate.info.get("tensorrt", {}).get("sparse_tensor_cores")))
+        records = []
+        for step in steps:
+            self.progress.start(f"toolchain {step.step}")
+            result = run_step(step, "docker" if self.request.toolchain == "docker" else "none")
+            if result.status == "ran":
+                for name, path in sorted(result.outputs.items()):
+                    candidate.files[f"toolchain/{Path(name).name}"] = path
+            elif result.status == "failed":
+                self.notes.append(f"toolchain step {step.step} failed: {result.message}")
+            self.progress.finish(f"toolchain {step.step}", result.status)
+            records.append({"step": step.step, "image": step.image, "command": " ".join(step.command),
+                            "status": result.status, "message": result.message})
+        return records
 
     def _needs_static_shapes(self) -> bool:
         return any(r.name in ("tensorrt", "tflite") for r in self.profile.runtimes[:1])
@@ -408,6 +431,7 @@ class Builder:
             self.progress.start("package")
             chosen = next(v for v in variants if v["name"] == selected)
             chosen_candidate = self.candidates[selected]
+            report["toolchain"] = self._toolchain_steps(chosen_candidate)
             bundle_path = stage / f"{stem}.edgepack"
             outputs = self._outputs(chosen_candidate, val_feeds)
 

@@ -75,6 +75,7 @@ def build(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every pass and measurement."),
     json_output: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (the matrix for several profiles)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    toolchain: str = typer.Option("none", "--toolchain", help="none | docker: run vendor steps (edgetpu_compiler, trtexec) in the profile's container images."),
 ) -> None:
     """Build a model for hardware profiles: variants, verification, latency, selection, signed bundle."""
     from builder.pipeline import BuildRequest, run_build
@@ -83,6 +84,8 @@ def build(
     if "--debug" not in sys.argv:
         # onnxruntime's quantization tools log advice through the root logger; the report carries what matters.
         logging.getLogger().setLevel(logging.ERROR)
+    if toolchain not in ("none", "docker"):
+        raise ConfigError(f"--toolchain must be none or docker, not {toolchain!r}")
     if all_profiles:
         from hardware_profiles import list_profiles
 
@@ -93,7 +96,7 @@ def build(
         raise ConfigError("name a profile with --profile NAME (repeatable) or use --all-profiles; `edgepack profiles` lists them")
     if len(profiles) == 1:
         result = _build_one(BuildRequest(config_path=config, profile=profiles[0], out_dir=out, model_override=model,
-                                         signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache), quiet, json_output)
+                                         signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain), quiet, json_output)
         raise typer.Exit(result.exit_code)
 
     from builder.matrix import make_matrix, profile_entry, write_matrix
@@ -102,7 +105,7 @@ def build(
     for index, profile_name in enumerate(profiles, 1):
         console.rule(f"[bold]{profile_name}[/bold] ({index}/{len(profiles)})")
         request = BuildRequest(config_path=config, profile=profile_name, out_dir=out, model_override=model,
-                               signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache)
+                               signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain)
         try:
             result = _build_one(request, quiet, json_output=False)
         except EdgepackError as exc:
@@ -156,6 +159,8 @@ def _build_one(request, quiet: bool, json_output: bool):
         console.print(_summary(report))
         for note in report["notes"]:
             console.print(f"[yellow]note:[/yellow] {note}")
+    for step in report.get("toolchain") or []:
+        console.print(f"toolchain {step['step']}: {step['status']}: {step['message']}")
     if report["selected"]:
         console.print(f"[bold green]selected {report['selected']}[/bold green]: {report['selection_reason']}")
         console.print(f"bundle: {report['bundle']['path']}  sha256 {report['bundle']['sha256'][:16]}…")

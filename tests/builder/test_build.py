@@ -229,3 +229,16 @@ def test_bundle_verify_on_a_built_bundle_good_tampered_and_other_key(tmp_path, k
     tampered.write_bytes(bytes(data))
     bad = run_cli("bundle", "verify", str(tampered), "--trusted-key", str(public))
     assert bad.returncode == 1 and "model/model.onnx" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_toolchain_docker_without_an_engine_says_so_and_builds_what_it_can(tmp_path, tiny_project):
+    out = tmp_path / "dist"
+    dead = tmp_path / "no-docker.sock"
+    result = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out),
+                     "--toolchain", "docker", "--json", "--quiet", env={"DOCKER_HOST": f"unix://{dead}"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (step,) = report["toolchain"]
+    assert step["step"] == "trtexec" and step["status"] == "skipped"
+    assert f"no Docker engine reachable at unix://{dead}" in step["message"]
+    assert "trtexec" in result.stderr and report["bundle"]["path"]

@@ -1,7 +1,7 @@
 """Toolchain containers: the steps a profile implies, the container spec, and the no-engine path.
 
-No Docker engine runs on CI, so the container itself runs only in the last test, which skips unless
-an engine is reachable and a small image (busybox or alpine) is already present locally.
+No Docker engine runs where CI runs: these tests check the spec handed to the Docker SDK and the
+no-engine path; starting a real container is left to a machine with an engine.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_container_spec_has_no_gpu_request_for_the_edgetpu_compiler(tflite_model
 
 
 def test_container_spec_is_accepted_by_the_docker_sdk(tflite_model: Path, tmp_path: Path):
-    docker_containers = pytest.importorskip("docker.models.containers")
+    docker_containers = __import__("docker.models.containers", fromlist=["x"])
     from docker.types import ContainerConfig
 
     step = steps_for_candidate(load_profile("jetson"), "tensorrt", make_tiny_cnn(tmp_path / "m.onnx"), tmp_path / "work")[0]
@@ -134,7 +134,6 @@ def test_mode_none_skips_and_says_how_to_run_it(tflite_model: Path, tmp_path: Pa
 
 
 def test_no_docker_engine_skips_with_one_line(tflite_model: Path, tmp_path: Path, monkeypatch):
-    pytest.importorskip("docker")
     socket = tmp_path / "docker.sock"  # nothing listens here
     monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
     step = steps_for_candidate(load_profile("coral"), "tflite", tflite_model, tmp_path / "work")[0]
@@ -169,33 +168,4 @@ def test_importing_the_module_does_not_import_docker():
     assert done.stdout.strip() == "False"
 
 
-def _local_image() -> str | None:
-    try:
-        import docker
-
-        client = docker.from_env()
-        client.ping()
-    except Exception:  # noqa: BLE001 - any failure means "no usable engine here", which skips the test
-        return None
-    for name in ("busybox:latest", "alpine:latest"):
-        try:
-            client.images.get(name)
-            return name
-        except docker.errors.ImageNotFound:
-            continue
-    return None
-
-
-def test_a_real_container_writes_its_output_back(tmp_path: Path):
-    image = _local_image()
-    if image is None:
-        pytest.skip("no reachable Docker engine with busybox or alpine already pulled")
-    work = tmp_path / "work"
-    work.mkdir()
-    step = ContainerStep("hello", image, ["sh", "-c", "id -u > /work/out/uid.txt && echo done"], work, ["out/uid.txt"], timeout_s=60)
-
-    result = run_step(step, "docker")
-
-    assert result.status == "ran", result.message
-    assert result.outputs["out/uid.txt"].read_text().strip() == str(os.getuid())
-    assert "done" in result.log
+# No Docker engine runs where CI runs: the container itself is not started by this suite (see the note of issue 3).

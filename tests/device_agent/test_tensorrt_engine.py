@@ -1,7 +1,6 @@
 """The agent's TensorRT engine hook: spec parsing, cache keys, and the no-TensorRT path.
 
-Tests that need TensorRT (and so a GPU) skip unless `tensorrt` is importable; on such a machine they
-build a real engine from the digits bundle and feed TensorRT's parser a model it must reject.
+CI has no GPU: building and running a real engine is benchmarks/device/trt_check.py's job on a GPU machine.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from edgepack.errors import BundleError, ModelError
 from edgepack.signing import dev_key_path, load_public_key
 from tests.support import REPO
 
-needs_tensorrt = pytest.mark.skipif(not tensorrt_available(), reason="tensorrt is not importable here (no GPU stack)")
 without_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="tensorrt is importable here")
 
 SHA = "ab" * 32
@@ -163,30 +161,5 @@ def test_agent_module_imports_stay_light():
     assert done.stdout.strip() == ""
 
 
-@needs_tensorrt
-def test_build_engine_builds_then_reuses_the_cached_engine(jetson_model, tmp_path: Path):
-    onnx_path, spec = jetson_model
-    cache = tmp_path / "engines"
-
-    built = build_engine(onnx_path, spec, cache)
-    again = build_engine(onnx_path, spec, cache)
-
-    assert built is not None and again is not None
-    assert not built.cached and built.build_seconds > 0 and built.path.stat().st_size > 0
-    assert again.cached and again.path == built.path and again.build_seconds == 0.0
-    assert built.path.parent == cache and built.path.name == f"{built.cache_key}.engine"
-    assert not list(cache.glob("*.partial"))
-
-
-@needs_tensorrt
-def test_parser_rejection_names_the_node(tmp_path: Path):
-    from onnx import helper
-
-    from testbeds.tiny import make_tiny_cnn
-
-    odd = helper.make_node("Frobnicate", ["logits"], ["odd"], name="frobnicate_1", domain="com.example")
-    model = make_tiny_cnn(tmp_path / "odd.onnx", extra_node=odd)
-    spec = EngineSpec.from_manifest({**GOOD, "explicit_quantization": False, "trtexec": "trtexec --onnx=model/odd.onnx --fp16"})
-
-    with pytest.raises(ModelError, match="frobnicate_1|#7|Frobnicate"):
-        build_engine(model, spec, tmp_path / "engines")
+# Building and running a real engine needs a GPU with TensorRT: benchmarks/device/trt_check.py does that on
+# the lent GPU machine; this suite runs where CI runs (no GPU).

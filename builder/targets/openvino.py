@@ -1,16 +1,174 @@
-"""openvino target (being built: see issue 3)."""
+"""OpenVINO target: IR variants for profiles that list the `openvino` runtime (intel-nuc, x86 boards).
+
+    fp32 reference ONNX ─ov-convert→ ov-fp32 IR ─ov-fp16→ ov-fp16 IR
+                                             └─ov-int8 (nncf.quantize)→ ov-int8 IR
+                                                  misses max_accuracy_drop?
+                                                  └─ov-int8 (nncf.quantize_with_accuracy_control)→ ov-int8 IR
+
+Each variant is `model.xml` + `model.bin`, verified and timed in the OpenVINO runtime on the host CPU
+(`builder.runtimes.openvino`). The plain INT8 IR is checked here, on the validation split against the
+fp32 IR, with the metric the gates use; only when it misses the accuracy budget does NNCF's accuracy
+control run, and its result replaces the plain one.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from builder.passes.base import Pass, PassOutput, load_all_passes
 from builder.runtimes import RuntimeUnavailable
 from builder.targets import Candidate, Target
+from builder.verify import accuracy_drop, compare
+from edgepack.errors import PassError
+
+INSTALL_HINT = "install it with: pip install 'edgepack[openvino]'"
+
+
+def missing_packages() -> list[str]:
+    """Which of OpenVINO and NNCF this host lacks (found without importing them: NNCF takes seconds)."""
+    return [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
 
 
 class OpenVinoTarget(Target):
     runtime = "openvino"
+    extra = "openvino"
 
+    def __init__(self) -> None:
+        self._unavailable: str | None = None
+        self._sole_runtime = False
+        self._convert: Pass | None = None
+        self._fp16: Pass | None = None
+        self._int8: Pass | None = None
+        self._accuracy_control: Pass | None = None
+        self._int8_config: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- before any pass runs
+    def validate(self, builder: Any) -> None:
+        profile, config = builder.profile, builder.config
+        others = [target for runtime, target in builder.targets if target is not None and runtime.name != self.runtime]
+        self._sole_runtime = not others
+        missing = missing_packages()
+        if "openvino" in missing:
+            self._unavailable = f"OpenVINO is not installed on this host; {INSTALL_HINT}"
+            if self._sole_runtime:
+                # Nothing else to build for this profile: say so now, before any pass spends time.
+                raise RuntimeUnavailable(f"profile {profile.name} runs OpenVINO, which is not installed on this host; {INSTALL_HINT}",
+                                         runtime=self.runtime)
+            return
+        # OpenVINO and NNCF decide the IR bytes: their versions belong in every cache key, the lineage and the SBOM.
+        for package in ("openvino", "nncf"):
+            if package not in missing:
+                builder.tools[package] = importlib.metadata.version(package)
+        spec = profile.runtime(self.runtime)
+        runnable = [p for p in (spec.precisions or profile.precisions) if p in profile.precisions]
+        wanted = config.optimize.precisions
+        passes = load_all_passes()
+        self._convert = passes["ov-convert"].from_dict({})
+        if "fp16" in wanted and "fp16" in runnable:
+            self._fp16 = passes["ov-fp16"].from_dict({})
+        if "int8" in wanted and "int8" in runnable:
+            if "nncf" in missing:
+                builder.notes.append(f"ov-int8 skipped: NNCF is not installed on this host; {INSTALL_HINT}")
+            else:
+                self._int8_config = {
+                    "preset": "performance",
+                    "subset_size": config.optimize.calibration.samples,
+                    # A CPU-only board gets CPU-tuned quantization; CPU+GPU boards a scheme both devices run.
+                    "target_device": "CPU" if tuple(spec.devices) == ("CPU",) else "ANY",
+                }
+                self._int8 = passes["ov-int8"].from_dict(self._int8_config)
+                if builder.gates.get("max_accuracy_drop") is not None:
+                    self._accuracy_control = passes["ov-int8"].from_dict({
+                        **self._int8_config, "accuracy_control": True, "max_drop": builder.gates["max_accuracy_drop"],
+                        "validation_samples": config.verify.max_samples})
+                if config.optimize.calibration.method != "minmax":
+                    builder.notes.append(f"ov-int8 calibrates with NNCF's range estimators; calibration.method "
+                                         f"{config.optimize.calibration.method} applies to the ONNX int8 variants")
+
+    # ---------------------------------------------------------------- the variants
     def candidates(self, builder: Any, base: Path) -> list[Candidate]:
-        raise RuntimeUnavailable("openvino variants are not built yet", runtime="openvino")
+        if self._unavailable:
+            raise RuntimeUnavailable(self._unavailable, runtime=self.runtime)
+        try:
+            fp32 = builder._run_pass(self._convert, base)
+        except PassError as exc:
+            if self._sole_runtime:
+                raise
+            builder.notes.append(f"{exc.message}; building for the other runtimes")
+            return []
+        reference = _candidate("ov-fp32", "fp32", fp32)
+        out = [reference]
+        if self._fp16 is not None:
+            out.append(_candidate("ov-fp16", "fp16", builder._run_pass(self._fp16, fp32.model_path)))
+        if self._int8 is not None:
+            out.append(self._int8_candidate(builder, reference))
+        return out
+
+    def _int8_candidate(self, builder: Any, reference: Candidate) -> Candidate:
+        plain = builder._run_pass(self._int8, reference.model_path)
+        candidate = _candidate("ov-int8", "int8", plain)
+        max_drop = builder.gates.get("max_accuracy_drop")
+        if max_drop is None or not plain.info.get("quantized_nodes"):
+            return candidate
+        metric = builder.config.metric
+        val_feeds = list(builder.data.feeds("validation", limit=builder.config.verify.max_samples))
+        labels = builder.data.validation.labels
+        labels = labels[: len(val_feeds)] if labels is not None else None
+
+        def drop_of(variant: Candidate) -> float:
+            reference_outputs = builder._outputs(reference, val_feeds)
+            reference_value = compare(reference_outputs, reference_outputs, labels, metric)["accuracy"]
+            value = compare(builder._outputs(variant, val_feeds), reference_outputs, labels, metric)["accuracy"]
+            return accuracy_drop(metric, reference_value, value)
+
+        builder.progress.start("check ov-int8")
+        plain_drop = drop_of(candidate)
+        builder.progress.finish("check ov-int8", f"openvino: {metric} drop {plain_drop:.4g} vs ov-fp32 (budget {max_drop:g})")
+        candidate.info["quantization"]["drop_vs_ov_fp32"] = round(plain_drop, 6)
+        if plain_drop <= max_drop + 1e-12:
+            return candidate
+
+        lost = f"plain INT8 lost {plain_drop:.4g} {metric} against ov-fp32 (budget {max_drop:g})"
+        try:
+            controlled = builder._run_pass(self._accuracy_control, reference.model_path, label="ov-int8 accuracy-control")
+        except PassError as exc:
+            builder.notes.append(f"ov-int8: {lost}; accuracy control failed ({exc.message}), so ov-int8 stays the plain INT8 IR")
+            return candidate
+        if not controlled.info.get("quantized_nodes"):
+            builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control reverted every quantized op, so ov-int8 stays the plain INT8 IR")
+            return candidate
+        # Compute ops that lost their INT8 inputs; NNCF's own list (which also names activations) if none did.
+        kept_float = (sorted(set(plain.info["quantized_ops"]) - set(controlled.info["quantized_ops"]))
+                      or sorted(controlled.info["quantization"].get("reverted_ops") or []))
+        trial = _candidate("ov-int8", "int8", controlled, float_nodes=kept_float)
+        trial_drop = drop_of(trial)
+        if trial_drop >= plain_drop:
+            builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control did not improve it ({trial_drop:.4g}), "
+                                 "so ov-int8 stays the plain INT8 IR")
+            return candidate
+        trial.info["quantization"].update({
+            "accuracy_control": True,
+            "plain_drop_vs_ov_fp32": round(plain_drop, 6),
+            "drop_vs_ov_fp32": round(trial_drop, 6),
+            "fake_quantize_ops_before": plain.info.get("fake_quantize_ops"),
+            "fake_quantize_ops_after": controlled.info.get("fake_quantize_ops"),
+        })
+        outcome = "within budget" if trial_drop <= max_drop + 1e-12 else "still over budget"
+        builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control kept {len(kept_float)} op(s) in float "
+                             f"({', '.join(kept_float[:5])}{', …' if len(kept_float) > 5 else ''}): drop {trial_drop:.4g}, {outcome}")
+        return trial
+
+
+def _candidate(name: str, precision: str, result: PassOutput, float_nodes: Sequence[str] = ()) -> Candidate:
+    xml = result.model_path
+    weights = result.sidecars[0] if result.sidecars else xml.with_suffix(".bin")
+    info = {**result.info}
+    if "quantization" in info:
+        info["quantization"] = dict(info["quantization"])
+    if float_nodes:
+        info["fallback_nodes"] = list(float_nodes)
+    return Candidate(name, precision, "openvino", "openvino-ir", xml, info,
+                     files={"model/model.xml": xml, "model/model.bin": weights}, float_nodes=frozenset(float_nodes))

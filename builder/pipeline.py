@@ -392,7 +392,7 @@ class Builder:
                 sensitivity[record["name"]] = ranking
                 variants[index] = new_record
         self._int8_notes(variants, reference_record)
-        selected, reason = select_variant(variants, config.metric)
+        selected, reason = select_variant(variants, config.metric, [r.name for r in profile.runtimes])
         for record in variants:
             record["decision"] = _decision(record, selected)
         gates_passed = selected is not None

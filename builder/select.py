@@ -2,7 +2,8 @@
 
 Selection picks the fastest passing variant on the target (the host's measurement where the host is
 the target, the roofline estimate otherwise); variants within `LATENCY_TOLERANCE` of the fastest count
-as equally fast, and the smallest of those wins, then the most accurate. A variant that another
+as equally fast, and among those the profile's runtime order decides, then the smallest, then the most
+accurate. A variant that another
 candidate beats on latency, size and accuracy at once is never selected.
 """
 
@@ -60,7 +61,7 @@ def _dominates(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
     return acc_ok and a["target_latency_ms"] < b["target_latency_ms"] and a["size_bytes"] < b["size_bytes"]
 
 
-def select_variant(variants: list[dict[str, Any]], metric: str) -> tuple[str | None, str]:
+def select_variant(variants: list[dict[str, Any]], metric: str, runtime_order: list[str] | None = None) -> tuple[str | None, str]:
     """Name of the variant to ship (None if nothing passes) and a sentence saying why."""
     candidates = [v for v in variants if v["passed"] and v.get("runnable", True)]
     if not candidates:
@@ -81,7 +82,14 @@ def select_variant(variants: list[dict[str, Any]], metric: str) -> tuple[str | N
             return 0.0
         return -acc if higher_better else acc
 
-    chosen = min(near, key=lambda v: (v["size_bytes"], accuracy_key(v), v["target_latency_ms"]))
+    # Among equally fast variants the profile's runtime order decides the format, then size, then accuracy.
+    order = {name: index for index, name in enumerate(runtime_order or [])}
+
+    def runtime_rank(v: dict[str, Any]) -> int:
+        # TensorRT-ready ONNX also runs under onnxruntime's TensorRT EP: rank it as the better of the two.
+        return order.get(v.get("runtime", ""), len(order))
+
+    chosen = min(near, key=lambda v: (runtime_rank(v), v["size_bytes"], accuracy_key(v), v["target_latency_ms"]))
     source = chosen.get("target_latency_source", "estimate")
     others = ", ".join(
         f"{v['name']} {v['target_latency_ms']:.3g} ms / {v['size_bytes'] / 1024:.0f} KB"
@@ -89,7 +97,7 @@ def select_variant(variants: list[dict[str, Any]], metric: str) -> tuple[str | N
     )
     why = (
         f"{chosen['name']}: passes every gate and is the "
-        + ("smallest of the fastest" if len(near) > 1 else "fastest")
+        + (("fastest (within 10 %) in the profile's preferred runtime " + chosen.get("runtime", "")) if len(near) > 1 else "fastest")
         + f" on the target ({chosen['target_latency_ms']:.3g} ms {'measured on the host' if source == 'host' else 'estimated'}, "
         f"{chosen['size_bytes'] / 1024:.0f} KB)"
     )

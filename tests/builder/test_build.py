@@ -67,7 +67,7 @@ def test_selftest_vectors_reproduce_in_onnxruntime(tmp_path, keys):
     import onnxruntime as ort
 
     private, public = keys
-    result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "out", signing_key=private))
+    result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "out", signing_key=private))
     bundle = open_bundle(Path(result.report["bundle"]["path"]), [load_public_key(public)])
     cases = json.loads(bundle.read("selftest/cases.json"))
     session = ort.InferenceSession(bundle.read("model/model.onnx"), providers=["CPUExecutionProvider"])
@@ -96,7 +96,7 @@ def test_two_builds_of_the_same_inputs_are_byte_identical(tmp_path, keys):
 
 def test_an_unchanged_rebuild_is_served_from_the_cache(tmp_path, keys, tiny_project):
     private, _ = keys
-    request = BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi4", out_dir=tmp_path / "a",
+    request = BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a",
                            signing_key=private, cache_dir=tmp_path / "cache")
     first = run_build(request)
     assert not any(p["cached"] for p in first.report["passes"])
@@ -124,7 +124,7 @@ def test_json_flag_prints_the_report_on_stdout(tmp_path, tiny_project):
 def test_no_passing_variant_exits_1_with_the_failed_gate_per_variant(tmp_path, tiny_project):
     write_config(tiny_project, gates={"max_size_mb": 0.0001})
     out = tmp_path / "dist"
-    result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
+    result = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
     assert result.returncode == 1
     report = _report(out)
     assert report["selected"] is None and report["gates"]["passed"] is False
@@ -136,11 +136,11 @@ def test_no_passing_variant_exits_1_with_the_failed_gate_per_variant(tmp_path, t
 def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_nodes(tmp_path, tiny_project):
     # First learn how far plain int8 is from fp32 on cosine, then demand half of that.
     write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
-    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "a"))
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
     drop = 1.0 - next(v for v in plain.report["variants"] if v["name"] == "int8")["accuracy"]
     assert drop > 0
     write_config(tiny_project, gates={"max_accuracy_drop": drop / 2})
-    result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="rpi5", out_dir=tmp_path / "b"))
+    result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b"))
     int8 = next(v for v in result.report["variants"] if v["name"] == "int8")
     assert int8["fallback_nodes"], "the accuracy fallback kept no node in float"
     assert set(int8["fallback_nodes"]) <= {"conv1", "conv2", "fc"}

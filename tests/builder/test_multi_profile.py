@@ -31,14 +31,14 @@ def test_a_profile_that_cannot_build_does_not_stop_the_others(tmp_path, tiny_pro
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: broken\n")
     out = tmp_path / "dist"
-    result = run_cli("build", "--profile", str(broken), "--profile", "rpi4", "--config", str(tiny_project / "edgepack.yaml"),
+    result = run_cli("build", "--profile", str(broken), "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"),
                      "--out", str(out), "--quiet")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     matrix = json.loads((out / "tiny-cnn-0.1.0.matrix.json").read_text())
     errors = {e["profile"]: e for e in matrix["profiles"]}
     assert errors[str(broken)]["error"] and errors[str(broken)]["exit_code"] == 2
-    assert errors["rpi4"]["selected"] and (out / "tiny-cnn-0.1.0-rpi4.edgepack").is_file()
+    assert errors["jetson-orin-nano"]["selected"] and (out / "tiny-cnn-0.1.0-jetson-orin-nano.edgepack").is_file()
 
 
 def test_build_without_a_profile_is_exit_2(tmp_path, tiny_project):

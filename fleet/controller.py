@@ -1,0 +1,343 @@
+"""The rollout controller: moves every running rollout one step at a time, from the database alone.
+
+    tick():  for each rollout that is pending, running or rolling_back
+               pending                → start wave 0
+               running                → mark install timeouts, evaluate_wave():
+                                          promote  → start the next wave, or `succeeded` after the last
+                                          hold     → record it (once per reason), wait
+                                          rollback → store rollback states for every touched device, `rolled_back`
+               rolling_back (manual)  → store rollback states, `rolled_back`
+             then publish every stored, unacknowledged desired state
+
+Restart safety. A desired state is first stored (`Device.desired`, `Device.desired_seq`, the member's
+`desired_seq` and phase `assigned`) and committed, and only then published; the member becomes `pending`
+once the broker acknowledged it. A controller that crashed in between finds the member still `assigned`
+and publishes the stored payload again: the same seq, the same bytes, retained. Every transition is a
+conditional UPDATE on (status, current_wave), so two controllers (or a controller and an operator's
+pause) cannot both start the same wave: no device ever gets two different desired states for one wave.
+
+The publisher is a seam: anything with `publish_desired(device_id, DesiredState) -> bool` (True once
+the broker has it). The MQTT bridge is the real one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgepack.protocol import BundleRef, DesiredState
+from fleet.models import Bundle, Device, Rollout, RolloutDecision, RolloutMember
+from fleet.services import audit
+from fleet.services.bundles import download_path
+from fleet.services.gates import (
+    ASSIGNED, IN_PROGRESS_PHASES, PENDING, SKIPPED, TIMED_OUT, WAITING, WaveVerdict, canonical_profile,
+    evaluate_gates, rollout_bundles, utc,
+)
+
+log = logging.getLogger(__name__)
+
+ACTOR = "controller"
+
+
+class DesiredStatePublisher(Protocol):
+    def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
+        """Publish retained; True once the broker acknowledged it."""
+
+
+def count_metric(name: str, **labels: str) -> None:
+    """Increment `fleet.metrics.<name>` (with labels, when the counter has them) if that module has it."""
+    try:
+        from fleet import metrics  # the API side's registry; imported when first counted
+    except ImportError:
+        return
+    counter = getattr(metrics, name, None)
+    if counter is None:
+        return
+    try:
+        (counter.labels(**labels) if labels and getattr(counter, "_labelnames", ()) else counter).inc()
+    except Exception:  # metrics are best effort: never let a counter break a tick or a message
+        log.debug("fleet.metrics.%s could not be incremented", name, exc_info=True)
+
+
+def default_bundle_url(bundle: Bundle) -> str:
+    """The API's download route, relative: the agent resolves it against its fleet URL."""
+    return download_path(bundle.id)
+
+
+def bundle_ref(bundle: Bundle, url: str) -> BundleRef:
+    return BundleRef(id=bundle.id, name=bundle.name, version=bundle.version, profile=bundle.profile,
+                     sha256=bundle.id, size=bundle.size_bytes, url=url)
+
+
+class RolloutController:
+    """Drives rollouts from the database; `tick()` is one idempotent step, `run()` loops it."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        publisher: DesiredStatePublisher,
+        clock: Callable[[], float] = time.time,
+        bundle_url: Callable[[Bundle], str] = default_bundle_url,
+    ) -> None:
+        self.session_factory = session_factory
+        self.publisher = publisher
+        self.clock = clock
+        self.bundle_url = bundle_url
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, stop_event: threading.Event, interval_s: float = 1.0) -> None:
+        """tick() every `interval_s` until `stop_event` is set (the body of the controller thread)."""
+        while not stop_event.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive a bad tick (a database hiccup); the next one retries
+                log.exception("rollout controller tick failed")
+            stop_event.wait(interval_s)
+
+    def start_thread(self, stop_event: threading.Event, interval_s: float = 1.0) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop_event, interval_s), name="rollout-controller", daemon=True)
+        thread.start()
+        return thread
+
+    def tick(self) -> dict[str, Any]:
+        """One step for every active rollout, then publish what is stored but unacknowledged.
+
+        Returns what happened: {"decisions": [(rollout_id, wave, decision)], "published": n, "unpublished": n}.
+        """
+        now = self.clock()
+        decisions: list[tuple[str, int, str]] = []
+        with self.session_factory() as session:
+            rollout_ids = session.scalars(
+                select(Rollout.id).where(Rollout.status.in_(("pending", "running", "rolling_back"))).order_by(Rollout.created_at)
+            ).all()
+        for rollout_id in rollout_ids:
+            try:
+                with self.session_factory() as session:
+                    decision = self.step(session, rollout_id, now)
+                    if decision:
+                        decisions.append(decision)
+            except Exception:
+                log.exception("rollout %s: step failed; retrying next tick", rollout_id)
+        published, unpublished = self.publish_assigned()
+        return {"decisions": decisions, "published": published, "unpublished": unpublished}
+
+    def step(self, session: Session, rollout_id: str, now: float) -> tuple[str, int, str] | None:
+        """Advance one rollout; returns (rollout_id, wave, decision) when a decision was taken."""
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None:
+            return None
+        if rollout.status == "rolling_back":
+            self._finish_manual_rollback(session, rollout, now)
+            return None
+        if rollout.status not in ("pending", "running"):
+            return None
+        if rollout.current_wave < 0:
+            if self._claim(session, rollout, ("pending", "running"), -1, now, current_wave=0, status="running",
+                           wave_started_at=utc(now)):
+                self._assign_wave(session, rollout, 0, now)
+                session.commit()
+            return None
+        self._mark_timeouts(session, rollout, now)
+        verdict = self.evaluate_wave(session, rollout, now)
+        wave = rollout.current_wave
+        if verdict.decision == "promote":
+            return (rollout.id, wave, "promote") if self._promote(session, rollout, verdict, now) else None
+        if verdict.decision == "rollback":
+            return (rollout.id, wave, "rollback") if self._roll_back(session, rollout, verdict, now) else None
+        return (rollout.id, wave, "hold") if self._hold(session, rollout, verdict, now) else None
+
+    def evaluate_wave(self, session: Session, rollout: Rollout, now: float | None = None) -> WaveVerdict:
+        """The gates' verdict on the rollout's current wave."""
+        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now)
+
+    # ------------------------------------------------------------ transitions
+
+    def _claim(self, session: Session, rollout: Rollout, statuses: tuple[str, ...], wave: int, now: float,
+               **values: Any) -> bool:
+        """Apply `values` only if the rollout is still in `statuses` at `wave`; False (and nothing changed)
+        when someone else moved it first."""
+        changed = session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout.id, Rollout.status.in_(statuses), Rollout.current_wave == wave)
+            .values(updated_at=utc(now), **values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if changed != 1:
+            session.rollback()
+            return False
+        session.refresh(rollout)
+        return True
+
+    def _decide(self, session: Session, rollout: Rollout, wave: int, verdict: WaveVerdict, now: float) -> None:
+        session.add(RolloutDecision(rollout_id=rollout.id, wave_index=wave, decision=verdict.decision,
+                                    evidence=verdict.evidence, actor=ACTOR, at=utc(now)))
+        audit.record(session, ACTOR, f"rollout.{verdict.decision}", rollout.id,
+                     {"wave": wave, "percent": rollout.waves[wave], "reason": verdict.reason, "status": rollout.status})
+        count_metric("ROLLOUT_DECISIONS", decision=verdict.decision)
+
+    def _promote(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
+        wave = rollout.current_wave
+        last = wave >= len(rollout.waves) - 1
+        values = ({"status": "succeeded", "finished_at": utc(now)} if last
+                  else {"current_wave": wave + 1, "wave_started_at": utc(now)})
+        if not self._claim(session, rollout, ("running",), wave, now, **values):
+            return False
+        self._decide(session, rollout, wave, verdict, now)
+        if not last:
+            self._assign_wave(session, rollout, wave + 1, now)
+        session.commit()
+        log.info("rollout %s: wave %d promoted%s", rollout.id, wave, " — succeeded" if last else "")
+        return True
+
+    def _roll_back(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
+        wave = rollout.current_wave
+        if not self._claim(session, rollout, ("running",), wave, now, status="rolled_back", finished_at=utc(now)):
+            return False
+        self._decide(session, rollout, wave, verdict, now)
+        touched = self._assign_rollbacks(session, rollout, now)
+        session.commit()
+        log.warning("rollout %s: wave %d rolled back (%s); %d devices sent back", rollout.id, wave, verdict.reason, touched)
+        return True
+
+    def _finish_manual_rollback(self, session: Session, rollout: Rollout, now: float) -> None:
+        if not self._claim(session, rollout, ("rolling_back",), rollout.current_wave, now, status="rolled_back",
+                           finished_at=utc(now)):
+            return
+        touched = self._assign_rollbacks(session, rollout, now)
+        audit.record(session, ACTOR, "rollout.rolled_back", rollout.id,
+                     {"wave": rollout.current_wave, "devices": touched, "manual": True})
+        session.commit()
+
+    def _hold(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
+        """Record a hold once per wave and reason (a hold repeats every tick; the log should not)."""
+        last = session.scalars(
+            select(RolloutDecision).where(RolloutDecision.rollout_id == rollout.id,
+                                          RolloutDecision.wave_index == rollout.current_wave)
+            .order_by(RolloutDecision.id.desc()).limit(1)
+        ).first()
+        if last is not None and last.decision == "hold" and (last.evidence or {}).get("reason") == verdict.reason:
+            return False
+        if not self._claim(session, rollout, ("running",), rollout.current_wave, now):
+            return False
+        self._decide(session, rollout, rollout.current_wave, verdict, now)
+        session.commit()
+        return True
+
+    # ------------------------------------------------------------ desired states
+
+    def _store_desired(self, device: Device, member: RolloutMember, action: str, ref: BundleRef | None, now: float) -> None:
+        """Store the next desired state for a device; publish_assigned() sends it."""
+        seq = max(device.desired_seq or 0, device.acked_seq or 0) + 1
+        desired = DesiredState(rollout_id=member.rollout_id, seq=seq, action=action, bundle=ref, issued_at=now)
+        device.desired_seq = seq
+        device.desired = desired.model_dump(mode="json")
+        member.desired_seq = seq
+        member.assigned_at = utc(now)
+        member.phase = ASSIGNED
+        if action == "install":
+            member.error = None  # a rollback keeps the error that explains it
+
+    def _assign_wave(self, session: Session, rollout: Rollout, wave: int, now: float) -> int:
+        bundles = rollout_bundles(session, rollout)
+        rows = session.execute(
+            select(RolloutMember, Device).join(Device, Device.id == RolloutMember.device_id)
+            .where(RolloutMember.rollout_id == rollout.id, RolloutMember.wave_index == wave,
+                   RolloutMember.phase == WAITING)
+            .order_by(RolloutMember.id)
+        ).all()
+        refs: dict[str, BundleRef] = {}
+        for member, device in rows:
+            bundle = bundles[canonical_profile(device.profile)]  # targets were chosen by these bundles
+            if bundle.id not in refs:
+                refs[bundle.id] = bundle_ref(bundle, self.bundle_url(bundle))
+            member.previous_bundle_id = device.current_bundle_id
+            self._store_desired(device, member, "install", refs[bundle.id], now)
+        audit.record(session, ACTOR, "rollout.wave_started", rollout.id,
+                     {"wave": wave, "percent": rollout.waves[wave], "devices": len(rows)})
+        log.info("rollout %s: wave %d (%s%%) started on %d devices", rollout.id, wave, rollout.waves[wave], len(rows))
+        return len(rows)
+
+    def _assign_rollbacks(self, session: Session, rollout: Rollout, now: float) -> int:
+        """Every device the rollout sent something goes back to the bundle it ran before (bundle None when
+        it ran none, or one the fleet does not store); members not reached yet are skipped."""
+        rows = session.execute(
+            select(RolloutMember, Device).join(Device, Device.id == RolloutMember.device_id)
+            .where(RolloutMember.rollout_id == rollout.id, RolloutMember.desired_seq > 0,
+                   RolloutMember.rolled_back.is_(False))
+            .order_by(RolloutMember.id)
+        ).all()
+        for member, device in rows:
+            previous = session.get(Bundle, member.previous_bundle_id) if member.previous_bundle_id else None
+            ref = bundle_ref(previous, self.bundle_url(previous)) if previous else None
+            member.rolled_back = True
+            self._store_desired(device, member, "rollback", ref, now)
+        session.execute(update(RolloutMember).where(RolloutMember.rollout_id == rollout.id, RolloutMember.phase == WAITING)
+                        .values(phase=SKIPPED).execution_options(synchronize_session=False))
+        return len(rows)
+
+    def _mark_timeouts(self, session: Session, rollout: Rollout, now: float) -> int:
+        deadline = utc(now) - dt.timedelta(seconds=rollout.install_timeout_s)
+        late = session.scalars(
+            select(RolloutMember).where(
+                RolloutMember.rollout_id == rollout.id, RolloutMember.wave_index <= rollout.current_wave,
+                RolloutMember.phase.in_(IN_PROGRESS_PHASES), RolloutMember.rolled_back.is_(False),
+                RolloutMember.assigned_at < deadline)
+        ).all()
+        for member in late:
+            member.phase = TIMED_OUT
+            member.error = f"no final install status within {rollout.install_timeout_s:g} s"
+        if late:
+            session.commit()
+            log.warning("rollout %s: %d devices timed out installing", rollout.id, len(late))
+        return len(late)
+
+    def publish_assigned(self) -> tuple[int, int]:
+        """Publish every stored desired state the broker has not acknowledged yet: (published, not published).
+
+        What goes out is exactly `Device.desired` as stored, so a repeat after a crash or a broker outage
+        is the same message, never a new state for the same wave.
+        """
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(RolloutMember.id, RolloutMember.desired_seq, Device.id, Device.desired)
+                .join(Device, Device.id == RolloutMember.device_id)
+                .where(RolloutMember.phase == ASSIGNED).order_by(RolloutMember.id)
+            ).all()
+        published, unpublished = [], 0
+        for member_id, seq, device_id, stored in rows:
+            if not stored or stored.get("seq") != seq:
+                # The device got a newer desired state elsewhere; this one must never go out again.
+                log.warning("device %s: stored desired seq %s supersedes member seq %s; not publishing",
+                            device_id, (stored or {}).get("seq"), seq)
+                published.append((member_id, seq, SKIPPED))
+                continue
+            try:
+                ok = self.publisher.publish_desired(device_id, DesiredState.model_validate(stored))
+            except Exception as exc:  # a broker outage: the member stays `assigned` and goes out next tick
+                log.warning("device %s: publishing desired seq %s failed: %s", device_id, seq, exc)
+                ok = False
+            if ok:
+                published.append((member_id, seq, PENDING))
+            else:
+                unpublished += 1
+        if published:
+            with self.session_factory() as session:
+                for member_id, seq, phase in published:
+                    # Only if the device has not answered in the meantime (its phase then says more).
+                    session.execute(
+                        update(RolloutMember)
+                        .where(RolloutMember.id == member_id, RolloutMember.phase == ASSIGNED,
+                               RolloutMember.desired_seq == seq)
+                        .values(phase=phase).execution_options(synchronize_session=False))
+                session.commit()
+        return sum(1 for *_, phase in published if phase == PENDING), unpublished
+
+
+__all__ = ["DesiredStatePublisher", "RolloutController", "bundle_ref", "count_metric", "default_bundle_url"]

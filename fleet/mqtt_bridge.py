@@ -1,0 +1,301 @@
+"""The fleet's MQTT side: consumes device status and telemetry, publishes retained desired states.
+
+    edgepack/v1/devices/+/status      → fleet.services.status.apply_status
+    edgepack/v1/devices/+/telemetry   → fleet.services.status.record_telemetry
+    edgepack/v1/devices/{id}/desired  ← publish_desired() (retained, QoS 1, waits for the PUBACK)
+
+paho-mqtt 2 runs the network loop in its own thread and reconnects by itself (backoff 1 → 30 s);
+subscriptions are renewed on every connect. A message that is not a valid v1 message from the enrolled
+device its topic names is dropped, counted in `bridge.malformed[reason]` (and in
+`fleet.metrics.MQTT_MALFORMED`), and logged in one line at most every `log_interval_s` per reason. No
+message can raise out of the callback.
+
+`lifespan_hook(app)` runs the bridge and the rollout controller thread for the life of the FastAPI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any, AsyncIterator, Callable
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgepack.errors import ConfigError, ProtocolError
+from edgepack.protocol import (
+    MAX_PAYLOAD_BYTES, SCHEMA_VERSION, TOPIC_ROOT, DesiredState, DeviceStatus, Telemetry, decode, desired_topic, encode,
+    parse_topic,
+)
+from fleet.controller import RolloutController, count_metric, default_bundle_url
+from fleet.services.status import apply_status, record_telemetry
+
+log = logging.getLogger(__name__)
+
+STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/status"
+TELEMETRY_SUBSCRIPTION = f"{TOPIC_ROOT}/+/telemetry"
+MALFORMED_REASONS = ("bad_topic", "oversized", "malformed_json", "unknown_schema", "invalid_message",
+                     "device_mismatch", "unknown_device")
+
+
+def parse_mqtt_url(url: str) -> dict[str, Any]:
+    """host, port, tls, username, password of `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+        raise ConfigError(f"MQTT URL {url!r}: expected mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"MQTT URL {url!r}: the port is not a number") from None
+    return {"host": parts.hostname, "port": port, "tls": tls,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None}
+
+
+def _malformed_reason(payload: bytes) -> str:
+    """Which check a payload that failed to decode failed first (for the counters)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return "oversized"
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return "malformed_json"
+    if not isinstance(data, dict):
+        return "malformed_json"
+    if data.get("schema_version") != SCHEMA_VERSION:
+        return "unknown_schema"
+    return "invalid_message"
+
+
+class _RateLimitedLog:
+    """One warning line per key at most every `interval_s`, saying how many were suppressed since."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < self.interval_s:
+                self._suppressed[key] += 1
+                return
+            self._last[key] = now
+            suppressed, self._suppressed[key] = self._suppressed[key], 0
+        if suppressed:
+            message += f" ({suppressed} more like it since the last line)"
+        log.warning(message, *args)
+
+
+class MqttBridge:
+    """The fleet's MQTT client; also the rollout controller's publisher."""
+
+    def __init__(
+        self,
+        mqtt_url: str,
+        session_factory: sessionmaker[Session],
+        client_id: str = "edgepack-fleet",
+        *,
+        publish_timeout_s: float = 5.0,
+        log_interval_s: float = 10.0,
+        keepalive_s: int = 30,
+        persistent_session: bool = False,
+    ) -> None:
+        self.mqtt_url = mqtt_url
+        self.endpoint = parse_mqtt_url(mqtt_url)
+        self.session_factory = session_factory
+        self.client_id = client_id
+        self.publish_timeout_s = publish_timeout_s
+        self.keepalive_s = keepalive_s
+        # A persistent session makes the broker keep QoS 1 telemetry for the bridge while it is down; it
+        # needs a client id no other server uses, or the two would keep disconnecting each other.
+        self.persistent_session = persistent_session
+        self.malformed: Counter[str] = Counter()
+        self.processed: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set once the broker granted the subscriptions of this connection
+        self._log = _RateLimitedLog(log_interval_s)
+        self._client = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "MqttBridge":
+        """Connect in the background (retrying until the broker is there) and start the network thread."""
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             clean_session=not self.persistent_session,
+                             protocol=mqtt.MQTTv311)
+        if self.endpoint["username"]:
+            client.username_pw_set(self.endpoint["username"], self.endpoint["password"])
+        if self.endpoint["tls"]:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+        client.connect_async(self.endpoint["host"], self.endpoint["port"], keepalive=self.keepalive_s)
+        client.loop_start()
+        return self
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Connected and subscribed: from now on every device message reaches the bridge."""
+        return self.subscribed.wait(timeout_s)
+
+    def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        client.disconnect()
+        client.loop_stop()
+        self.connected.clear()
+        self.subscribed.clear()
+
+    def __enter__(self) -> "MqttBridge":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ paho callbacks (network thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._log.warning("connect", "MQTT connect to %s refused: %s", self.mqtt_url, reason_code)
+            return
+        client.subscribe([(STATUS_SUBSCRIPTION, 1), (TELEMETRY_SUBSCRIPTION, 1)])
+        self.connected.set()
+        log.info("MQTT bridge connected to %s as %s", self.mqtt_url, self.client_id)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            self._log.warning("subscribe", "MQTT broker refused the bridge's subscriptions: %s", refused)
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if self._client is not None:
+            self._log.warning("disconnect", "MQTT bridge lost %s (%s); reconnecting", self.mqtt_url, reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self.handle_message(message.topic, message.payload)
+        except Exception as exc:  # a database error must not kill paho's thread; the message is counted
+            self.errors[type(exc).__name__] += 1
+            log.exception("MQTT bridge: handling a message on %r failed", message.topic)
+
+    # ------------------------------------------------------------ messages
+
+    def handle_message(self, topic: str, payload: bytes) -> str:
+        """Apply one device message; returns its kind (`status`, `telemetry`), `ignored`, or `dropped:<reason>`."""
+        if not payload:
+            return "ignored"  # a retained message being cleared
+        try:
+            device_id, kind = parse_topic(topic)
+        except ProtocolError as exc:
+            return self._drop("bad_topic", topic, exc.message)
+        if kind not in ("status", "telemetry"):
+            return "ignored"
+        model = DeviceStatus if kind == "status" else Telemetry
+        try:
+            message = decode(model, payload)
+        except ProtocolError as exc:
+            return self._drop(_malformed_reason(payload), topic, exc.message)
+        if message.device_id != device_id:
+            return self._drop("device_mismatch", topic, f"payload names device {message.device_id!r}")
+        with self.session_factory() as session:
+            try:
+                if kind == "status":
+                    apply_status(session, message)
+                else:
+                    record_telemetry(session, message)
+            except ProtocolError as exc:
+                return self._drop("unknown_device", topic, exc.message)
+        self.processed[kind] += 1
+        count_metric("MQTT_MESSAGES", kind=kind)
+        return kind
+
+    def _drop(self, reason: str, topic: str, detail: str) -> str:
+        self.malformed[reason] += 1
+        count_metric("MQTT_MALFORMED", reason=reason)
+        self._log.warning(f"malformed:{reason}", "MQTT bridge dropped a message on %r: %s: %s",
+                          topic[:200], reason, detail[:200])
+        return f"dropped:{reason}"
+
+    # ------------------------------------------------------------ the controller's publisher
+
+    def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
+        """Publish a desired state retained with QoS 1; True once the broker acknowledged it."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        info = client.publish(desired_topic(device_id), encode(desired), qos=1, retain=True)
+        try:
+            info.wait_for_publish(self.publish_timeout_s)
+        except (RuntimeError, ValueError):
+            return False
+        if not info.is_published():
+            return False
+        count_metric("DESIRED_PUBLISHED")
+        return True
+
+
+def _bundle_url_for(settings: Any) -> Callable[[Any], str]:
+    base = getattr(settings, "public_url", None)
+    if not base:
+        return default_bundle_url
+    base = str(base).rstrip("/")
+    return lambda bundle: base + default_bundle_url(bundle)
+
+
+@contextlib.asynccontextmanager
+async def lifespan_hook(app: Any) -> AsyncIterator[None]:
+    """Run the MQTT bridge and the rollout controller thread while the app runs.
+
+    Reads `app.state.settings` (`mqtt_url`; optional `public_url` for absolute download URLs,
+    `controller_interval_s`, and `mqtt_client_id` — a fixed id gets a persistent broker session, without
+    one each server process gets its own id and a clean session) and `app.state.session_factory`; exposes
+    `app.state.mqtt_bridge` and `app.state.rollout_controller`.
+    """
+    settings = app.state.settings
+    session_factory = app.state.session_factory
+    mqtt_url = getattr(settings, "mqtt_url", None)
+    if not mqtt_url:
+        raise ConfigError("settings.mqtt_url is not set: the fleet server needs an MQTT broker")
+    configured_id = getattr(settings, "mqtt_client_id", None)
+    client_id = configured_id or f"edgepack-fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    bridge = MqttBridge(mqtt_url, session_factory, client_id=client_id, persistent_session=bool(configured_id)).start()
+    controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings))
+    stop = threading.Event()
+    thread = controller.start_thread(stop, float(getattr(settings, "controller_interval_s", 1.0) or 1.0))
+    app.state.mqtt_bridge = bridge
+    app.state.rollout_controller = controller
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 30)
+        bridge.stop()
+
+
+__all__ = ["MALFORMED_REASONS", "MqttBridge", "lifespan_hook", "parse_mqtt_url"]

@@ -65,10 +65,37 @@ def count_graph(model_path: Path) -> list[dict[str, Any]]:
     return nodes
 
 
-def estimate_latency_ms(nodes: list[dict[str, Any]], profile: Any, precision: str, float_nodes: set[str] = frozenset()) -> float:
-    """Estimated single-inference latency on the target for a variant of `precision`."""
+def cpu_peak_ops_per_s(profile: Any) -> dict[str, float]:
+    """Peak ops/s of the board's CPU, derived from cores x clock x SIMD ops per cycle.
+
+    Used for variants that run on the CPU of a board whose performance model describes its accelerator
+    (onnxruntime on a Coral's Cortex-A53s, say). Ops per cycle per core: x86 AVX-512 64 fp32 (2 FMA
+    units x 16 lanes x 2), AVX2 32; Arm NEON 16 on dual-pipe cores (those with dot-product or fp16
+    arithmetic), else 8. INT8: x4 with VNNI or dot-product, else x2; FP16: x2 on Arm with fp16
+    arithmetic, else as fp32 (converted).
+    """
+    features = set(profile.cpu.features)
+    if profile.arch == "x86_64":
+        fp32 = 64 if "avx512f" in features else 32 if "avx2" in features else 16
+        int8 = fp32 * (4 if features & {"avx512_vnni", "avx_vnni"} else 2)
+        fp16 = fp32
+    else:
+        fp32 = 16 if features & {"dotprod", "fp16", "asimdhp"} else 8
+        int8 = fp32 * (4 if "dotprod" in features else 2)
+        fp16 = fp32 * (2 if features & {"fp16", "asimdhp"} else 1)
+    hz = profile.cpu.cores * profile.cpu.max_freq_ghz * 1e9
+    return {"fp32": fp32 * hz, "fp16": fp16 * hz, "int8": int8 * hz}
+
+
+def estimate_latency_ms(nodes: list[dict[str, Any]], profile: Any, precision: str, float_nodes: set[str] = frozenset(),
+                        on_accelerator: bool = True) -> float:
+    """Estimated single-inference latency on the target for a variant of `precision`.
+
+    `on_accelerator=False` models a variant that runs on the board's CPU although the profile's
+    performance model describes its accelerator.
+    """
     perf = profile.performance
-    peaks = perf.peak_ops_per_s
+    peaks = perf.peak_ops_per_s if (on_accelerator or not profile.accelerators) else cpu_peak_ops_per_s(profile)
     bandwidth = perf.memory_bandwidth_gb_s * 1e9
     total_s = 0.0
     for node in nodes:

@@ -164,9 +164,19 @@ class Builder:
         )
         if self.plan.int8_dynamic_config is not None:
             passes["int8-dynamic"].from_dict(self.plan.int8_dynamic_config)
-        for _, target in self.targets:
+        usable = []
+        for runtime, target in self.targets:
             if target is not None:
-                target.validate(self)
+                try:
+                    target.validate(self)
+                except RuntimeUnavailable as exc:
+                    # A runtime whose extra is not installed: build for the profile's other runtimes.
+                    self.notes.append(f"{runtime.name} variants skipped: {exc.message}")
+                    target = None
+            usable.append((runtime, target))
+        self.targets = usable
+        if not any(target for _, target in self.targets):
+            raise ConfigError(f"profile {self.profile.name}: no runtime it lists can be built on this host ({'; '.join(self.notes)})")
         # The model's inputs against the data: the user's input, so checked before any pass runs.
         model = load_model(model_path)
         self.shapes = self._static_shapes_for(model)
@@ -235,6 +245,17 @@ class Builder:
         finally:
             if not self.request.keep_work:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _on_accelerator(self, candidate: Candidate) -> bool:
+        """Whether a candidate runs on the accelerator the profile's performance model describes."""
+        if not self.profile.accelerators:
+            return True
+        preferred = self.profile.runtimes[0]
+        if candidate.runtime != preferred.name:
+            return False
+        if candidate.runtime == "tflite" and "edgetpu" in preferred.delegates:
+            return "edgetpu" in candidate.info  # only the full-integer model the Edge TPU compiler maps
+        return True
 
     def _toolchain_steps(self, candidate: Candidate) -> list[dict[str, Any]]:
         """Vendor-toolchain steps for the selected variant (Edge TPU compiler, trtexec), run in containers
@@ -499,7 +520,8 @@ class Builder:
             lambda: adapter.latency(candidate.model_path, val_feeds[0], bench.warmup, bench.runs, bench.threads),
         )
         self.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
-        estimate = estimate_latency_ms(self.graph_counts, self.profile, precision, set(float_nodes))
+        estimate = estimate_latency_ms(self.graph_counts, self.profile, precision, set(float_nodes),
+                                       on_accelerator=self._on_accelerator(candidate))
         # The host stands for the target only when the target is a CPU with the host's kernel features;
         # then every CPU runtime's measurement is the target's, and all variants compare on one footing.
         if self.is_target:

@@ -12,7 +12,14 @@
     │   ├── SignatureError        the signature is missing, invalid, or from an unknown key
     │   ├── IntegrityError        a member's hash or size does not match the manifest
     │   └── UnsafeMemberError     a member with an absolute path, `..`, or a link
-    └── ProtocolError             a malformed or unknown protocol message
+    ├── ProtocolError             a malformed or unknown protocol message
+    └── ApiError                  a request the fleet API refuses for a reason of its own
+        ├── NotAuthenticated      no credential, or one the server does not know (HTTP 401)
+        ├── PermissionDenied      a known credential that may not do this (HTTP 403)
+        ├── NotFound              the named bundle, device, rollout or token does not exist (HTTP 404)
+        ├── Conflict              the request clashes with the current state (HTTP 409)
+        ├── PayloadTooLarge       an upload larger than the server accepts (HTTP 413)
+        └── RangeNotSatisfiable   a download Range that lies outside the file (HTTP 416)
 
 Only the edges (CLI, API) translate these into exit codes, status codes or log lines.
 """
@@ -92,3 +99,43 @@ class UnsafeMemberError(BundleError):
 
 class ProtocolError(EdgepackError):
     """A protocol message is malformed or carries an unknown schema version."""
+
+
+class ApiError(EdgepackError):
+    """A request the fleet API refuses for a reason of its own (not a bundle, config or protocol error)."""
+
+
+class NotAuthenticated(ApiError):
+    """No credential, a malformed one, or one the server does not know."""
+
+    http_status = 401
+
+
+class PermissionDenied(ApiError):
+    """A known credential whose role or device does not allow this request."""
+
+    http_status = 403
+
+
+class NotFound(ApiError):
+    """The named bundle, device, rollout or token does not exist."""
+
+    http_status = 404
+
+
+class Conflict(ApiError):
+    """The request clashes with the current state (e.g. a rollout that is already finished)."""
+
+    http_status = 409
+
+
+class PayloadTooLarge(ApiError):
+    """An upload larger than the server's limit."""
+
+    http_status = 413
+
+
+class RangeNotSatisfiable(ApiError):
+    """A download Range that lies outside the file (attribute: size)."""
+
+    http_status = 416

@@ -1,0 +1,123 @@
+"""/api/v1/bundles: upload (verified before it is stored), list, describe, promote, ranged download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from edgepack.errors import BundleError, PayloadTooLarge
+from fleet.api.schemas import BundleDetail, BundlePublic, PromoteRequest
+from fleet.auth import OperatorDep, SessionDep, ViewerDep, ViewerOrDeviceDep
+from fleet.services import bundles
+from fleet.store import BundleStore
+
+router = APIRouter(prefix="/bundles", tags=["bundles"])
+_COPY_CHUNK = 1024 * 1024
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"bundle upload exceeds the server's limit of {limit} bytes", limit=limit)
+
+
+async def _receive_upload(request: Request, store: BundleStore, limit: int) -> Path:
+    """Write the request body (raw, or the multipart field `bundle`) to a temp file inside the store."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise _too_large(limit)
+    upload = store.new_upload()
+    received = 0
+    try:
+        with open(upload, "wb") as sink:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                async with request.form(max_files=1, max_fields=8) as form:
+                    part = form.get("bundle")
+                    if not isinstance(part, UploadFile):
+                        raise BundleError("multipart upload has no file field named 'bundle'")
+                    while chunk := await part.read(_COPY_CHUNK):
+                        received += len(chunk)
+                        if received > limit:
+                            raise _too_large(limit)
+                        sink.write(chunk)
+            else:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise _too_large(limit)
+                    sink.write(chunk)
+    except BaseException:
+        upload.unlink(missing_ok=True)
+        raise
+    return upload
+
+
+@router.post("", status_code=201, response_model=BundleDetail)
+async def upload_bundle(request: Request, response: Response, principal: OperatorDep,
+                        session: SessionDep) -> BundleDetail:
+    """Upload a bundle as the raw body (application/octet-stream) or multipart field `bundle`.
+    201 when new, 200 when the same bundle was already stored; 400 naming the problem when it does
+    not verify against the server's trusted keys (nothing is stored then)."""
+    state = request.app.state
+    upload = await _receive_upload(request, state.store, state.settings.max_bundle_bytes)
+    bundle, created = await run_in_threadpool(
+        bundles.add_bundle, session, state.store, upload, trusted_keys=state.trusted_keys, actor=principal.actor
+    )
+    if not created:
+        response.status_code = 200
+    return BundleDetail.model_validate(bundle)
+
+
+@router.get("", response_model=list[BundlePublic])
+def list_bundles(_: ViewerDep, session: SessionDep, name: str | None = None, profile: str | None = None,
+                 stage: str | None = None) -> list[BundlePublic]:
+    return [BundlePublic.model_validate(b) for b in bundles.list_bundles(session, name=name, profile=profile,
+                                                                         stage=stage)]
+
+
+@router.get("/{bundle_id}", response_model=BundleDetail)
+def get_bundle(bundle_id: str, _: ViewerDep, session: SessionDep) -> BundleDetail:
+    return BundleDetail.model_validate(bundles.get_bundle(session, bundle_id))
+
+
+@router.post("/{bundle_id}/promote", response_model=BundlePublic)
+def promote_bundle(bundle_id: str, body: PromoteRequest, principal: OperatorDep, session: SessionDep) -> BundlePublic:
+    return BundlePublic.model_validate(bundles.promote(session, bundle_id, body.stage, actor=principal.actor))
+
+
+@router.head("/{bundle_id}/download", response_class=Response)
+def bundle_download_headers(bundle_id: str, request: Request, principal: ViewerOrDeviceDep,
+                            session: SessionDep) -> Response:
+    """The download's headers (size, ETag, Accept-Ranges) without the body."""
+    return download_bundle(bundle_id, request, principal, session)
+
+
+@router.get("/{bundle_id}/download", response_class=StreamingResponse)
+def download_bundle(bundle_id: str, request: Request, principal: ViewerOrDeviceDep, session: SessionDep) -> Response:
+    """The bundle file; a single `Range` (`bytes=a-b`, `bytes=a-`, `bytes=-n`) gives 206 with
+    Content-Range, an unsatisfiable one 416; `If-Range` and `If-None-Match` take the ETag (the sha256)."""
+    store = request.app.state.store
+    bundle, size = bundles.open_download(session, store, bundle_id)
+    tag = bundles.etag(bundle.id)
+    headers = {
+        "ETag": tag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "Content-Disposition": f'attachment; filename="{bundle.name}-{bundle.version}-{bundle.profile}.edgepack"',
+    }
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and (if_none_match.strip() == "*" or tag in [t.strip() for t in if_none_match.split(",")]):
+        return Response(status_code=304, headers=headers)
+    byte_range = None
+    if bundles.range_applies(request.headers.get("if-range"), bundle.id):
+        byte_range = bundles.parse_range(request.headers.get("range"), size)
+    status = 206 if byte_range else 200
+    if byte_range:
+        headers["Content-Range"] = byte_range.content_range
+    headers["Content-Length"] = str(byte_range.length if byte_range else size)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+    return StreamingResponse(bundles.iter_file(store, bundle.id, byte_range, size), status_code=status,
+                             headers=headers, media_type="application/octet-stream")

@@ -1,0 +1,67 @@
+"""/api/v1/devices: enrollment tokens, enrollment, listing by label selector, status reports over HTTP."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from edgepack.errors import PermissionDenied
+from edgepack.protocol import DeviceStatus
+from fleet import metrics
+from fleet.api.schemas import (
+    DevicePublic,
+    EnrollmentTokenCreate,
+    EnrollmentTokenCreated,
+    EnrollRequest,
+    EnrollResponse,
+    StatusAccepted,
+)
+from fleet.auth import DeviceDep, OperatorDep, SessionDep, ViewerDep
+from fleet.services import devices
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+
+
+@router.post("/enrollment-tokens", status_code=201, response_model=EnrollmentTokenCreated)
+def create_enrollment_token(body: EnrollmentTokenCreate, principal: OperatorDep,
+                            session: SessionDep) -> EnrollmentTokenCreated:
+    plain, row = devices.create_enrollment_token(session, principal.actor, labels=body.labels, uses=body.uses,
+                                                 ttl_s=body.ttl_s)
+    return EnrollmentTokenCreated(id=row.id, token=plain, labels=row.labels, uses=row.uses_left,
+                                  expires_at=row.expires_at)
+
+
+@router.post("/enroll", status_code=201, response_model=EnrollResponse)
+def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
+    """No bearer token: the enrollment token in the body is the credential (spent by this call)."""
+    credential, device, created = devices.enroll(session, token=body.token, device_id=body.device_id,
+                                                 profile=body.profile, labels=body.labels)
+    return EnrollResponse(device_id=device.id, credential=credential, profile=device.profile,
+                          labels=device.labels, reenrolled=not created)
+
+
+@router.get("", response_model=list[DevicePublic])
+def list_devices(_: ViewerDep, session: SessionDep, selector: str | None = None, profile: str | None = None,
+                 online: bool | None = None) -> list[DevicePublic]:
+    return [DevicePublic.model_validate(d) for d in devices.list_devices(session, selector=selector,
+                                                                         profile=profile, online=online)]
+
+
+@router.get("/{device_id}", response_model=DevicePublic)
+def get_device(device_id: str, _: ViewerDep, session: SessionDep) -> DevicePublic:
+    return DevicePublic.model_validate(devices.get_device(session, device_id))
+
+
+@router.post("/{device_id}/status", response_model=StatusAccepted)
+def report_status(device_id: str, status: DeviceStatus, principal: DeviceDep, session: SessionDep,
+                  request: Request) -> StatusAccepted:
+    """A device reports its status over HTTP (the same DeviceStatus it publishes over MQTT); only for
+    its own id: another id in the path or in the body is 403."""
+    principal.require_device(device_id)
+    if status.device_id != device_id:
+        raise PermissionDenied(f"device {device_id} may not report a status for device {status.device_id}",
+                               device_id=device_id)
+    from fleet.services.status import apply_status  # the rollout engine's module; imported when used
+
+    applied = apply_status(session, status)
+    metrics.DEVICE_STATUS_HTTP.inc()
+    return StatusAccepted(device_id=device_id, applied=applied is not False)

@@ -1,0 +1,165 @@
+"""Request and response bodies of the fleet API: `…Create`/`…Request` in, `…Public` out.
+
+Responses are built from ORM rows (`from_attributes`); secrets appear only in the `…Created` bodies
+of the request that made them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
+
+from fleet.services.bundles import download_path
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive timestamps; the server stores UTC, so say so on the way out.
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+
+
+UtcDateTime = Annotated[dt.datetime, AfterValidator(_utc)]
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- bundles
+
+
+class BundlePublic(_Public):
+    id: str = Field(description="sha256 of the .edgepack file")
+    name: str
+    version: str
+    profile: str
+    runtime: str
+    precision: str
+    size_bytes: int
+    key_id: str = Field(description="Id of the key that signed the manifest")
+    stage: str | None
+    uploaded_by: str
+    uploaded_at: UtcDateTime
+
+    @computed_field
+    @property
+    def sha256(self) -> str:
+        return self.id
+
+    @computed_field
+    @property
+    def download_url(self) -> str:
+        return download_path(self.id)
+
+
+class BundleDetail(BundlePublic):
+    manifest: dict[str, Any]
+
+
+class PromoteRequest(_Request):
+    stage: Literal["staging", "production"]
+
+
+# --- devices
+
+
+class EnrollmentTokenCreate(_Request):
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels every device enrolled with it gets")
+    uses: int = Field(default=1, ge=1, le=1_000_000)
+    ttl_s: float | None = Field(default=24 * 3600.0, gt=0, description="Lifetime in seconds; null never expires")
+
+
+class EnrollmentTokenCreated(BaseModel):
+    id: int
+    token: str = Field(description="Shown once; only its hash is stored")
+    labels: dict[str, str]
+    uses: int
+    expires_at: UtcDateTime | None
+
+
+class EnrollRequest(_Request):
+    device_id: str
+    profile: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    token: str = Field(description="An enrollment token")
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    credential: str = Field(description="The device's bearer credential; shown once")
+    profile: str
+    labels: dict[str, str]
+    reenrolled: bool
+
+
+class DevicePublic(_Public):
+    id: str
+    profile: str
+    labels: dict[str, Any]
+    enrolled_at: UtcDateTime
+    last_seen: UtcDateTime | None
+    online: bool
+    phase: str
+    current_bundle_id: str | None
+    previous_bundle_id: str | None
+    acked_seq: int
+    desired_seq: int
+    desired: dict[str, Any] | None
+    last_status: dict[str, Any] | None
+    error: str | None
+
+
+class StatusAccepted(BaseModel):
+    device_id: str
+    applied: bool = Field(description="False when the status answered an older desired state (stale)")
+
+
+# --- tokens and audit
+
+
+class TokenCreate(_Request):
+    name: str = Field(min_length=1, max_length=128)
+    role: Literal["viewer", "operator", "admin"]
+
+
+class TokenPublic(_Public):
+    id: int
+    name: str
+    role: str
+    revoked: bool
+    created_at: UtcDateTime
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="Shown once; only its hash is stored")
+
+
+class AuditEntryPublic(_Public):
+    id: int
+    at: UtcDateTime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+
+
+# --- rollouts
+
+
+class RolloutCreate(_Request):
+    bundle_id: str = Field(description="Bundle id or an unambiguous prefix (8+ hex digits)")
+    selector: dict[str, str] | str = Field(default_factory=dict, description="{k: v} or 'k=v,k2=v2'")
+    waves: list[float] = Field(default_factory=lambda: [1, 10, 50, 100], min_length=1, max_length=100)
+    gates: list[str | dict[str, Any]] = Field(default_factory=list,
+                                              description="e.g. 'install_failure_ratio<=0.1'; empty → defaults")
+    bake_s: float = Field(default=30.0, ge=0)
+    min_reports: int = Field(default=1, ge=0)
+    install_timeout_s: float = Field(default=300.0, gt=0)
+
+
+RolloutAction = Literal["pause", "resume", "abort", "rollback"]

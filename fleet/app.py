@@ -1,0 +1,146 @@
+"""The fleet server's FastAPI application.
+
+`create_app(settings)` wires settings, database, bundle store and routes, and touches nothing until
+the app starts: startup creates the data folder, migrates the database (`fleet.db.migrate`), makes sure
+an admin token exists, then enters each `lifespan_hooks` entry — async context managers taking the app,
+which is how the rollout controller and the MQTT bridge attach — and leaves them in reverse on shutdown.
+
+Errors: every `EdgepackError` a route or service raises becomes `{"detail", "error"}` with the class's
+`http_status` (401 adds `WWW-Authenticate`, 416 adds `Content-Range: bytes */size`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import compile_path
+
+from edgepack.errors import EdgepackError, RangeNotSatisfiable
+from edgepack.signing import load_public_key
+from fleet import metrics
+from fleet.api import api_router, system_router
+from fleet.auth import bootstrap_admin_token
+from fleet.db import make_engine, make_session_factory, migrate
+from fleet.settings import FleetSettings
+from fleet.store import BundleStore, FileBundleStore
+
+log = logging.getLogger(__name__)
+
+LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
+
+
+def prepare(settings: FleetSettings, engine: Engine) -> str | None:
+    """Create the data folder, migrate the database, ensure an admin token; returns a newly created admin
+    token (for the CLI to print once) or None. Safe to call again: startup calls it too."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(engine)
+    with make_session_factory(engine)() as session:
+        return bootstrap_admin_token(session, settings)
+
+
+async def _edgepack_error(request: Request, exc: EdgepackError) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RangeNotSatisfiable) and isinstance(getattr(exc, "size", None), int):
+        headers["Content-Range"] = f"bytes */{exc.size}"
+    if exc.http_status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse({"detail": exc.message, "error": type(exc).__name__}, status_code=exc.http_status,
+                        headers=headers)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by method, route template and status; the template (not the raw path) keeps the
+    label values bounded. Templates come from the app's OpenAPI paths, a public and stable view of the
+    routes whatever way the routers were included."""
+
+    def __init__(self, app, *, api: FastAPI) -> None:
+        self.app = app
+        self._api = api
+        self._templates: list[tuple[re.Pattern[str], set[str], str]] | None = None
+
+    def _template(self, scope) -> str:
+        if "endpoint" not in scope:
+            return "unmatched"
+        if self._templates is None:
+            self._templates = [
+                (compile_path(path)[0], {method.upper() for method in operations}, path)
+                for path, operations in self._api.openapi().get("paths", {}).items()
+            ]
+        method, path = scope["method"], scope["path"]
+        for pattern, methods, template in self._templates:
+            if method in methods and pattern.match(path):
+                return template
+        return "other"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_count(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                metrics.HTTP_REQUEST_SECONDS.labels(self._template(scope)).observe(time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            metrics.HTTP_REQUESTS.labels(scope["method"], self._template(scope), str(status)).inc()
+
+
+def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: BundleStore | None = None,
+               lifespan_hooks: Sequence[LifespanHook] = ()) -> FastAPI:
+    """The fleet API app. `engine` and `store` default to those the settings name; an engine passed in
+    is not disposed on shutdown (its owner does that)."""
+    owns_engine = engine is None
+    engine = engine if engine is not None else make_engine(settings.database_url)
+    store = store if store is not None else FileBundleStore(settings.store_dir)
+    trusted_keys = [load_public_key(path) for path in settings.trusted_keys]
+    hooks = tuple(lifespan_hooks)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.new_admin_token = await run_in_threadpool(prepare, settings, engine)
+        if app.state.new_admin_token:
+            log.warning("created an admin token: it is in %s (mode 0600)", settings.admin_token_file)
+        if not trusted_keys:
+            log.warning("no trusted keys configured: every bundle upload will be refused")
+        try:
+            async with AsyncExitStack() as stack:
+                for hook in hooks:
+                    await stack.enter_async_context(hook(app))
+                yield
+        finally:
+            if owns_engine:
+                engine.dispose()
+
+    app = FastAPI(title="edgepack fleet", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = store
+    app.state.trusted_keys = trusted_keys
+    app.state.new_admin_token = None
+    app.add_exception_handler(EdgepackError, _edgepack_error)
+    app.add_middleware(RequestMetricsMiddleware, api=app)
+    app.include_router(api_router)
+    app.include_router(system_router)
+    return app
+
+
+__all__ = ["LifespanHook", "RequestMetricsMiddleware", "create_app", "prepare"]

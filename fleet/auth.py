@@ -1,0 +1,245 @@
+"""Who is calling: bearer API tokens with roles, and per-device credentials.
+
+    viewer < operator < admin      roles of API tokens (`ApiToken.role`); a higher role may do what a lower may
+    device credential              issued at enrollment; may download bundles and report for its own id, nothing else
+
+Only sha256 hashes of secrets are stored. A secret is looked up by its hash (an index lookup on a value
+an attacker cannot steer byte by byte) and the hashes are then compared in constant time.
+
+FastAPI dependencies, as `Annotated` aliases for route signatures:
+
+    SessionDep     a database session for the request
+    PrincipalDep   any valid credential
+    ViewerDep, OperatorDep, AdminDep    an API token with at least that role
+    DeviceDep      a device credential (its `device_id` is the device's identity)
+    ViewerOrDeviceDep                   either (bundle downloads)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from edgepack.errors import ConfigError, NotAuthenticated, PermissionDenied
+from fleet.models import ApiToken, Device
+from fleet.settings import FleetSettings
+
+log = logging.getLogger(__name__)
+
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[str, ...] = ("viewer", "operator", "admin")
+API_TOKEN_PREFIX = "ept_"
+DEVICE_CREDENTIAL_PREFIX = "epd_"
+ENROLLMENT_TOKEN_PREFIX = "epe_"
+BOOTSTRAP_TOKEN_NAME = "admin (bootstrap)"
+ENV_TOKEN_NAME = "admin (EDGEPACK_ADMIN_TOKEN)"
+
+
+def role_rank(role: str) -> int:
+    try:
+        return ROLES.index(role)
+    except ValueError:
+        raise ConfigError(f"unknown role {role!r}: use one of {', '.join(ROLES)}", role=role) from None
+
+
+def new_secret(prefix: str) -> str:
+    """A fresh secret; the prefix only tells a human which kind it is."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def same_hash(stored: str, presented: str) -> bool:
+    return hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: an API token (name, role) or a device (device_id)."""
+
+    name: str
+    role: str | None = None
+    device_id: str | None = None
+
+    @property
+    def is_device(self) -> bool:
+        return self.device_id is not None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"device:{self.device_id}" if self.is_device else f"token:{self.name}"
+
+    def require_role(self, role: str) -> Principal:
+        if self.is_device:
+            raise PermissionDenied(
+                "a device credential may only download bundles and report its own status", device_id=self.device_id
+            )
+        if role_rank(self.role or "") < role_rank(role):
+            raise PermissionDenied(f"this needs the {role} role; token {self.name!r} has {self.role}", role=self.role)
+        return self
+
+    def require_device(self, device_id: str | None = None) -> Principal:
+        if not self.is_device:
+            raise PermissionDenied("this needs a device credential")
+        if device_id is not None and not hmac.compare_digest(self.device_id.encode(), device_id.encode()):
+            raise PermissionDenied(
+                f"device {self.device_id} may not act for device {device_id}", device_id=self.device_id
+            )
+        return self
+
+
+def authenticate(session: Session, secret: str) -> Principal:
+    """The principal a bearer secret belongs to; NotAuthenticated when it is unknown or revoked."""
+    presented = hash_secret(secret)
+    token = session.scalars(select(ApiToken).where(ApiToken.token_hash == presented)).first()
+    if token is not None and same_hash(token.token_hash, presented):
+        if token.revoked:
+            raise NotAuthenticated("this API token has been revoked")
+        return Principal(name=token.name, role=token.role)
+    device = session.scalars(select(Device).where(Device.credential_hash == presented)).first()
+    if device is not None and same_hash(device.credential_hash, presented):
+        return Principal(name=device.id, device_id=device.id)
+    raise NotAuthenticated("unknown bearer token")
+
+
+def bootstrap_admin_token(session: Session, settings: FleetSettings) -> str | None:
+    """Make sure the server has an admin token; return its plain text only when one was just created.
+
+    With EDGEPACK_ADMIN_TOKEN (`settings.admin_token`) that token is registered (and a previous
+    environment token revoked, so rotating the variable retires the old one); nothing is written to disk.
+    Otherwise the token in `data_dir/admin.token` is kept while the database knows it; if not, a new one
+    is generated, its hash stored, and the plain token written to that file with mode 0600. The caller
+    (the CLI) prints a returned token once. Commits.
+    """
+    if settings.admin_token is not None:
+        wanted = hash_secret(settings.admin_token.get_secret_value())
+        for row in session.scalars(select(ApiToken).where(ApiToken.name == ENV_TOKEN_NAME, ApiToken.revoked.is_(False))):
+            if not same_hash(row.token_hash, wanted):
+                row.revoked = True
+        existing = session.scalars(select(ApiToken).where(ApiToken.token_hash == wanted)).first()
+        if existing is None:
+            session.add(ApiToken(name=ENV_TOKEN_NAME, role="admin", token_hash=wanted))
+        elif existing.revoked or existing.role != "admin":
+            existing.revoked, existing.role = False, "admin"
+        session.commit()
+        return None
+
+    token_file = settings.admin_token_file
+    if token_file.is_file():
+        stored = token_file.read_text(encoding="utf-8").strip()
+        row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_secret(stored))).first()
+        if row is not None and not row.revoked and row.role == "admin":
+            return None
+    plain = new_secret(API_TOKEN_PREFIX)
+    session.add(ApiToken(name=BOOTSTRAP_TOKEN_NAME, role="admin", token_hash=hash_secret(plain)))
+    session.flush()
+    _write_private(token_file, plain + "\n")
+    session.commit()
+    log.info("created an admin token; it is in %s", token_file)
+    return plain
+
+
+def _write_private(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            fd = -1
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# FastAPI dependencies
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _bearer_secret(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise NotAuthenticated("missing bearer token (send 'Authorization: Bearer TOKEN')")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise NotAuthenticated("malformed Authorization header (expected 'Bearer TOKEN')")
+    return secret
+
+
+def current_principal(request: Request, session: SessionDep) -> Principal:
+    return authenticate(session, _bearer_secret(request))
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+
+def requires(role: Role) -> Callable[[Principal], Principal]:
+    def dependency(principal: PrincipalDep) -> Principal:
+        return principal.require_role(role)
+
+    dependency.__name__ = f"requires_{role}"
+    return dependency
+
+
+def _device_principal(principal: PrincipalDep) -> Principal:
+    return principal.require_device()
+
+
+def _viewer_or_device(principal: PrincipalDep) -> Principal:
+    return principal if principal.is_device else principal.require_role("viewer")
+
+
+ViewerDep = Annotated[Principal, Depends(requires("viewer"))]
+OperatorDep = Annotated[Principal, Depends(requires("operator"))]
+AdminDep = Annotated[Principal, Depends(requires("admin"))]
+DeviceDep = Annotated[Principal, Depends(_device_principal)]
+ViewerOrDeviceDep = Annotated[Principal, Depends(_viewer_or_device)]
+
+__all__ = [
+    "API_TOKEN_PREFIX",
+    "AdminDep",
+    "DEVICE_CREDENTIAL_PREFIX",
+    "DeviceDep",
+    "ENROLLMENT_TOKEN_PREFIX",
+    "OperatorDep",
+    "Principal",
+    "PrincipalDep",
+    "ROLES",
+    "Role",
+    "SessionDep",
+    "ViewerDep",
+    "ViewerOrDeviceDep",
+    "authenticate",
+    "bootstrap_admin_token",
+    "hash_secret",
+    "new_secret",
+    "role_rank",
+]

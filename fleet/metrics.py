@@ -1,0 +1,90 @@
+"""Prometheus metrics of the fleet server, all in one registry that `/metrics` exposes.
+
+Other modules count through the objects here (`fleet.metrics.MQTT_MALFORMED.inc()`), or add their own
+with `registry=REGISTRY`. Creating a metric object has no side effect beyond this registry, so importing
+the module is cheap and safe. Gauges that describe the database (devices online, rollouts by status) are
+computed per scrape by `fleet.api.system`, not kept here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    "edgepack_http_requests",
+    "HTTP requests served, by method, route template and status code.",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "edgepack_http_request_seconds",
+    "Time to the start of the response, by route template.",
+    ["route"],
+    registry=REGISTRY,
+)
+BUNDLES_UPLOADED = Counter(
+    "edgepack_bundles_uploaded",
+    "Bundle uploads accepted (a re-upload of a stored bundle counts too).",
+    registry=REGISTRY,
+)
+BUNDLES_REFUSED = Counter(
+    "edgepack_bundles_refused",
+    "Bundle uploads refused, by the error class that refused them.",
+    ["reason"],
+    registry=REGISTRY,
+)
+BUNDLE_BYTES_SERVED = Counter(
+    "edgepack_bundle_bytes_served",
+    "Bytes of bundle downloads sent (ranges count what was sent).",
+    registry=REGISTRY,
+)
+ENROLLMENTS = Counter(
+    "edgepack_enrollments",
+    "Device enrollments, by result (enrolled, reenrolled, refused).",
+    ["result"],
+    registry=REGISTRY,
+)
+DEVICE_STATUS_HTTP = Counter(
+    "edgepack_device_status_http",
+    "Device status reports received over HTTP.",
+    registry=REGISTRY,
+)
+MQTT_MALFORMED = Counter(
+    "edgepack_mqtt_malformed_messages",
+    "MQTT messages dropped because they were malformed, oversized, of an unknown schema or on a bad topic.",
+    registry=REGISTRY,
+)
+MQTT_MESSAGES = Counter(
+    "edgepack_mqtt_messages",
+    "MQTT messages received from devices and handled, by kind (status, telemetry).",
+    ["kind"],
+    registry=REGISTRY,
+)
+DESIRED_PUBLISHED = Counter(
+    "edgepack_desired_states_published",
+    "Desired states published to devices.",
+    registry=REGISTRY,
+)
+ROLLOUT_DECISIONS = Counter(
+    "edgepack_rollout_decisions",
+    "Wave decisions taken, by decision (promote, hold, rollback).",
+    ["decision"],
+    registry=REGISTRY,
+)
+
+__all__ = [
+    "BUNDLES_REFUSED",
+    "BUNDLES_UPLOADED",
+    "BUNDLE_BYTES_SERVED",
+    "DESIRED_PUBLISHED",
+    "DEVICE_STATUS_HTTP",
+    "ENROLLMENTS",
+    "HTTP_REQUESTS",
+    "HTTP_REQUEST_SECONDS",
+    "MQTT_MALFORMED",
+    "MQTT_MESSAGES",
+    "REGISTRY",
+    "ROLLOUT_DECISIONS",
+]

@@ -41,12 +41,15 @@ def _root(
 
 def _register() -> None:
     # Imported here so each command module stays independent; none imports heavy backends at import time.
-    from edgepack.cli import build, bundle, keys, profiles
+    from edgepack.cli import build, bundle, devices, fleet, keys, profiles, rollout
 
     app.command("build")(build.build)
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(keys.app, name="keys")
     app.add_typer(bundle.app, name="bundle")
+    app.add_typer(fleet.app, name="fleet")
+    app.add_typer(devices.app, name="devices")
+    app.add_typer(rollout.app, name="rollout")
 
 
 _register()

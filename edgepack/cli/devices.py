@@ -1,0 +1,73 @@
+"""`edgepack devices list|enroll-token`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgepack.cli.fleet import TOKEN, URL
+from edgepack.errors import ConfigError
+
+app = typer.Typer(help="Enrolled devices and enrollment tokens.", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"labels must look like k=v,k2=v2, got {part!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@app.command("list")
+def list_devices(
+    selector: Optional[str] = typer.Option(None, "--selector", "-l", help="Label selector k=v,k2=v2."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Only devices of this hardware profile."),
+    json_output: bool = typer.Option(False, "--json"),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Devices with their profile, labels, active bundle and last status."""
+    from edgepack.cli._client import FleetClient
+
+    params = {k: v for k, v in (("selector", selector), ("profile", profile)) if v}
+    devices = FleetClient(fleet_url, token).request("GET", "/devices", params=params)
+    if json_output:
+        sys.stdout.write(json.dumps(devices, indent=2) + "\n")
+        return
+    table = Table(title=f"{len(devices)} devices", title_justify="left")
+    for column in ("device", "profile", "labels", "online", "phase", "bundle", "last seen"):
+        table.add_column(column)
+    for d in devices:
+        labels = ",".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))
+        table.add_row(d["id"], d.get("profile", ""), labels, "yes" if d.get("online") else "no", d.get("phase") or "",
+                      (d.get("current_bundle_id") or "")[:12], str(d.get("last_seen") or ""))
+    console.print(table)
+
+
+@app.command("enroll-token")
+def enroll_token(
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels the enrolled devices get, k=v,k2=v2."),
+    uses: int = typer.Option(1, "--uses", min=1, help="How many devices may enroll with it."),
+    ttl: float = typer.Option(86400, "--ttl", help="Seconds until it expires."),
+    json_output: bool = typer.Option(False, "--json"),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Create an enrollment token; an agent presents it once and gets its own device credential."""
+    from edgepack.cli._client import FleetClient
+
+    created = FleetClient(fleet_url, token).request(
+        "POST", "/devices/enrollment-tokens", json={"labels": parse_labels(labels), "uses": uses, "ttl_s": ttl})
+    if json_output:
+        sys.stdout.write(json.dumps(created, indent=2) + "\n")
+    else:
+        sys.stdout.write(created["token"] + "\n")

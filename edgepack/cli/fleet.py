@@ -1,0 +1,107 @@
+"""`edgepack fleet serve|push`: run the fleet server, upload a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from edgepack.errors import ConfigError
+
+app = typer.Typer(help="Run the fleet server; upload bundles to it.", no_args_is_help=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+URL = typer.Option(None, "--fleet-url", help="Fleet URL (default $EDGEPACK_FLEET_URL or http://127.0.0.1:8080).")
+TOKEN = typer.Option(None, "--token", help="API token (default $EDGEPACK_TOKEN).")
+
+
+def _default_trusted_keys() -> list[Path]:
+    """Keys a laptop demo signs with: ./keys/edgepack.pub and the development key `edgepack build` creates."""
+    from edgepack.signing import dev_key_path
+
+    candidates = [Path("keys/edgepack.pub"), dev_key_path().with_suffix(".pub")]
+    return [path for path in candidates if path.is_file()]
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="HTTP port."),
+    data_dir: Path = typer.Option(Path("fleet-data"), "--data-dir", help="SQLite database, bundle store, admin.token."),
+    db_url: Optional[str] = typer.Option(None, "--db-url", help="Database URL (postgresql://…); default SQLite in the data dir."),
+    mqtt_url: Optional[str] = typer.Option(None, "--mqtt-url", help="Broker URL (mqtt://host:1883); default an embedded broker."),
+    mqtt_port: int = typer.Option(1883, "--embedded-mqtt-port", help="Port of the embedded broker when no --mqtt-url."),
+    public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
+) -> None:
+    """Run the fleet server: API, rollout controller and MQTT bridge (with an embedded broker if no --mqtt-url)."""
+    import uvicorn
+
+    from fleet.app import create_app, prepare
+    from fleet.db import make_engine
+    from fleet.embedded_broker import EmbeddedBroker
+    from fleet.mqtt_bridge import lifespan_hook
+    from fleet.settings import FleetSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = list(trusted_key or [])
+    if not keys and not os.environ.get("EDGEPACK_TRUSTED_KEYS"):
+        keys = _default_trusted_keys()
+    for key in keys:
+        if not key.is_file():
+            raise ConfigError(f"trusted key {key} does not exist")
+    broker = None
+    if not mqtt_url and not os.environ.get("EDGEPACK_MQTT_URL"):
+        broker = EmbeddedBroker(host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0", port=mqtt_port).start()
+        mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
+        console.print(f"embedded MQTT broker on {broker.host}:{mqtt_port} (use --mqtt-url for Mosquitto)")
+    overrides = {"host": host, "port": port, "data_dir": data_dir}
+    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url or f"http://{host}:{port}")):
+        if value:
+            overrides[name] = value
+    if keys:
+        overrides["trusted_keys"] = [key.resolve() for key in keys]
+    settings = FleetSettings.from_env(**overrides)
+    if not settings.trusted_keys:
+        console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
+    engine = make_engine(settings.database_url)
+    new_token = prepare(settings, engine)
+    if new_token:
+        console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
+    console.print(f"fleet on http://{host}:{port}  database {settings.database_url.split('@')[-1]}  mqtt {settings.mqtt_url}  "
+                  f"trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
+    api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
+    try:
+        uvicorn.run(api, host=host, port=port, log_level="warning")
+    finally:
+        engine.dispose()
+        if broker:
+            broker.stop()
+
+
+@app.command("push")
+def push(
+    bundle: Path = typer.Argument(..., help="The .edgepack file to upload."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Also promote to staging or production."),
+    json_output: bool = typer.Option(False, "--json", help="Print the stored bundle as JSON."),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Upload a bundle; the fleet verifies its signature, hashes and members before storing it."""
+    from edgepack.cli._client import FleetClient
+
+    client = FleetClient(fleet_url, token)
+    stored = client.upload(bundle)
+    if stage:
+        stored = client.request("POST", f"/bundles/{stored['id']}/promote", json={"stage": stage})
+    if json_output:
+        sys.stdout.write(json.dumps(stored, indent=2) + "\n")
+    else:
+        console.print(f"stored {stored['name']} {stored['version']} for {stored['profile']}: {stored['id']}"
+                      + (f" (stage {stored.get('stage')})" if stored.get("stage") else ""))

@@ -1,0 +1,173 @@
+"""`edgepack rollout start|status|list|pause|resume|abort|rollback`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from edgepack.cli.fleet import TOKEN, URL
+from edgepack.errors import ConfigError
+
+app = typer.Typer(help="Roll a bundle out in percentage waves; follow, pause, abort or roll back.", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+FINAL = {"succeeded", "rolled_back", "aborted", "failed"}
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1h', '90' (seconds) → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 30s, 5m, 1h")
+    value, unit = float(match[1]), match[2] or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def parse_waves(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"invalid waves {text!r}: use e.g. 10,50,100") from None
+
+
+def render(status: dict[str, Any]) -> Group:
+    bundle = status.get("bundle", {})
+    head = Table.grid(padding=(0, 2))
+    head.add_row("rollout", status["id"], "status", f"[bold]{status['status']}[/bold]")
+    head.add_row("bundle", f"{bundle.get('name', '')} {bundle.get('version', '')} ({bundle.get('id', '')[:12]})",
+                 "gates", ", ".join(status.get("gates", [])))
+    waves = Table(title="waves", title_justify="left")
+    for column in ("#", "percent", "members", "state", "phases", "decision"):
+        waves.add_column(column)
+    for wave in status.get("waves", []):
+        phases = ", ".join(f"{k} {v}" for k, v in wave.get("counts", {}).items())
+        waves.add_row(str(wave["index"]), f"{wave['percent']:g}%", str(wave["members"]), wave["state"], phases, wave.get("decision") or "")
+    decisions = Table(title="decisions", title_justify="left")
+    for column in ("wave", "decision", "by", "evidence"):
+        decisions.add_column(column)
+    for d in status.get("decisions", []):
+        evidence = d.get("evidence", {})
+        decisions.add_row(str(d["wave"]), d["decision"], d.get("actor", ""), evidence.get("reason") or json.dumps(evidence)[:120])
+    members = Table(title="members", title_justify="left")
+    for column in ("device", "profile", "wave", "phase", "error"):
+        members.add_column(column)
+    for m in status.get("members", []):
+        members.add_row(m["device_id"], m.get("profile", ""), str(m["wave"]), m["phase"], m.get("error") or "")
+    return Group(head, waves, decisions, members)
+
+
+@app.command("start")
+def start(
+    bundle: str = typer.Argument(..., help="Bundle id (or 8+ hex prefix), or a path to a .edgepack to upload first."),
+    selector: Optional[str] = typer.Option(None, "--selector", "-l", help="Target devices by label, k=v,k2=v2."),
+    waves: str = typer.Option("1,10,50,100", "--waves", help="Cumulative percentages."),
+    gate: Optional[list[str]] = typer.Option(None, "--gate", help="Gate, e.g. 'install_failure_ratio<=0.1' (repeatable)."),
+    bake: str = typer.Option("30s", "--bake", help="Time each wave bakes before its decision."),
+    min_reports: int = typer.Option(1, "--min-reports", help="Devices that must report before a decision."),
+    install_timeout: str = typer.Option("5m", "--install-timeout", help="A device that has not installed by then counts as timed out."),
+    json_output: bool = typer.Option(False, "--json"),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Start a rollout of a bundle (its release: same name and version for each profile) to matching devices."""
+    from edgepack.cli._client import FleetClient
+    from edgepack.cli.devices import parse_labels
+
+    client = FleetClient(fleet_url, token)
+    bundle_id = bundle
+    if bundle.endswith(".edgepack") or Path(bundle).is_file():
+        bundle_id = client.upload(Path(bundle))["id"]
+    body = {"bundle_id": bundle_id, "selector": parse_labels(selector), "waves": parse_waves(waves), "gates": list(gate or []),
+            "bake_s": parse_duration(bake), "min_reports": min_reports, "install_timeout_s": parse_duration(install_timeout)}
+    status = client.request("POST", "/rollouts", json=body)
+    if json_output:
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
+    else:
+        console.print(f"rollout {status['id']} started: {status.get('members_total', 0)} devices in waves "
+                      + ",".join(f"{w:g}" for w in status["waves"]) + f"%  (follow with `edgepack rollout status {status['id']} --watch`)")
+
+
+@app.command("status")
+def status(
+    rollout_id: str = typer.Argument(..., help="Rollout id."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow it live until it ends."),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes with --watch."),
+    json_output: bool = typer.Option(False, "--json"),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Waves, members and decisions with their evidence."""
+    from edgepack.cli._client import FleetClient
+
+    client = FleetClient(fleet_url, token)
+    current = client.request("GET", f"/rollouts/{rollout_id}")
+    if json_output and not watch:
+        sys.stdout.write(json.dumps(current, indent=2) + "\n")
+        return
+    if not watch:
+        console.print(render(current))
+        return
+    with Live(render(current), console=console, refresh_per_second=4) as live:
+        while current["status"] not in FINAL:
+            time.sleep(interval)
+            current = client.request("GET", f"/rollouts/{rollout_id}")
+            live.update(render(current))
+    if json_output:
+        sys.stdout.write(json.dumps(current, indent=2) + "\n")
+    raise typer.Exit(0 if current["status"] == "succeeded" else 1)
+
+
+@app.command("list")
+def list_rollouts(
+    json_output: bool = typer.Option(False, "--json"),
+    fleet_url: Optional[str] = URL,
+    token: Optional[str] = TOKEN,
+) -> None:
+    """Every rollout, newest first."""
+    from edgepack.cli._client import FleetClient
+
+    rollouts = FleetClient(fleet_url, token).request("GET", "/rollouts")
+    if json_output:
+        sys.stdout.write(json.dumps(rollouts, indent=2) + "\n")
+        return
+    table = Table(title=f"{len(rollouts)} rollouts", title_justify="left")
+    for column in ("id", "status", "bundle", "waves", "wave", "members"):
+        table.add_column(column)
+    for r in rollouts:
+        b = r.get("bundle", {})
+        table.add_row(r["id"], r["status"], f"{b.get('name', '')} {b.get('version', '')}", ",".join(f"{w:g}" for w in r["waves"]),
+                      str(r["current_wave"]), str(r.get("members_total", "")))
+    console.print(table)
+
+
+def _action(name: str):
+    def command(
+        rollout_id: str = typer.Argument(..., help="Rollout id."),
+        json_output: bool = typer.Option(False, "--json"),
+        fleet_url: Optional[str] = URL,
+        token: Optional[str] = TOKEN,
+    ) -> None:
+        from edgepack.cli._client import FleetClient
+
+        result = FleetClient(fleet_url, token).request("POST", f"/rollouts/{rollout_id}/{name}")
+        if json_output:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        else:
+            console.print(f"rollout {rollout_id}: {result['status']}")
+
+    command.__doc__ = {"pause": "Stop starting new waves (installs in flight finish).", "resume": "Continue a paused rollout.",
+                       "abort": "Stop the rollout where it is; devices keep what they run.",
+                       "rollback": "Send every device the rollout touched back to its previous bundle."}[name]
+    return command
+
+
+for _name in ("pause", "resume", "abort", "rollback"):
+    app.command(_name)(_action(_name))

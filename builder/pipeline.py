@@ -248,12 +248,19 @@ class Builder:
 
     def _on_accelerator(self, candidate: Candidate) -> bool:
         """Whether a candidate runs on the accelerator the profile's performance model describes."""
-        if not self.profile.accelerators:
-            return True
         preferred = self.profile.runtimes[0]
+        # The performance model describes the device the preferred runtime uses: an accelerator for
+        # TensorRT, the Edge TPU delegate or OpenVINO on a GPU/NPU first; otherwise the CPU, and then it
+        # describes every CPU runtime alike.
+        targets_accelerator = bool(self.profile.accelerators) and (
+            preferred.name == "tensorrt"
+            or (preferred.name == "tflite" and "edgetpu" in preferred.delegates)
+            or (preferred.name == "openvino" and bool(preferred.devices) and preferred.devices[0] in ("GPU", "NPU")))
+        if not targets_accelerator:
+            return True
         if candidate.runtime != preferred.name:
             return False
-        if candidate.runtime == "tflite" and "edgetpu" in preferred.delegates:
+        if candidate.runtime == "tflite":
             return "edgetpu" in candidate.info  # only the full-integer model the Edge TPU compiler maps
         return True
 

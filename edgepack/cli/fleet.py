@@ -62,7 +62,9 @@ def serve(
         mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
         console.print(f"embedded MQTT broker on {broker.host}:{mqtt_port} (use --mqtt-url for Mosquitto)")
     overrides = {"host": host, "port": port, "data_dir": data_dir}
-    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url or f"http://{host}:{port}")):
+    if not public_url and not os.environ.get("EDGEPACK_PUBLIC_URL") and host not in ("0.0.0.0", "::", ""):
+        public_url = f"http://{host}:{port}"  # on a wildcard address download URLs stay relative to the fleet URL
+    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url)):
         if value:
             overrides[name] = value
     if keys:

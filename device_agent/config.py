@@ -1,0 +1,173 @@
+"""The device agent's config file (`agent.yaml`), validated before the agent touches anything.
+
+    device_id: cam-017                         # letters, digits, '.', '_', '-'; used in MQTT topics
+    profile: rpi4                              # hardware profile name (or one of its aliases)
+    fleet_url: http://fleet.local:8000         # enrollment, bundle downloads
+    mqtt_url: mqtt://fleet.local:1883          # mqtts:// for TLS; user:password@ in the URL if the broker wants them
+    enrollment_token: et_…                     # first start only; the credential it buys is kept in state_dir
+    state_dir: /var/lib/edgepack-agent
+    trusted_keys: [/etc/edgepack/edgepack.pub]
+    labels: {site: lab, line: "3"}
+    serve: {host: 127.0.0.1, port: 8700}
+    download: {chunk_bytes: 1048576, retries: 5, backoff_s: 0.5, timeout_s: 30, retry_interval_s: 30}
+    selftest_timeout_s: 60
+
+Relative paths are relative to the config file's folder. Every problem is one `ConfigError` line
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgepack.errors import ConfigError, ProtocolError
+from edgepack.protocol import validate_device_id
+
+
+class ServeConfig(BaseModel):
+    """Where the agent serves inference (issue 5); loopback by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535, description="0 picks a free port.")
+
+
+class DownloadConfig(BaseModel):
+    """How bundles are fetched: chunk size, retries with exponential backoff, and the retry cadence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_bytes: int = Field(default=1 << 20, gt=0, le=64 << 20)
+    retries: int = Field(default=5, ge=0, description="Failures in a row without progress before giving up this try.")
+    backoff_s: float = Field(default=0.5, ge=0, description="First wait between retries; doubles each time.")
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout of one HTTP request.")
+    retry_interval_s: float = Field(default=30.0, ge=0,
+                                    description="After a try gave up on the network, try the same desired state again this much later.")
+
+
+class AgentConfig(BaseModel):
+    """Everything the agent needs to know about itself; `AgentConfig.from_yaml(path)` reads it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str
+    profile: str = Field(min_length=1)
+    fleet_url: str
+    mqtt_url: str
+    enrollment_token: str | None = None
+    state_dir: Path
+    trusted_keys: list[Path] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+    serve: ServeConfig = ServeConfig()
+    download: DownloadConfig = DownloadConfig()
+    selftest_timeout_s: float = Field(default=60.0, gt=0)
+    selftest_isolation: Literal["process", "thread"] = Field(
+        default="process",
+        description="process: a child process that can be killed on timeout and cannot crash the agent; "
+                    "thread: in-process (cheaper, for simulated fleets).")
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    report_status_over_http: bool = Field(default=False,
+                                          description="Also POST every status to {fleet_url}/api/v1/devices/{id}/status.")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("fleet_url")
+    @classmethod
+    def _fleet_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError("must be an mqtt:// or mqtts:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key or any(ch in key for ch in "=,"):
+                raise ValueError(f"label key {key!r} must be non-empty without '=' or ','")
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "AgentConfig":
+        """Read and validate `path`; relative paths resolve against its folder."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"agent config not found: {path}", path=path) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read agent config {path}: {getattr(exc, 'strerror', None) or exc}", path=path) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}", path=path) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings", path=path)
+        return cls.from_mapping(data, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict, *, base_dir: Path | None = None, source: str = "agent config") -> "AgentConfig":
+        """Validate an already parsed mapping (tests and simulated fleets build configs this way)."""
+        data = dict(data)
+        # YAML reads `line: 3` as an int; labels are strings on the wire, so accept scalars and say so nowhere.
+        if isinstance(data.get("labels"), dict):
+            data["labels"] = {str(k): v if isinstance(v, str) else _scalar_label(v) for k, v in data["labels"].items()}
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "<root>"
+            message = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{source}: {where}: {message}", field=where) from None
+        if base_dir is not None:
+            config = config.model_copy(update={
+                "state_dir": _resolve(base_dir, config.state_dir),
+                "trusted_keys": [_resolve(base_dir, key) for key in config.trusted_keys],
+            })
+        return config
+
+    def load_trusted_keys(self) -> list:
+        """The trusted Ed25519 public keys (ConfigError naming a missing or malformed one)."""
+        from edgepack.signing import load_public_key
+
+        return [load_public_key(path) for path in self.trusted_keys]
+
+
+def _scalar_label(value: object) -> object:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value  # not a scalar: let validation name the field
+
+
+def _resolve(base_dir: Path, path: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()

@@ -1,0 +1,224 @@
+"""Fetch a bundle over HTTP into `downloads/<id>.part`, resuming with `Range` after any interruption.
+
+The `.part` file only ever holds a prefix of the bundle, so after a dropped connection, a timeout or
+an agent restart the next try asks for `Range: bytes=<size of .part>-` and appends. A 206 whose
+Content-Range does not start where the file ends, or a 200 (the server ignored Range), restarts from
+zero. At the end the size and sha256 must equal the BundleRef's; only then is the file renamed to
+`<id>.edgepack`. Failures that made no progress are retried `retries` times with exponential backoff;
+any progress resets that count, so a slow, flaky link still gets there.
+
+Errors: `DownloadError` (retryable: the network or the server is at fault) and
+`DownloadRefused` (permanent: 4xx, a size or hash mismatch twice, a bigger body than announced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+from edgepack.protocol import BundleRef
+
+from device_agent.fleet_api import FleetClient
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE_PREFIX = "bytes "
+
+
+class DownloadError(EdgepackError):
+    """A download did not complete for a reason worth retrying later (network, server error)."""
+
+    exit_code = 1
+
+
+class DownloadRefused(DownloadError):
+    """A download that retrying will not fix: refused by the server, or content that does not match."""
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    chunk_bytes: int = 1 << 20
+    retries: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    path: Path
+    bytes_fetched: int  # over the network in this call (less than the size when resumed)
+    resumed_from: int
+    requests: int
+
+
+class Downloader:
+    """Downloads bundles for one device into `downloads_dir`."""
+
+    def __init__(self, downloads_dir: Path, client: FleetClient, settings: DownloadSettings = DownloadSettings(), *,
+                 should_stop: Callable[[], bool] = lambda: False, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.downloads_dir = Path(downloads_dir)
+        self.client = client
+        self.settings = settings
+        self.should_stop = should_stop
+        self._sleep = sleep
+
+    def part_path(self, ref: BundleRef) -> Path:
+        return self.downloads_dir / f"{ref.id}.part"
+
+    def final_path(self, ref: BundleRef) -> Path:
+        return self.downloads_dir / f"{ref.id}.edgepack"
+
+    def fetch(self, ref: BundleRef, progress: Callable[[int, int], None] | None = None) -> DownloadResult:
+        """Return the complete, hash-checked bundle file for `ref`, downloading what is missing."""
+        final = self.final_path(ref)
+        if final.is_file() and _file_digest(final) == (ref.size, ref.sha256):
+            return DownloadResult(final, 0, ref.size, 0)
+        final.unlink(missing_ok=True)
+
+        url = self.client.resolve(ref.url)
+        part = self.part_path(ref)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        started_size = part.stat().st_size if part.exists() else 0
+        fetched = requests = failures = mismatches = 0
+        delay = self.settings.backoff_s
+        while True:
+            if self.should_stop():
+                raise DownloadError(f"download of bundle {ref.id[:12]} interrupted: agent stopping", bundle_id=ref.id)
+            have = part.stat().st_size if part.exists() else 0
+            if have > ref.size:
+                log.warning("%s is larger than the announced %d bytes; starting over", part.name, ref.size)
+                part.unlink()
+                have = 0
+            if have == ref.size:
+                if _file_digest(part) == (ref.size, ref.sha256):
+                    os.replace(part, final)
+                    return DownloadResult(final, fetched, started_size, requests)
+                part.unlink()
+                mismatches += 1
+                if mismatches >= 2:
+                    raise DownloadRefused(f"bundle {ref.id[:12]}: downloaded content does not match the announced sha256 "
+                                          "(twice); the fleet's copy or its BundleRef is wrong", bundle_id=ref.id)
+                log.warning("bundle %s: sha256 mismatch after download; fetching it again from the start", ref.id[:12])
+                continue
+            requests += 1
+            try:
+                gained = self._fetch_range(url, part, have, ref, progress)
+            except DownloadRefused:
+                raise
+            except (DownloadError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                gained = part.stat().st_size - have if part.exists() else 0
+                fetched += max(gained, 0)
+                if gained > 0:
+                    failures, delay = 0, self.settings.backoff_s
+                failures += 1
+                if failures > self.settings.retries:
+                    raise DownloadError(f"download of bundle {ref.id[:12]} from {url} failed: {_reason(exc)} "
+                                        f"({failures} tries without progress)", bundle_id=ref.id) from None
+                log.info("download of %s interrupted at %d/%d bytes (%s); retrying in %.1f s",
+                         ref.id[:12], have + max(gained, 0), ref.size, _reason(exc), delay)
+                self._sleep(delay)
+                delay = min(max(delay * 2, 0.05), self.settings.max_backoff_s)
+                continue
+            fetched += gained
+            failures, delay = 0, self.settings.backoff_s
+
+    def _fetch_range(self, url: str, part: Path, have: int, ref: BundleRef,
+                     progress: Callable[[int, int], None] | None) -> int:
+        headers = self.client.headers_for(url)
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=self.settings.timeout_s)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:
+                # The server thinks our prefix is past its end: our .part cannot belong to this file.
+                log.warning("server answered 416 for %s at %d bytes; starting over", ref.id[:12], have)
+                part.unlink(missing_ok=True)
+                raise DownloadError("range not satisfiable; restarting") from None
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                raise DownloadRefused(f"download of bundle {ref.id[:12]} refused: HTTP {exc.code} {exc.reason} ({url})",
+                                      bundle_id=ref.id) from None
+            raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+        with response:
+            mode = "ab"
+            if have and response.status == 206:
+                start = _content_range_start(response.headers.get("Content-Range"))
+                if start != have:
+                    log.warning("server resumed %s at byte %s, not %d; starting over", ref.id[:12], start, have)
+                    part.unlink(missing_ok=True)
+                    raise DownloadError("unexpected Content-Range; restarting")
+            elif response.status == 200:
+                if have:
+                    log.info("server ignored Range for %s; downloading from the start", ref.id[:12])
+                mode = "wb"
+                have = 0
+            else:
+                raise DownloadError(f"unexpected HTTP {response.status}")
+            written = 0
+            with open(part, mode) as out:
+                try:
+                    while True:
+                        if self.should_stop():
+                            raise DownloadError("agent stopping")
+                        chunk = response.read(self.settings.chunk_bytes)
+                        if not chunk:
+                            break
+                        if have + written + len(chunk) > ref.size:
+                            out.truncate(0)
+                            raise DownloadRefused(f"bundle {ref.id[:12]}: the server sent more than the announced "
+                                                  f"{ref.size} bytes", bundle_id=ref.id)
+                        out.write(chunk)
+                        written += len(chunk)
+                        if progress is not None:
+                            progress(have + written, ref.size)
+                finally:
+                    out.flush()
+                    os.fsync(out.fileno())
+        if have + written < ref.size:
+            raise DownloadError(f"connection ended at {have + written} of {ref.size} bytes")
+        return written
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes 100-999/1000"
+    if not value or not value.startswith(_CONTENT_RANGE_PREFIX):
+        return None
+    try:
+        return int(value[len(_CONTENT_RANGE_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed after {len(exc.partial)} more bytes"
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["DownloadError", "DownloadRefused", "DownloadResult", "DownloadSettings", "Downloader"]

@@ -1,0 +1,139 @@
+"""The few fleet HTTP routes the agent calls, over the standard library (no HTTP client dependency).
+
+    POST {fleet_url}/api/v1/devices/enroll          {device_id, profile, labels, token} → {device_id, credential}
+    GET  {fleet_url}/api/v1/bundles/{id}/download   Authorization: Bearer <credential>, Range: bytes=N-
+    POST {fleet_url}/api/v1/devices/{id}/status     a DeviceStatus (optional; MQTT is the main channel)
+
+Bundle URLs in a desired state may be relative to the fleet URL. The device credential is only ever
+sent to the fleet's own origin, never to a third-party URL a desired state names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from edgepack import __version__
+from edgepack.errors import ConfigError, EdgepackError
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"edgepack-agent/{__version__}"
+_MAX_JSON_RESPONSE = 1 << 20
+
+
+class EnrollmentError(EdgepackError):
+    """The fleet could not be reached to enroll (retryable; a refusal is a ConfigError)."""
+
+    exit_code = 1
+
+
+class FleetClient:
+    """Fleet URLs and credentials for one device."""
+
+    def __init__(self, fleet_url: str, device_id: str, *, credential: str | None = None, timeout_s: float = 30.0) -> None:
+        self.fleet_url = fleet_url.rstrip("/")
+        self.device_id = device_id
+        self.credential = credential
+        self.timeout_s = timeout_s
+        parts = urlsplit(self.fleet_url)
+        self._origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    def resolve(self, url: str) -> str:
+        """An absolute URL for `url`; a relative one is appended to the fleet URL (keeping its path prefix)."""
+        if urlsplit(url).scheme:
+            return url
+        return self.fleet_url + (url if url.startswith("/") else "/" + url)
+
+    def same_origin(self, url: str) -> bool:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return (parts.scheme, parts.hostname, port) == self._origin
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT}
+        if self.credential and self.same_origin(url):
+            headers["Authorization"] = f"Bearer {self.credential}"
+        return headers
+
+    def enroll(self, *, profile: str, labels: dict[str, str], token: str) -> str:
+        """Present the one-time enrollment token; return the device credential.
+
+        A refusal (4xx) is a ConfigError naming the status and the fleet's reason; an unreachable
+        fleet or a 5xx is an EnrollmentError the caller may retry.
+        """
+        url = f"{self.fleet_url}/api/v1/devices/enroll"
+        body = {"device_id": self.device_id, "profile": profile, "labels": labels, "token": token}
+        try:
+            document = self._post_json(url, body, authorized=False)
+        except urllib.error.HTTPError as exc:
+            reason = _error_detail(exc)
+            if 400 <= exc.code < 500:
+                raise ConfigError(f"enrollment refused by {self.fleet_url}: HTTP {exc.code} {reason}",
+                                  device_id=self.device_id) from None
+            raise EnrollmentError(f"enrollment failed at {self.fleet_url}: HTTP {exc.code} {reason}",
+                                  device_id=self.device_id) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise EnrollmentError(f"cannot reach the fleet at {self.fleet_url} to enroll: {_reason(exc)}",
+                                  device_id=self.device_id) from None
+        credential = document.get("credential") if isinstance(document, dict) else None
+        if not isinstance(credential, str) or not credential:
+            raise EnrollmentError(f"enrollment answer from {self.fleet_url} has no credential", device_id=self.device_id)
+        return credential
+
+    def post_status(self, payload: bytes) -> None:
+        """Best effort: log and drop on any failure (MQTT carries the same status)."""
+        url = f"{self.fleet_url}/api/v1/devices/{self.device_id}/status"
+        request = urllib.request.Request(url, data=payload, method="POST",
+                                         headers={**self.headers_for(url), "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                response.read(_MAX_JSON_RESPONSE)
+        except (urllib.error.URLError, OSError) as exc:
+            log.info("status over HTTP not delivered: %s", _reason(exc))
+
+    def _post_json(self, url: str, body: dict, *, authorized: bool = True) -> object:
+        headers = self.headers_for(url) if authorized else {"User-Agent": USER_AGENT}
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={**headers, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            return json.loads(response.read(_MAX_JSON_RESPONSE))
+
+
+def enroll_until_done(client: FleetClient, *, profile: str, labels: dict[str, str], token: str,
+                      should_stop: Callable[[], bool], backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> str | None:
+    """Retry enrollment while the fleet is unreachable; None when stopped first. Refusals raise."""
+    delay = backoff_s
+    while not should_stop():
+        try:
+            return client.enroll(profile=profile, labels=labels, token=token)
+        except EnrollmentError as exc:
+            log.warning("%s; retrying in %.1f s", exc, delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(min(0.1, delay))
+            delay = min(max(delay * 2, 0.1), max_backoff_s)
+    return None
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = exc.read(4096)
+        document = json.loads(body)
+        detail = document.get("detail") if isinstance(document, dict) else None
+        if detail:
+            return str(detail)[:200]
+        return body.decode(errors="replace")[:200]
+    except (ValueError, OSError):
+        return exc.reason if isinstance(exc.reason, str) else ""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__

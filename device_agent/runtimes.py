@@ -1,0 +1,263 @@
+"""Runtime adapters: load an installed bundle's model into the runtime its manifest names.
+
+    adapter = adapter_for(manifest["runtime"])       # RuntimeUnavailable when this device cannot run it
+    session = adapter.load(slot_dir, manifest)        # a ModelSession
+    outputs = session.run({"input": array})           # {output name: array}
+
+Adapters register themselves by subclassing `RuntimeAdapter` with a `runtimes` tuple (the manifest
+`runtime` values they serve), and import their backend inside `load`, so an agent without a backend
+still starts and says "runtime X not available on this device" for that runtime's bundles. Here:
+
+    onnxruntime   onnxruntime; also `tensorrt` bundles, from their ONNX on the CPU execution provider
+                  (the engine itself is built by `device_agent.tensorrt_engine`)
+    tflite        LiteRT (`ai_edge_litert`, not TensorFlow), with the tensor map and int8 scales the
+                  builder wrote to `manifest["io_quantization"]`
+
+OpenVINO (issue 5) is one more subclass.
+
+The inference server and the self-test both go through this registry, so a model switch loads the
+new slot the same way the self-test did.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from edgepack.errors import BundleError, ModelError
+
+
+class RuntimeUnavailable(ModelError):
+    """The bundle's runtime cannot run on this device (attribute: runtime)."""
+
+    exit_code = 1
+
+
+class ModelSession(Protocol):
+    """A loaded model: named float/int arrays in, named arrays out."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+_ADAPTERS: dict[str, type["RuntimeAdapter"]] = {}
+
+
+class RuntimeAdapter:
+    """Base of every runtime adapter; subclasses register by declaring `runtimes`."""
+
+    runtimes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for runtime in cls.runtimes:
+            _ADAPTERS[runtime] = cls
+
+    def unavailable_reason(self) -> str | None:
+        """None when this device can run the runtime, else why not (a missing package, a missing device)."""
+        return None
+
+    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+        raise NotImplementedError
+
+
+def registered_runtimes() -> tuple[str, ...]:
+    return tuple(sorted(_ADAPTERS))
+
+
+def adapter_for(runtime: str) -> RuntimeAdapter:
+    """The adapter that runs `runtime` here, or RuntimeUnavailable saying why it cannot."""
+    cls = _ADAPTERS.get(runtime)
+    if cls is None:
+        raise RuntimeUnavailable(f"runtime {runtime} not available on this device (this agent runs: "
+                                 f"{', '.join(registered_runtimes()) or 'none'})", runtime=runtime)
+    adapter = cls()
+    reason = adapter.unavailable_reason()
+    if reason is not None:
+        raise RuntimeUnavailable(f"runtime {runtime} not available on this device: {reason}", runtime=runtime)
+    return adapter
+
+
+def model_path(bundle_dir: Path, manifest: dict, member: str | None = None) -> Path:
+    """The file of a manifest-listed member (default: `manifest["model"]`) inside an installed bundle."""
+    member = member or manifest.get("model")
+    files = manifest.get("files") or {}
+    if not isinstance(member, str) or member not in files:
+        raise BundleError(f"manifest names model {member!r}, which is not a listed member")
+    parts = PurePosixPath(member).parts
+    if member.startswith("/") or ".." in parts:
+        raise BundleError(f"manifest model path {member!r} escapes the bundle")
+    return Path(bundle_dir).joinpath(*parts)
+
+
+class _OnnxSession:
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        self.providers = tuple(session.get_providers())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(list(self.output_names), dict(feeds))
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeAdapter(RuntimeAdapter):
+    """onnxruntime; for `tensorrt` bundles it runs the ONNX on the CPU execution provider."""
+
+    runtimes = ("onnxruntime", "tensorrt")
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "the onnxruntime package is not installed"
+        return None
+
+    def providers(self, manifest: dict) -> list[str]:
+        import onnxruntime
+
+        if manifest.get("runtime") == "tensorrt":
+            return ["CPUExecutionProvider"]
+        available = set(onnxruntime.get_available_providers())
+        wanted = [p for p in manifest.get("execution_providers") or [] if p in available]
+        if "CPUExecutionProvider" not in wanted:
+            wanted.append("CPUExecutionProvider")
+        return wanted
+
+    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+        import onnxruntime
+
+        path = model_path(bundle_dir, manifest)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=self.providers(manifest))
+        except Exception as exc:  # onnxruntime raises its own exception types for any bad model
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"onnxruntime cannot load {path.name}: {first}") from None
+        return _OnnxSession(session)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LiteRT
+
+_INTEGER = ("int8", "uint8", "int16")
+
+
+def _quantize(value: np.ndarray, spec: dict) -> np.ndarray:
+    """A float array as the tensor's type: real = (q - zero_point) * scale for integer tensors."""
+    dtype = np.dtype(spec["dtype"])
+    if spec["dtype"] not in _INTEGER:
+        return value.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    scale = spec.get("scale") or 1.0
+    return np.clip(np.round(value / scale + (spec.get("zero_point") or 0)), info.min, info.max).astype(dtype)
+
+
+def _dequantize(value: np.ndarray, spec: dict) -> np.ndarray:
+    if spec["dtype"] not in _INTEGER:
+        return value.astype(np.float32, copy=False)
+    return ((value.astype(np.float64) - (spec.get("zero_point") or 0)) * (spec.get("scale") or 1.0)).astype(np.float32)
+
+
+class _LiteRtSession:
+    """One interpreter; LiteRT interpreters are not thread-safe, so calls are serialized."""
+
+    def __init__(self, interpreter: Any, inputs: list[dict], outputs: list[dict]) -> None:
+        self._interpreter = interpreter
+        self._inputs = inputs
+        self._outputs = outputs
+        self._lock = threading.Lock()
+        self.input_names = tuple(spec["name"] for spec in inputs)
+        self.output_names = tuple(spec["name"] for spec in outputs)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            for spec in self._inputs:
+                value = np.asarray(feeds[spec["name"]], dtype=np.float32)
+                if spec.get("transpose"):
+                    value = value.transpose(spec["transpose"])
+                self._interpreter.set_tensor(spec["index"], _quantize(value.reshape(spec["tensor_shape"]), spec))
+            self._interpreter.invoke()
+            results = {}
+            for spec in self._outputs:
+                value = _dequantize(self._interpreter.get_tensor(spec["index"]), spec)
+                if spec.get("transpose"):
+                    value = value.transpose(spec["transpose"])
+                shape = spec.get("onnx_shape")
+                if shape and all(isinstance(d, int) and d > 0 for d in shape) and int(np.prod(shape)) == value.size:
+                    value = value.reshape(shape)
+                results[spec["name"]] = value
+            return results
+
+    def close(self) -> None:
+        self._interpreter = None
+
+
+class LiteRtAdapter(RuntimeAdapter):
+    """LiteRT on the CPU (XNNPACK); the `edgetpu` delegate when the bundle asks for it and the device has it."""
+
+    runtimes = ("tflite",)
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("ai_edge_litert") is None:
+            return "the ai-edge-litert package is not installed"
+        return None
+
+    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+        from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+        path = model_path(bundle_dir, manifest)
+        delegates = []
+        if "edgetpu" in (manifest.get("delegates") or []):
+            try:
+                delegates.append(load_delegate("libedgetpu.so.1"))
+            except (ValueError, OSError) as exc:
+                raise RuntimeUnavailable(f"runtime tflite with the edgetpu delegate not available on this device: {exc}",
+                                         runtime="tflite") from None
+        try:
+            interpreter = Interpreter(model_path=str(path), experimental_delegates=delegates or None)
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"LiteRT cannot load {path.name}: {str(exc).strip().splitlines()[0][:300]}") from None
+        io = manifest.get("io") or {}
+        mapping = manifest.get("io_quantization") or {}
+        inputs = self._specs(interpreter.get_input_details(), mapping.get("inputs"), io.get("inputs"))
+        outputs = self._specs(interpreter.get_output_details(), mapping.get("outputs"), io.get("outputs"))
+        return _LiteRtSession(interpreter, inputs, outputs)
+
+    @staticmethod
+    def _specs(details: list[dict], declared: list[dict] | None, signature: list[dict] | None) -> list[dict]:
+        """Each tensor as {name (ONNX), index, tensor_shape, dtype, scale, zero_point, transpose, onnx_shape}."""
+        by_tflite_name = {d["name"]: d for d in details}
+        onnx_shapes = {s.get("name"): s.get("shape") for s in signature or []}
+        specs = []
+        if declared:
+            for entry in declared:
+                detail = by_tflite_name.get(entry.get("tflite_name"))
+                if detail is None:
+                    raise ModelError(f"LiteRT model has no tensor {entry.get('tflite_name')!r} that the manifest maps to {entry.get('name')!r}")
+                specs.append({**entry, "index": int(detail["index"]), "tensor_shape": [int(d) for d in detail["shape"]],
+                              "dtype": np.dtype(detail["dtype"]).name, "onnx_shape": onnx_shapes.get(entry.get("name"))})
+            return specs
+        names = [s.get("name") for s in signature or []]
+        for position, detail in enumerate(details):
+            dtype = np.dtype(detail["dtype"]).name
+            scale, zero_point = detail["quantization"]
+            name = names[position] if position < len(names) else detail["name"]
+            specs.append({"name": name, "index": int(detail["index"]), "tensor_shape": [int(d) for d in detail["shape"]],
+                          "dtype": dtype, "scale": float(scale) if dtype in _INTEGER else None,
+                          "zero_point": int(zero_point) if dtype in _INTEGER else None, "transpose": None,
+                          "onnx_shape": onnx_shapes.get(name)})
+        return specs

@@ -1,0 +1,376 @@
+"""The device agent: enrollment, MQTT, and one worker that applies desired states in order.
+
+    agent = Agent(AgentConfig.from_yaml("agent.yaml"))
+    agent.run_forever()            # start(), wait for SIGTERM/SIGINT, stop()
+
+Threads: paho's network thread delivers desired states to `_on_desired`, which only decides whether
+the message is new and hands it to the worker; the worker runs one install/rollback at a time. A
+newer seq replaces a queued older one (the fleet changed its mind before the device got to it); a seq
+at or below the last one finished, queued or in flight is ignored, so duplicates and the retained
+replay after every reconnect do nothing.
+
+What the device reports (retained, QoS 1, on `edgepack/v1/devices/{id}/status`): every phase of the
+current desired state with its seq and rollout id, the active and previous bundle ids, and the error
+of a failure. The last will publishes the same status with `state: offline`. When a download gives
+up on the network the phase stays `downloading` with the error, and the same desired state is tried
+again `download.retry_interval_s` later (and on restart); every other failure is final for its seq.
+
+Extension points for inference, telemetry and shadow mode (issue 5): `on_active_change(callback)`
+fires after every switch with the new `ActiveBundle`; `register_action("shadow", handler)` plugs an
+action in; `publish(topic, payload)` sends on the agent's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
+
+from edgepack import __version__
+from edgepack.errors import ConfigError, ProtocolError
+from edgepack.protocol import DesiredState, DeviceStatus, decode, desired_topic, encode, status_topic
+
+from device_agent.config import AgentConfig
+from device_agent.downloader import Downloader, DownloadSettings
+from device_agent.fleet_api import FleetClient, enroll_until_done
+from device_agent.installer import Installer, InstallOutcome, PhaseCallback
+from device_agent.state import ActiveBundle, AgentState, FaultHook, Journal
+
+log = logging.getLogger(__name__)
+
+ActionHandler = Callable[[DesiredState, PhaseCallback], InstallOutcome]
+ActiveListener = Callable[[ActiveBundle | None], None]
+
+
+class Agent:
+    """One device: its state folder, its fleet credential, its MQTT session and its install worker."""
+
+    def __init__(self, config: AgentConfig, *, fault: FaultHook | None = None) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.state = AgentState(config.state_dir, config.load_trusted_keys(), fault=fault)
+        self.fleet = FleetClient(config.fleet_url, config.device_id, timeout_s=config.download.timeout_s)
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._cond = threading.Condition()
+        self._status_lock = threading.RLock()
+        self._pending: DesiredState | None = None
+        self._not_before = 0.0
+        self._in_flight: DesiredState | None = None
+        self._journal = Journal()
+        self._status: DeviceStatus | None = None
+        self._active: ActiveBundle | None = None
+        self._listeners: list[ActiveListener] = []
+        self._worker: threading.Thread | None = None
+        self._client = None
+        self._started = False
+        self.malformed_messages = 0
+        self.ignored_desired = 0
+        self.applied_desired = 0
+        downloader = Downloader(self.state.downloads_dir, self.fleet, DownloadSettings(
+            chunk_bytes=config.download.chunk_bytes, retries=config.download.retries, backoff_s=config.download.backoff_s,
+            max_backoff_s=config.download.max_backoff_s, timeout_s=config.download.timeout_s), should_stop=self._stop.is_set)
+        self.installer = Installer(self.state, downloader, profile=config.profile, selftest_timeout_s=config.selftest_timeout_s,
+                                   selftest_isolation=config.selftest_isolation)
+        self._actions: dict[str, ActionHandler] = {
+            "install": self._install,
+            "rollback": self._rollback,
+            "shadow": self._unsupported,
+        }
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def active_bundle(self) -> ActiveBundle | None:
+        """The verified bundle the device runs now (None before the first install)."""
+        return self._active
+
+    def status(self) -> DeviceStatus | None:
+        """The last status this agent published (or would have, while disconnected)."""
+        return self._status
+
+    def on_active_change(self, callback: ActiveListener) -> None:
+        """Call `callback(active_bundle)` after every switch (install, rollback, recovery at start)."""
+        self._listeners.append(callback)
+
+    def register_action(self, action: str, handler: ActionHandler) -> None:
+        """Handle desired states with `action` (e.g. "shadow") by `handler(desired, on_phase)`."""
+        self._actions[action] = handler
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if self._client is not None:
+            self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is queued or in flight (retries waiting for their time count as queued)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._in_flight is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def start(self) -> None:
+        """Recover the state folder, enroll if needed, connect, and start the worker. Returns quickly."""
+        if self._started:
+            return
+        self._started = True
+        report = self.state.recover()
+        self._journal = self.state.read_journal()
+        self._active = self.state.active_bundle()
+        credential = self._credential()
+        if credential is None:  # stopped while waiting for the fleet
+            return
+        self.fleet.credential = credential
+        initial_error = None
+        if any(action.startswith("fell back") or action.startswith("no verified") for action in report.actions):
+            initial_error = "recovered at start: " + "; ".join(report.actions)
+        phase = self._journal.phase if self._journal.last_seq >= 0 else ("active" if self._active else "idle")
+        self._set_status(phase, seq=max(self._journal.last_seq, 0), rollout_id=self._journal.rollout_id,
+                         error=initial_error or self._journal.error, send=False)
+        self._notify_active()
+        self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}-worker", daemon=True)
+        self._worker.start()
+        self._connect()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish or abandon the current step, publish `offline`, disconnect."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+        client, self._client = self._client, None
+        if client is not None:
+            with self._status_lock:
+                status = (self._status or self._base_status()).model_copy(update={"state": "offline", "ts": time.time()})
+            try:
+                if self._connected.is_set():
+                    info = client.publish(status_topic(self.device_id), encode(status), qos=1, retain=True)
+                    info.wait_for_publish(timeout=min(timeout, 2.0))
+            except (RuntimeError, ValueError) as exc:
+                log.info("offline status not sent: %s", exc)
+            client.disconnect()
+            client.loop_stop()
+        self._connected.clear()
+
+    def run_forever(self) -> int:
+        """start(), wait for SIGTERM or SIGINT, stop(); returns the process exit code."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop.set())
+        try:
+            self.start()
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+    # -- enrollment ----------------------------------------------------------------------------------
+
+    def _credential(self) -> str | None:
+        credential = self.state.read_credential()
+        if credential is not None:
+            return credential
+        token = self.config.enrollment_token
+        if not token:
+            raise ConfigError(f"device {self.device_id} is not enrolled: no credential in {self.state.root} "
+                              "and no enrollment_token in the config", device_id=self.device_id)
+        credential = enroll_until_done(self.fleet, profile=self.config.profile, labels=dict(self.config.labels), token=token,
+                                       should_stop=self._stop.is_set, backoff_s=max(self.config.download.backoff_s, 0.1),
+                                       max_backoff_s=self.config.download.max_backoff_s)
+        if credential is not None:
+            self.state.write_credential(credential)
+            log.info("device %s enrolled at %s", self.device_id, self.config.fleet_url)
+        return credential
+
+    # -- MQTT ----------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        url = urlsplit(self.config.mqtt_url)
+        tls = url.scheme in ("mqtts", "ssl")
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-agent-{self.device_id}",
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        if url.username:
+            client.username_pw_set(unquote(url.username), unquote(url.password) if url.password else None)
+        if tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        offline = (self._status or self._base_status()).model_copy(update={"state": "offline"})
+        client.will_set(status_topic(self.device_id), encode(offline), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        client.connect_async(url.hostname, url.port or (8883 if tls else 1883), keepalive=self.config.mqtt_keepalive_s)
+        client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT broker refused the connection: %s", reason_code)
+            return
+        self._connected.set()
+        client.subscribe(desired_topic(self.device_id), qos=1)
+        with self._status_lock:
+            status = self._status or self._base_status()
+            client.publish(status_topic(self.device_id), encode(status.model_copy(update={"state": "online", "ts": time.time()})),
+                           qos=1, retain=True)
+        log.info("connected to %s as %s", self.config.mqtt_url, self.device_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.info("MQTT connection lost (%s); reconnecting", reason_code)
+            # The will is fixed per connection: give the next one the bundles as they are now.
+            with self._status_lock:
+                status = self._status or self._base_status()
+            client.will_set(status_topic(self.device_id), encode(status.model_copy(update={"state": "offline"})),
+                            qos=1, retain=True)
+
+    def _on_message(self, client, userdata, message) -> None:
+        if message.topic != desired_topic(self.device_id):
+            return
+        if not message.payload:
+            return  # the fleet cleared the retained desired state: nothing to do
+        try:
+            desired = decode(DesiredState, message.payload)
+        except ProtocolError as exc:
+            self.malformed_messages += 1
+            log.warning("ignored a malformed desired state (%d so far): %s", self.malformed_messages, exc)
+            return
+        self._on_desired(desired)
+
+    # -- desired states ------------------------------------------------------------------------------
+
+    def submit(self, desired: DesiredState) -> bool:
+        """Queue a desired state as if it came over MQTT; False when it is not newer than what we have."""
+        return self._on_desired(desired)
+
+    def _on_desired(self, desired: DesiredState) -> bool:
+        with self._cond:
+            floor = self._journal.last_seq
+            for known in (self._pending, self._in_flight):
+                if known is not None:
+                    floor = max(floor, known.seq)
+            if desired.seq <= floor:
+                self.ignored_desired += 1
+                log.debug("ignored desired seq %d (have %d)", desired.seq, floor)
+                return False
+            if self._pending is not None:
+                log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
+            self._pending = desired
+            self._not_before = 0.0
+            self._cond.notify_all()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop.is_set():
+                    wait = self._not_before - time.monotonic()
+                    if self._pending is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait if self._pending is not None else None)
+                if self._stop.is_set():
+                    return
+                desired, self._pending = self._pending, None
+                self._in_flight = desired
+            try:
+                self._apply(desired)
+            except Exception:  # a bug must not kill the worker; the seq stays unfinished and is retried on restart
+                log.exception("unexpected error applying desired seq %d", desired.seq)
+                self._set_status("failed", seq=desired.seq, rollout_id=desired.rollout_id, error="agent error (see its log)")
+            finally:
+                with self._cond:
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+    def _apply(self, desired: DesiredState) -> None:
+        handler = self._actions.get(desired.action, self._unsupported)
+
+        def on_phase(phase: str) -> None:
+            self._set_status(phase, seq=desired.seq, rollout_id=desired.rollout_id)
+
+        log.info("applying desired seq %d: %s %s", desired.seq, desired.action,
+                 f"{desired.bundle.name} {desired.bundle.version}" if desired.bundle else "")
+        outcome = handler(desired, on_phase)
+        if outcome.switched:
+            self._active = self.state.active_bundle()
+            self._notify_active()
+        if outcome.retryable and not self._stop.is_set():
+            interval = self.config.download.retry_interval_s
+            self._set_status("downloading", seq=desired.seq, rollout_id=desired.rollout_id,
+                             error=f"{outcome.error}; retrying in {interval:g} s")
+            with self._cond:
+                if self._pending is None:
+                    self._pending = desired
+                    self._not_before = time.monotonic() + interval
+            return
+        if outcome.retryable:
+            return  # stopping: the retained desired state brings it back after the restart
+        journal = Journal(last_seq=desired.seq, rollout_id=desired.rollout_id, phase=outcome.phase, error=outcome.error,
+                          bundle_id=outcome.current_bundle, updated_at=time.time())
+        self.state.write_journal(journal)
+        with self._cond:
+            self._journal = journal
+        self.applied_desired += 1
+        self._set_status(outcome.phase, seq=desired.seq, rollout_id=desired.rollout_id, error=outcome.error)
+
+    def _install(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
+        if desired.bundle is None:
+            return self._refuse("desired state 'install' names no bundle")
+        return self.installer.install(desired.bundle, on_phase)
+
+    def _rollback(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
+        return self.installer.rollback(desired.bundle, on_phase)
+
+    def _unsupported(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
+        return self._refuse(f"action {desired.action!r} is not supported by this agent ({__version__})")
+
+    def _refuse(self, error: str) -> InstallOutcome:
+        pointer = self.state.read_pointer()
+        return InstallOutcome(phase="failed", error=error,
+                              current_bundle=pointer.active.bundle_id if pointer.active else None,
+                              previous_bundle=pointer.previous.bundle_id if pointer.previous else None)
+
+    # -- status --------------------------------------------------------------------------------------
+
+    def _base_status(self) -> DeviceStatus:
+        pointer = self.state.read_pointer()
+        return DeviceStatus(device_id=self.device_id, profile=self.config.profile, agent_version=__version__,
+                            current_bundle=pointer.active.bundle_id if pointer.active else None,
+                            previous_bundle=pointer.previous.bundle_id if pointer.previous else None, ts=time.time())
+
+    def _set_status(self, phase: str, *, seq: int, rollout_id: str | None, error: str | None = None, send: bool = True) -> None:
+        with self._status_lock:
+            status = self._base_status().model_copy(update={"phase": phase, "seq": seq, "rollout_id": rollout_id, "error": error})
+            self._status = status
+            payload = encode(status)
+            client = self._client
+            if send and client is not None:
+                client.publish(status_topic(self.device_id), payload, qos=1, retain=True)
+        if send and self.config.report_status_over_http:
+            self.fleet.post_status(payload)
+
+    def _notify_active(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(self._active)
+            except Exception:  # a listener's bug must not stop installs; it is logged with its traceback
+                log.exception("active-bundle listener failed")
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Entry point of `edgepack agent run`: run until SIGTERM/SIGINT."""
+    return Agent(config).run_forever()

@@ -41,7 +41,7 @@ def _root(
 
 def _register() -> None:
     # Imported here so each command module stays independent; none imports heavy backends at import time.
-    from edgepack.cli import build, bundle, devices, fleet, keys, profiles, rollout
+    from edgepack.cli import agent, build, bundle, devices, fleet, keys, profiles, rollout
 
     app.command("build")(build.build)
     app.add_typer(profiles.app, name="profiles")
@@ -50,6 +50,7 @@ def _register() -> None:
     app.add_typer(fleet.app, name="fleet")
     app.add_typer(devices.app, name="devices")
     app.add_typer(rollout.app, name="rollout")
+    app.add_typer(agent.app, name="agent")
 
 
 _register()

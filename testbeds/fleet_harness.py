@@ -1,0 +1,235 @@
+"""A real fleet on one machine, for end-to-end tests and benchmarks.
+
+    with MosquittoBroker() as broker, FleetProcess(tmp, broker.url, trusted_key=pub) as fleet:
+        bundles = build_release(tmp, key, "2.0.0", ["jetson-orin-nano", "x86-avx2"])
+        agents = start_agents(tmp, 20, {...}, fleet, broker.url, token, pub)
+
+The fleet server runs as a real `edgepack fleet serve` process (so it can be killed and restarted), the
+agents are real `device_agent.Agent`s with their own MQTT connections, state folders and downloads,
+sharing this process (self-tests in threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from testbeds.mosquitto import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "examples" / "digits" / "edgepack.yaml"
+ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
+
+
+class FleetProcess:
+    """`edgepack fleet serve` as a child process on a free port."""
+
+    def __init__(self, root: Path, mqtt_url: str, *, trusted_key: Path, db_url: str | None = None,
+                 admin_token: str = ADMIN_TOKEN) -> None:
+        self.root = root
+        self.mqtt_url = mqtt_url
+        self.trusted_key = trusted_key
+        self.db_url = db_url
+        self.admin_token = admin_token
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = root / "fleet.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> "FleetProcess":
+        command = [sys.executable, "-m", "edgepack", "fleet", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--data-dir", str(self.root / "fleet-data"), "--mqtt-url", self.mqtt_url,
+                   "--trusted-key", str(self.trusted_key), "--public-url", self.url]
+        if self.db_url:
+            command += ["--db-url", self.db_url]
+        env = {**os.environ, "EDGEPACK_ADMIN_TOKEN": self.admin_token}
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fleet exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"fleet did not become healthy in {timeout_s} s: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run, as in a crash."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self):
+        from edgepack.cli._client import FleetClient
+
+        return FleetClient(self.url, self.admin_token)
+
+    def __enter__(self) -> "FleetProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_release(root: Path, key: Path, version: str, profiles: list[str], *, break_selftest: bool = False) -> list[Path]:
+    """digits built as `version` for each profile; `break_selftest` makes bundles whose self-test fails on a device."""
+    from builder.pipeline import BuildRequest, run_build
+
+    config = yaml.safe_load(DIGITS.read_text())
+    base = DIGITS.parent
+    config.update(version=version, model=str(base / config["model"]),
+                  data={name: str(base / value) for name, value in config["data"].items()})
+    project = root / f"project-{version}"
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "edgepack.yaml").write_text(yaml.safe_dump(config))
+    paths = []
+    for profile in profiles:
+        result = run_build(BuildRequest(config_path=project / "edgepack.yaml", profile=profile, out_dir=root / "dist",
+                                        signing_key=key, cache_dir=root / "cache"))
+        path = Path(result.report["bundle"]["path"])
+        if break_selftest:
+            path = _with_wrong_selftest(path, key)
+        paths.append(path)
+    return paths
+
+
+def _with_wrong_selftest(source: Path, key: Path) -> Path:
+    """The same bundle, re-signed, with self-test expectations the model cannot meet."""
+    from edgepack.bundle import inspect_bundle, write_bundle
+    from edgepack.signing import load_private_key
+
+    described = inspect_bundle(source)
+    manifest = {k: v for k, v in described["manifest"].items() if k not in ("format", "files")}
+    members: dict[str, bytes] = {}
+    with tarfile.open(source) as tar:
+        for row in described["files"]:
+            data = tar.extractfile(row["path"]).read()
+            if row["path"].startswith("selftest/") and "/out" in row["path"]:
+                array = np.load(io.BytesIO(data))
+                buffer = io.BytesIO()
+                np.save(buffer, (array + 100.0).astype(array.dtype), allow_pickle=False)
+                data = buffer.getvalue()
+            members[row["path"]] = data
+    dest = source.with_name(source.stem + "-broken.edgepack")
+    write_bundle(dest, members, manifest, load_private_key(key))
+    return dest
+
+
+@dataclasses.dataclass
+class SimAgent:
+    device_id: str
+    profile: str
+    config: Any
+    agent: Any = None
+
+    def start(self) -> None:
+        from device_agent.agent import Agent
+
+        self.agent = Agent(self.config)
+        threading.Thread(target=self.agent.start, name=f"start-{self.device_id}", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop(timeout=5)
+            self.agent = None
+
+    def active_version(self) -> str | None:
+        if self.agent is None:
+            return None
+        status = self.agent.status()
+        return status.current_bundle if status else None
+
+
+def agent_configs(root: Path, count: int, profiles: list[str], fleet_url: str, mqtt_url: str, enrollment_token: str,
+                  trusted_key: Path, labels: dict[str, str] | None = None) -> list[SimAgent]:
+    from device_agent.config import AgentConfig
+
+    agents = []
+    for index in range(count):
+        profile = profiles[index % len(profiles)]
+        device_id = f"dev-{index:03d}"
+        config = AgentConfig.from_mapping({
+            "device_id": device_id, "profile": profile, "fleet_url": fleet_url, "mqtt_url": mqtt_url,
+            "enrollment_token": enrollment_token, "state_dir": str(root / "agents" / device_id),
+            "trusted_keys": [str(trusted_key)], "labels": {"site": "lab", **(labels or {})},
+            "download": {"backoff_s": 0.2, "retry_interval_s": 0.5}, "selftest_isolation": "thread",
+            "selftest_timeout_s": 60,
+        })
+        agents.append(SimAgent(device_id, profile, config))
+    return agents
+
+
+class DesiredMonitor:
+    """Records every desired state the broker delivers, to check that no device got conflicting ones."""
+
+    def __init__(self, mqtt_url: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        host, port = mqtt_url.split("://", 1)[1].rsplit(":", 1)
+        self.messages: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"monitor-{os.getpid()}-{time.time_ns()}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda client, *_: client.subscribe("edgepack/v1/devices/+/desired", qos=1)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        if not message.payload:
+            return
+        device_id = message.topic.split("/")[3]
+        with self._lock:
+            self.messages.append((device_id, json.loads(message.payload)))
+
+    def per_device(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        with self._lock:
+            for device_id, payload in self.messages:
+                out.setdefault(device_id, []).append(payload)
+        return out
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")

@@ -45,6 +45,8 @@ class MosquittoBroker:
             "allow_anonymous true\n"
             "persistence false\n"
             "max_packet_size 1048576\n"
+            # a fleet server subscribes to every device: let bursts queue instead of dropping QoS 1 messages
+            "max_queued_messages 100000\n"
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             + self.extra_config
         )

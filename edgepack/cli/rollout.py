@@ -139,7 +139,8 @@ def list_rollouts(
         sys.stdout.write(json.dumps(rollouts, indent=2) + "\n")
         return
     table = Table(title=f"{len(rollouts)} rollouts", title_justify="left")
-    for column in ("id", "status", "bundle", "waves", "wave", "members"):
+    table.add_column("id", no_wrap=True)
+    for column in ("status", "bundle", "waves", "wave", "members"):
         table.add_column(column)
     for r in rollouts:
         b = r.get("bundle", {})

@@ -18,6 +18,11 @@ again `download.retry_interval_s` later (and on restart); every other failure is
 Extension points for inference, telemetry and shadow mode (issue 5): `on_active_change(callback)`
 fires after every switch with the new `ActiveBundle`; `register_action("shadow", handler)` plugs an
 action in; `publish(topic, payload)` sends on the agent's connection.
+
+Inference: `agent.engine` (device_agent.inference.InferenceEngine) serves the active bundle and is
+swapped on every switch before any other listener hears of it; `agent.infer(inputs)` is the Python
+API, `agent.engine.add_observer(fn)` sees every request, and with `serve` in the config the same
+engine answers HTTP on `serve.host:serve.port` (device_agent.http_server).
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from edgepack import __version__
-from edgepack.errors import ConfigError, ProtocolError
+from edgepack.errors import ConfigError, EdgepackError, ProtocolError
 from edgepack.protocol import DesiredState, DeviceStatus, decode, desired_topic, encode, status_topic
 
 from device_agent.config import AgentConfig
 from device_agent.downloader import Downloader, DownloadSettings
 from device_agent.fleet_api import FleetClient, enroll_until_done
+from device_agent.http_server import InferenceServer
+from device_agent.inference import InferenceEngine
 from device_agent.installer import Installer, InstallOutcome, PhaseCallback
 from device_agent.state import ActiveBundle, AgentState, FaultHook, Journal
 
@@ -81,6 +88,10 @@ class Agent:
             "rollback": self._rollback,
             "shadow": self._unsupported,
         }
+        # Inference: the engine follows every switch first, so later listeners see it serving the new bundle.
+        self.engine = InferenceEngine()
+        self.inference_server: InferenceServer | None = None
+        self._listeners.insert(0, self._load_active_model)
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -99,6 +110,10 @@ class Agent:
     def register_action(self, action: str, handler: ActionHandler) -> None:
         """Handle desired states with `action` (e.g. "shadow") by `handler(desired, on_phase)`."""
         self._actions[action] = handler
+
+    def infer(self, inputs):
+        """The active model's outputs for `inputs` ({input name: array}); InferenceError when it cannot."""
+        return self.engine.infer(inputs)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         if self._client is not None:
@@ -137,6 +152,7 @@ class Agent:
         self._set_status(phase, seq=max(self._journal.last_seq, 0), rollout_id=self._journal.rollout_id,
                          error=initial_error or self._journal.error, send=False)
         self._notify_active()
+        self._start_serving()
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}-worker", daemon=True)
         self._worker.start()
         self._connect()
@@ -148,6 +164,8 @@ class Agent:
             self._cond.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+        if self.inference_server is not None:
+            self.inference_server.stop()
         client, self._client = self._client, None
         if client is not None:
             with self._status_lock:
@@ -367,6 +385,30 @@ class Agent:
                 client.publish(status_topic(self.device_id), payload, qos=1, retain=True)
         if send and self.config.report_status_over_http:
             self.fleet.post_status(payload)
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def _load_active_model(self, active: ActiveBundle | None) -> None:
+        if active is None:
+            self.engine.clear()
+        elif active.bundle_id != self.engine.active_bundle_id:
+            try:
+                self.engine.swap(active.path, active.manifest, bundle_id=active.bundle_id)
+            except EdgepackError as exc:  # self-tested, so rare; the engine keeps answering with what it had
+                log.error("cannot serve bundle %s: %s (still serving %s)", active.bundle_id[:12], exc.message,
+                          (self.engine.active_bundle_id or "nothing")[:12])
+
+    def _start_serving(self) -> None:
+        serve = self.config.serve
+        if serve is None or not serve.enabled or self.inference_server is not None:
+            return
+        server = InferenceServer(self.engine, host=serve.host, port=serve.port, max_body_bytes=serve.max_body_bytes)
+        try:
+            server.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve inference on {serve.host}:{serve.port}: {exc.strerror or exc}",
+                              field="serve") from None
+        self.inference_server = server
 
     def _notify_active(self) -> None:
         for callback in list(self._listeners):

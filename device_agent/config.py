@@ -8,7 +8,7 @@
     state_dir: /var/lib/edgepack-agent
     trusted_keys: [/etc/edgepack/edgepack.pub]
     labels: {site: lab, line: "3"}
-    serve: {host: 127.0.0.1, port: 8700}
+    serve: {host: 127.0.0.1, port: 8700}       # HTTP inference; omit (or enabled: false) for the Python API only
     download: {chunk_bytes: 1048576, retries: 5, backoff_s: 0.5, timeout_s: 30, retry_interval_s: 30}
     selftest_timeout_s: 60
 
@@ -30,12 +30,15 @@ from edgepack.protocol import validate_device_id
 
 
 class ServeConfig(BaseModel):
-    """Where the agent serves inference (issue 5); loopback by default."""
+    """Where the agent serves inference over HTTP; loopback by default. Without `serve` in the config
+    the agent serves only its Python API (`Agent.infer`), as simulated fleets of many agents do."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=0, le=65535, description="0 picks a free port.")
+    max_body_bytes: int = Field(default=16 << 20, gt=0, le=1 << 30, description="Largest request body accepted (413 above).")
 
 
 class DownloadConfig(BaseModel):
@@ -65,7 +68,7 @@ class AgentConfig(BaseModel):
     state_dir: Path
     trusted_keys: list[Path] = Field(min_length=1)
     labels: dict[str, str] = Field(default_factory=dict)
-    serve: ServeConfig = ServeConfig()
+    serve: ServeConfig | None = None
     download: DownloadConfig = DownloadConfig()
     selftest_timeout_s: float = Field(default=60.0, gt=0)
     selftest_isolation: Literal["process", "thread"] = Field(

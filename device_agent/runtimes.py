@@ -13,7 +13,8 @@ still starts and says "runtime X not available on this device" for that runtime'
     tflite        LiteRT (`ai_edge_litert`, not TensorFlow), with the tensor map and int8 scales the
                   builder wrote to `manifest["io_quantization"]`
 
-OpenVINO (issue 5) is one more subclass.
+    openvino      OpenVINO on the CPU (`model/model.xml` + `.bin`), f32 inference precision as the
+                  builder verified it, telemetry off
 
 The inference server and the self-test both go through this registry, so a model switch loads the
 new slot the same way the self-test did.
@@ -22,6 +23,8 @@ new slot the same way the self-test did.
 from __future__ import annotations
 
 import importlib.util
+import queue
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -104,10 +107,11 @@ class _OnnxSession:
         self._session = session
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
+        self._output_list = list(self.output_names)  # built once: run() is on the serving hot path
         self.providers = tuple(session.get_providers())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(list(self.output_names), dict(feeds))
+        values = self._session.run(self._output_list, feeds if type(feeds) is dict else dict(feeds))
         return dict(zip(self.output_names, values))
 
     def close(self) -> None:
@@ -135,12 +139,20 @@ class OnnxRuntimeAdapter(RuntimeAdapter):
             wanted.append("CPUExecutionProvider")
         return wanted
 
+    @staticmethod
+    def session_options() -> Any:
+        """The options every served session uses (benchmarks build their bare baseline with the same)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        return options
+
     def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
         import onnxruntime
 
         path = model_path(bundle_dir, manifest)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
+        options = self.session_options()
         try:
             session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=self.providers(manifest))
         except Exception as exc:  # onnxruntime raises its own exception types for any bad model
@@ -261,3 +273,90 @@ class LiteRtAdapter(RuntimeAdapter):
                           "zero_point": int(zero_point) if dtype in _INTEGER else None, "transpose": None,
                           "onnx_shape": onnx_shapes.get(name)})
         return specs
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenVINO
+
+
+class _OpenVinoSession:
+    """One compiled model; an InferRequest is not thread-safe, so each call borrows one from a pool."""
+
+    def __init__(self, compiled: Any, input_keys: list[int], input_names: tuple[str, ...], output_keys: list[int],
+                 output_names: tuple[str, ...]) -> None:
+        self._compiled = compiled
+        self._input_keys = input_keys  # the compiled model's port index of each name in input_names
+        self._output_keys = output_keys
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            request.infer({key: feeds[name] for key, name in zip(self._input_keys, self.input_names)})
+            # Copies: the request reuses its output buffers on its next call.
+            return {name: np.array(request.get_output_tensor(index).data) for index, name in zip(self._output_keys, self.output_names)}
+        finally:
+            self._idle.put(request)
+
+    def close(self) -> None:
+        self._compiled = None
+        self._idle = queue.SimpleQueue()
+
+
+class OpenVinoAdapter(RuntimeAdapter):
+    """OpenVINO IR (`model.xml` beside its `model.bin`) on the CPU."""
+
+    runtimes = ("openvino",)
+    # f32 as the builder verified and the self-test expects: without the pin the CPU plugin runs f32
+    # IRs in bf16 on CPUs with AMX/AVX512-BF16. INT8 IRs still run their quantized ops in INT8.
+    COMPILE_CONFIG: ClassVar[dict[str, Any]] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("openvino") is None:
+            return "the openvino package is not installed"
+        return None
+
+    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+        # OpenVINO sends usage telemetry from `import openvino` unless its telemetry module is missing;
+        # a device must not phone home (see builder/runtimes/openvino.py).
+        sys.modules.setdefault("openvino_telemetry", None)
+        import openvino as ov
+
+        path = model_path(bundle_dir, manifest)
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise BundleError(f"OpenVINO model {path.name} has no {weights.name} beside it")
+        core = ov.Core()
+        # Read the weights into memory instead of mapping them: the slot folder is rewritten by a later
+        # install while a retired model may still be finishing requests.
+        core.set_property({"ENABLE_MMAP": False})
+        try:
+            compiled = core.compile_model(str(path), "CPU", dict(self.COMPILE_CONFIG))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with C++ locations first
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"OpenVINO cannot load {path.name}: {first}") from None
+        io = manifest.get("io") or {}
+        declared_inputs = [str(entry.get("name")) for entry in io.get("inputs") or []]
+        declared_outputs = [str(entry.get("name")) for entry in io.get("outputs") or []]
+        input_names, input_keys = self._match(declared_inputs, [port.get_names() for port in compiled.inputs], "input")
+        output_names, output_keys = self._match(declared_outputs, [port.get_names() for port in compiled.outputs], "output")
+        return _OpenVinoSession(compiled, input_keys, tuple(input_names), output_keys, tuple(output_names))
+
+    @staticmethod
+    def _match(declared: list[str], port_names: list[set[str]], kind: str) -> tuple[list[str], list[int]]:
+        """The manifest's names paired with the compiled model's port indices: by tensor name, else by position."""
+        if not declared:
+            names = [sorted(names)[0] if names else str(index) for index, names in enumerate(port_names)]
+            return names, list(range(len(port_names)))
+        if len(declared) != len(port_names):
+            raise ModelError(f"OpenVINO model has {len(port_names)} {kind}s, the manifest declares {len(declared)}")
+        indices = []
+        for position, name in enumerate(declared):
+            found = next((index for index, names in enumerate(port_names) if name in names), None)
+            indices.append(found if found is not None else position)
+        return declared, indices

@@ -47,7 +47,7 @@ class BundleSet:
     selftest_fails: BuiltBundle  # v2's members, self-test expecting zeros, signed with the trusted key
     tampered: BuiltBundle  # v2 with one model byte flipped after signing
     untrusted: BuiltBundle  # v2's content signed with a key the device does not trust
-    other_runtime: BuiltBundle  # manifest says runtime "openvino"
+    other_runtime: BuiltBundle  # manifest says runtime "rknn", which no adapter of this agent runs
     onnx: BuiltBundle  # v1 with the digits float ONNX model and its own self-test: runtime onnxruntime
     onnx_as_tensorrt: BuiltBundle  # the same with runtime "tensorrt" (served from the ONNX on the CPU)
 
@@ -180,8 +180,8 @@ def bundles(tmp_path_factory) -> BundleSet:
         tampered = _flip_model_byte(v2.path, bad_dir / "tampered.edgepack", v2.manifest["model"])
         untrusted = _rewrite(v2.path, bad_dir / "untrusted.edgepack", load_private_key(other_private),
                              manifest_update={"version": "2.0.1"})
-        other_runtime = _rewrite(v2.path, bad_dir / "openvino.edgepack", key,
-                                 manifest_update={"version": "2.0.2", "runtime": "openvino"})
+        other_runtime = _rewrite(v2.path, bad_dir / "rknn.edgepack", key,
+                                 manifest_update={"version": "2.0.2", "runtime": "rknn"})
         onnx = _onnx_bundle(v1.path, bad_dir / "onnx.edgepack", key, runtime="onnxruntime")
         onnx_as_tensorrt = _onnx_bundle(v1.path, bad_dir / "tensorrt.edgepack", key, runtime="tensorrt")
     return BundleSet(keys_dir=root / "keys", public_key=public, v1=v1, v2=v2, wrong_profile=wrong,

@@ -60,7 +60,7 @@ def test_installing_the_active_bundle_again_does_nothing(tmp_path, bundle_server
     ("untrusted", "bundle refused: signed by unknown key"),
     ("wrong_profile", "built for profile 'rpi5'"),
     ("selftest_fails", "self-test failed: self-test case 0 output logits: |error|"),
-    ("other_runtime", "runtime openvino not available on this device"),
+    ("other_runtime", "runtime rknn not available on this device"),
 ])
 def test_a_bad_bundle_is_refused_with_the_reason_and_the_active_one_stays(tmp_path, bundle_server, bundles, bad, reason):
     _serve_all(bundle_server, bundles)

@@ -1,0 +1,278 @@
+"""The agent's local inference endpoint: the standard library's threading HTTP server over the engine.
+
+    server = InferenceServer(engine, host="127.0.0.1", port=8700)   # port 0 picks a free port
+    server.start(); server.url; server.stop()
+
+Routes (errors are JSON `{"detail": message, "error": class name}` with the error's `http_status`):
+
+    POST /v1/infer   Content-Type: application/json (the default; also for curl -d's form type)
+                       {"inputs": {name: nested list}}
+                       -> {"outputs": {name: nested list}, "bundle_id": ..., "latency_ms": ...}
+                     Content-Type: application/x-npy, for a model with one input: the body is
+                       `np.save` bytes -> `np.save` bytes of the first output
+                     Content-Type: application/x-npz: `np.savez` of every input by name
+                       -> `np.savez` of every output by name
+                     Every answer carries X-Edgepack-Bundle (the bundle that answered, even during a
+                     switch) and X-Edgepack-Latency-Ms (the engine's time, without HTTP and parsing).
+    GET  /healthz    200 {"status": "ok", "bundle_id"} while a model is loaded, else 503
+    GET  /v1/model   200 {"bundle_id", "name", "version", "runtime", "io"} (the manifest's io), else 503
+
+Bodies need a Content-Length no larger than `max_body_bytes` (411 / 413 otherwise; a refused body
+is not read and the connection is closed); npz members may not unpack to more than that either.
+HTTP/1.1 keep-alive; one daemon thread per connection, so a stuck client cannot block shutdown.
+Arrays never go through pickle (`allow_pickle=False`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from device_agent.inference import InferenceEngine, InferenceError, InvalidInput, NoActiveModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+
+class _RequestRefused(Exception):
+    """An HTTP-level refusal (length, media type, route) with its status; not an engine error."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.headers = headers or {}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], engine: InferenceEngine, max_body_bytes: int) -> None:
+        super().__init__(address, _Handler)
+        self.engine = engine
+        self.max_body_bytes = max_body_bytes
+
+
+class InferenceServer:
+    """Serves `engine` over HTTP on `host:port` from a background thread."""
+
+    def __init__(self, engine: InferenceEngine, *, host: str = "127.0.0.1", port: int = 8700,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.engine = engine
+        self.host = host
+        self.requested_port = port
+        self.max_body_bytes = max_body_bytes
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the inference server is not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread; OSError (e.g. port in use) when the address cannot be bound."""
+        if self._httpd is not None:
+            return
+        self._httpd = _Server((self.host, self.requested_port), self.engine, self.max_body_bytes)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"inference-http-{self.port}", daemon=True)
+        self._thread.start()
+        log.info("serving inference on %s", self.url)
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- routes --------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                model = self.server.engine.model
+                if model is None:
+                    return self._send_json(503, {"status": "no model", "bundle_id": None})
+                return self._send_json(200, {"status": "ok", "bundle_id": model.bundle_id})
+            if path == "/v1/model":
+                model = self.server.engine.model
+                if model is None:
+                    raise NoActiveModel("no model is active on this device yet")
+                manifest = model.manifest
+                return self._send_json(200, {"bundle_id": model.bundle_id, "name": manifest.get("name"),
+                                             "version": manifest.get("version"), "runtime": model.runtime, "io": model.io()})
+            if path == "/v1/infer":
+                raise _RequestRefused(405, "use POST for /v1/infer", headers={"Allow": "POST"})
+            raise _RequestRefused(404, f"no route {path}")
+        except (InferenceError, _RequestRefused) as exc:
+            self._send_error(exc)
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path != "/v1/infer":
+                if path in ("/healthz", "/v1/model"):
+                    raise _RequestRefused(405, f"use GET for {path}", headers={"Allow": "GET"}, close=True)
+                raise _RequestRefused(404, f"no route {path}", close=True)
+            media_type = (self.headers.get("Content-Type") or JSON).split(";", 1)[0].strip().lower()
+            if media_type == FORM:  # what `curl -d` sends when told nothing else
+                media_type = JSON
+            if media_type not in (JSON, NPY, NPZ):
+                raise _RequestRefused(415, f"Content-Type {media_type} is not served: use {JSON}, {NPY} or {NPZ}", close=True)
+            body = self._read_body()
+            if media_type == JSON:
+                self._infer_json(body)
+            elif media_type == NPY:
+                self._infer_npy(body)
+            else:
+                self._infer_npz(body)
+        except (InferenceError, _RequestRefused) as exc:
+            self._send_error(exc)
+        except Exception:  # a bug here must answer 500 and leave the server running
+            log.exception("inference request failed unexpectedly")
+            self._send_json(500, {"detail": "internal error in the agent (see its log)", "error": "InternalError"})
+
+    def _infer_json(self, body: bytes) -> None:
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("inputs"), dict):
+            raise InvalidInput('body must be a JSON object {"inputs": {name: nested list}}')
+        result = self.server.engine.infer_detailed(document["inputs"])
+        self._send_json(200, {"outputs": {name: value.tolist() for name, value in result.outputs.items()},
+                              "bundle_id": result.bundle_id, "latency_ms": round(result.latency_ms, 4)},
+                        headers=_result_headers(result))
+
+    def _infer_npy(self, body: bytes) -> None:
+        model = self.server.engine.model
+        if model is not None and len(model.inputs) != 1:
+            raise InvalidInput(f"bundle {model.bundle_id[:12]} takes {len(model.inputs)} inputs "
+                               f"{list(model.input_names)}: send them as {NPZ}")
+        # A bare array: the engine feeds it to the only input of the model this request gets, so a
+        # switch to a bundle with another input name between these lines cannot fail the request.
+        result = self.server.engine.infer_detailed(_load_npy(body))
+        first = next(iter(result.outputs.values()))
+        self._send_bytes(200, NPY, _npy_bytes(first), headers=_result_headers(result))
+
+    def _infer_npz(self, body: bytes) -> None:
+        arrays = _load_npz(body, self.server.max_body_bytes)
+        result = self.server.engine.infer_detailed(arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **result.outputs)
+        self._send_bytes(200, NPZ, buffer.getvalue(), headers=_result_headers(result))
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise _RequestRefused(411, "chunked bodies are not accepted: send a Content-Length", close=True)
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise _RequestRefused(411, "a Content-Length is required", close=True)
+        try:
+            length = int(raw)
+        except ValueError:
+            raise _RequestRefused(400, f"bad Content-Length {raw!r}", close=True) from None
+        if length < 0:
+            raise _RequestRefused(400, f"bad Content-Length {raw!r}", close=True)
+        if length > self.server.max_body_bytes:
+            raise _RequestRefused(413, f"body of {length} bytes is larger than the {self.server.max_body_bytes} bytes "
+                                       "this agent accepts", close=True)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _RequestRefused(400, f"body ended after {len(body)} of {length} bytes", close=True)
+        return body
+
+    def _send_error(self, exc: InferenceError | _RequestRefused) -> None:
+        if isinstance(exc, _RequestRefused):
+            status, message, kind, close, headers = exc.status, exc.message, "RequestRefused", exc.close, exc.headers
+        else:
+            status, message, kind, close, headers = exc.http_status, exc.message, type(exc).__name__, False, {}
+            if isinstance(exc, NoActiveModel):
+                headers = {"Retry-After": "5"}
+        if close:
+            self.close_connection = True
+            headers = {**headers, "Connection": "close"}
+        self._send_json(status, {"detail": message, "error": kind}, headers=headers)
+
+    def _send_json(self, status: int, document: dict, *, headers: dict[str, str] | None = None) -> None:
+        self._send_bytes(status, JSON, json.dumps(document).encode(), headers=headers)
+
+    def _send_bytes(self, status: int, content_type: str, body: bytes, *, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _result_headers(result: Any) -> dict[str, str]:
+    return {"X-Edgepack-Bundle": result.bundle_id, "X-Edgepack-Latency-Ms": f"{result.latency_ms:.4f}"}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(body: bytes) -> np.ndarray:
+    try:
+        value = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInput(f"body is not a .npy array: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    if not isinstance(value, np.ndarray):
+        raise InvalidInput(f"body is not a .npy array (it is a {NPZ} archive?)")
+    return value
+
+
+def _load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InvalidInput(f"body is not a .npz archive: {exc}") from None
+    if unpacked > max_bytes:  # a compressed archive must not unpack past the body limit
+        raise InvalidInput(f"npz archive unpacks to {unpacked} bytes, more than the {max_bytes} bytes this agent accepts")
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInput(f"body is not a .npz archive of arrays: {exc}") from None

@@ -148,12 +148,19 @@ def run_selftest(slot_dir: Path, *, timeout_s: float, isolation: Literal["proces
     return _run_in_process(Path(slot_dir), timeout_s)
 
 
+# Simulated fleets run many agents in one process. numpy parses .npy headers with ast.literal_eval, and
+# CPython 3.11's ast is not safe to use from several threads at once ("AST constructor recursion depth
+# mismatch"): in-process self-tests take turns. A real device runs one agent, so this costs it nothing.
+_THREAD_SELFTEST_LOCK = threading.Lock()
+
+
 def _run_in_thread(slot_dir: Path, timeout_s: float) -> SelftestResult:
     box: list[SelftestResult] = []
 
     def target() -> None:
         try:
-            box.append(check_selftest(slot_dir))
+            with _THREAD_SELFTEST_LOCK:
+                box.append(check_selftest(slot_dir))
         except Exception as exc:  # a bug or I/O error: the install must fail with a reason, not hang
             box.append(SelftestResult(False, reason=f"self-test error: {type(exc).__name__}: {exc}"))
 

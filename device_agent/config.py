@@ -11,6 +11,10 @@
     serve: {host: 127.0.0.1, port: 8700}       # HTTP inference; omit (or enabled: false) for the Python API only
     download: {chunk_bytes: 1048576, retries: 5, backoff_s: 0.5, timeout_s: 30, retry_interval_s: 30}
     selftest_timeout_s: 60
+    telemetry: {window_s: 10, buffer_max_bytes: 4194304}
+    shadow: {sample_rate: 0.1}
+    safety: {min_requests: 20, window_s: 120, max_error_rate: 0.5, error_rate_factor: 2,
+             crash_loop_restarts: 3, crash_loop_window_s: 300}
 
 Relative paths are relative to the config file's folder. Every problem is one `ConfigError` line
 naming the file and the field.
@@ -55,6 +59,40 @@ class DownloadConfig(BaseModel):
                                     description="After a try gave up on the network, try the same desired state again this much later.")
 
 
+class TelemetryConfig(BaseModel):
+    """How often the agent reports a telemetry window, and how much it keeps on disk while offline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_s: float = Field(default=10.0, gt=0, le=3600, description="Length of one telemetry window.")
+    buffer_max_bytes: int = Field(default=4 << 20, ge=4096,
+                                  description="Cap of the on-disk buffer of windows the broker could not take; oldest dropped first.")
+
+
+class ShadowConfig(BaseModel):
+    """Shadow mode: which share of live requests the candidate also runs on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_rate: float = Field(default=0.1, ge=0, le=1, description="Probability that an answered request is also run by the candidate.")
+    max_pending: int = Field(default=64, ge=1, description="Samples waiting for the candidate; more are dropped and counted.")
+
+
+class SafetyConfig(BaseModel):
+    """When the agent rolls back by itself (device_agent.safety)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_requests: int = Field(default=20, ge=1, description="Requests of a new bundle before its error rate is judged.")
+    window_s: float = Field(default=120.0, gt=0, description="How long after a switch the error rate is watched.")
+    max_error_rate: float = Field(default=0.5, ge=0, le=1,
+                                  description="Roll back above max(this, error_rate_factor x the previous bundle's rate).")
+    error_rate_factor: float = Field(default=2.0, ge=1)
+    crash_loop_restarts: int = Field(default=3, ge=0,
+                                     description="Roll back at start after more crash restarts than this (0: off).")
+    crash_loop_window_s: float = Field(default=300.0, gt=0, description="Crash restarts count within this long of a switch.")
+
+
 class AgentConfig(BaseModel):
     """Everything the agent needs to know about itself; `AgentConfig.from_yaml(path)` reads it."""
 
@@ -76,6 +114,9 @@ class AgentConfig(BaseModel):
         description="process: a child process that can be killed on timeout and cannot crash the agent; "
                     "thread: in-process (cheaper, for simulated fleets).")
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    telemetry: TelemetryConfig = TelemetryConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    safety: SafetyConfig = SafetyConfig()
     report_status_over_http: bool = Field(default=False,
                                           description="Also POST every status to {fleet_url}/api/v1/devices/{id}/status.")
 

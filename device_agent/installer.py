@@ -25,9 +25,10 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from edgepack.bundle import open_bundle
+from edgepack.bundle import VerifiedBundle, open_bundle
 from edgepack.errors import BundleError, EdgepackError
 from edgepack.protocol import BundleRef
 
@@ -94,35 +95,12 @@ class Installer:
             except BundleError as exc:
                 log.warning("slot %s no longer verifies (%s); installing %s afresh", other, exc, ref.id[:12])
 
-        on_phase("downloading")
-        try:
-            bundle_path = self.downloader.fetch(ref).path
-        except DownloadRefused as exc:
-            self.state.discard_downloads()
-            return self._failed(f"download refused: {exc.message}")
-        except DownloadError as exc:
-            return self._failed(exc.message, retryable=True)
-        self.state.fault("install.downloaded")
-
-        on_phase("verifying")
-        try:
-            bundle = open_bundle(bundle_path, self.state.trusted_keys)
-        except BundleError as exc:
-            self.state.discard_downloads()
-            return self._failed(f"bundle refused: {exc.message}", downloaded=True)
+        fetched = self._fetch_checked(ref, on_phase)
+        if isinstance(fetched, InstallOutcome):
+            return fetched
+        bundle = fetched
         manifest = bundle.manifest
-        if not profile_matches(manifest, self.profile):
-            self.state.discard_downloads()
-            aliases = manifest.get("profile_aliases") or []
-            also = f" (aliases: {', '.join(map(str, aliases))})" if aliases else ""
-            return self._failed(f"bundle refused: built for profile {manifest.get('profile')!r}{also}, "
-                                f"this device is {self.profile!r}", downloaded=True)
         runtime = str(manifest.get("runtime", ""))
-        try:
-            adapter_for(runtime)
-        except RuntimeUnavailable as exc:
-            self.state.discard_downloads()
-            return self._failed(f"bundle refused: {exc.message}", downloaded=True)
         self.state.fault("install.verified")
 
         on_phase("installing")
@@ -156,6 +134,69 @@ class Installer:
         self.state.discard_downloads()
         log.info("installed %s %s (%s) in slot %s", record.name, record.version, ref.id[:12], slot)
         return self._outcome(final_phase, downloaded=True, switched=True, selftest=result)
+
+    def _fetch_checked(self, ref: BundleRef, on_phase: PhaseCallback) -> VerifiedBundle | InstallOutcome:
+        """Download `ref` and check it for this device (signature, hashes, profile, runtime); a failed outcome if not."""
+        on_phase("downloading")
+        try:
+            bundle_path = self.downloader.fetch(ref).path
+        except DownloadRefused as exc:
+            self.state.discard_downloads()
+            return self._failed(f"download refused: {exc.message}")
+        except DownloadError as exc:
+            return self._failed(exc.message, retryable=True)
+        self.state.fault("install.downloaded")
+
+        on_phase("verifying")
+        try:
+            bundle = open_bundle(bundle_path, self.state.trusted_keys)
+        except BundleError as exc:
+            self.state.discard_downloads()
+            return self._failed(f"bundle refused: {exc.message}", downloaded=True)
+        manifest = bundle.manifest
+        if not profile_matches(manifest, self.profile):
+            self.state.discard_downloads()
+            aliases = manifest.get("profile_aliases") or []
+            also = f" (aliases: {', '.join(map(str, aliases))})" if aliases else ""
+            return self._failed(f"bundle refused: built for profile {manifest.get('profile')!r}{also}, "
+                                f"this device is {self.profile!r}", downloaded=True)
+        runtime = str(manifest.get("runtime", ""))
+        try:
+            adapter_for(runtime)
+        except RuntimeUnavailable as exc:
+            self.state.discard_downloads()
+            return self._failed(f"bundle refused: {exc.message}", downloaded=True)
+        return bundle
+
+    # -- staging (shadow mode) -----------------------------------------------------------------------
+
+    def stage(self, ref: BundleRef, target_dir: Path, on_phase: PhaseCallback = lambda phase: None) -> InstallOutcome:
+        """Download, verify, unpack and self-test `ref` into `target_dir`, outside the slots: nothing switches.
+
+        Shadow mode runs its candidate from there. Ends in `active` (the active bundle is unchanged) or
+        `failed`; the downloaded file is kept, so installing the same bundle later needs no download.
+        """
+        fetched = self._fetch_checked(ref, on_phase)
+        if isinstance(fetched, InstallOutcome):
+            return fetched
+        on_phase("installing")
+        target_dir = Path(target_dir)
+        try:
+            shutil.rmtree(target_dir, ignore_errors=True)
+            target_dir.parent.mkdir(parents=True, exist_ok=True)
+            fetched.extract(target_dir)
+        except (EdgepackError, OSError) as exc:
+            shutil.rmtree(target_dir, ignore_errors=True)
+            reason = exc.message if isinstance(exc, EdgepackError) else (exc.strerror or str(exc))
+            return self._failed(f"cannot unpack into {target_dir}: {reason}", downloaded=True)
+        on_phase("selftest")
+        result = run_selftest(target_dir, timeout_s=self.selftest_timeout_s, isolation=self.selftest_isolation)
+        if not result.passed:
+            shutil.rmtree(target_dir, ignore_errors=True)
+            self.state.discard_downloads()
+            return self._failed(f"self-test failed: {result.reason}", downloaded=True, selftest=result)
+        self.state.discard_downloads(keep=ref.id)
+        return self._outcome("active", downloaded=True, selftest=result)
 
     # -- rollback ------------------------------------------------------------------------------------
 

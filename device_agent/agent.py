@@ -23,6 +23,12 @@ Inference: `agent.engine` (device_agent.inference.InferenceEngine) serves the ac
 swapped on every switch before any other listener hears of it; `agent.infer(inputs)` is the Python
 API, `agent.engine.add_observer(fn)` sees every request, and with `serve` in the config the same
 engine answers HTTP on `serve.host:serve.port` (device_agent.http_server).
+
+Telemetry, shadow mode and local safety watch the engine's requests and the agent's switches:
+`agent.telemetry` (device_agent.telemetry) publishes a window every `telemetry.window_s` and buffers
+windows on disk while the broker is away; `agent.shadow` (device_agent.shadow) is the `shadow` action;
+`agent.safety` (device_agent.safety) rolls back by itself, with `switch_back`, when a newly installed
+bundle's error rate jumps, and at start, before any model is loaded, when it crash-loops.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ from edgepack import __version__
 from edgepack.errors import ConfigError, EdgepackError, ProtocolError
 from edgepack.protocol import DesiredState, DeviceStatus, decode, desired_topic, encode, status_topic
 
+from device_agent.buffer import DiskBuffer
 from device_agent.config import AgentConfig
 from device_agent.downloader import Downloader, DownloadSettings
 from device_agent.fleet_api import FleetClient, enroll_until_done
 from device_agent.http_server import InferenceServer
 from device_agent.inference import InferenceEngine
 from device_agent.installer import Installer, InstallOutcome, PhaseCallback
+from device_agent.safety import SafetyMonitor
+from device_agent.shadow import ShadowMode
 from device_agent.state import ActiveBundle, AgentState, FaultHook, Journal
+from device_agent.telemetry import BUFFER_NAME, TelemetryPublisher
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,20 @@ class Agent:
         self.engine = InferenceEngine()
         self.inference_server: InferenceServer | None = None
         self._listeners.insert(0, self._load_active_model)
+        # Telemetry, shadow mode and local safety: engine observers and switch listeners (after the engine).
+        self._switch_lock = threading.Lock()  # one switch at a time: the worker's desired states, local rollbacks
+        self.shadow = ShadowMode(self.installer, self.state.root / "shadow", sample_rate=config.shadow.sample_rate,
+                                 max_pending=config.shadow.max_pending)
+        self.telemetry = TelemetryPublisher(
+            self.device_id, self, DiskBuffer(self.state.root / BUFFER_NAME, config.telemetry.buffer_max_bytes),
+            window_s=config.telemetry.window_s, shadow_summary=self.shadow.summary)
+        self.safety = SafetyMonitor(self.state.root, config.safety, switch_back=self.switch_back)
+        for observer in (self.telemetry.observe, self.safety.observe, self.shadow.observe):
+            self.engine.add_observer(observer)
+        self._listeners += [self.telemetry.set_active, self.shadow.on_active_change]
+        self._actions.update({"install": self.safety.watching(self._install, "install"),
+                              "rollback": self.safety.watching(self._rollback, "rollback"),
+                              "shadow": self.shadow.handle})
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -115,12 +139,35 @@ class Agent:
         """The active model's outputs for `inputs` ({input name: array}); InferenceError when it cannot."""
         return self.engine.infer(inputs)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        if self._client is not None:
-            self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False):
+        """Send on the agent's connection; the client's message info (None when there is no client)."""
+        client = self._client
+        if client is not None:
+            return client.publish(topic, payload, qos=qos, retain=retain)
+        return None
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def switch_back(self, from_bundle_id: str, reason: str) -> InstallOutcome | None:
+        """Roll back to the previous slot (no download) because the device decided to; report `rolled_back`.
+
+        Waits for a desired state being applied to finish; does nothing (None) when `from_bundle_id` is no
+        longer active by then. The last desired state keeps its seq, so its retained copy is not replayed.
+        """
+        with self._switch_lock:
+            pointer = self.state.read_pointer()
+            if pointer.active is None or pointer.active.bundle_id != from_bundle_id:
+                return None
+            outcome = self.installer.rollback(None)
+            if outcome.switched:
+                self._active = self.state.active_bundle()
+                self._notify_active()
+            self._record_local_outcome(outcome, reason)
+            return outcome
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued or in flight (retries waiting for their time count as queued)."""
@@ -141,6 +188,7 @@ class Agent:
         report = self.state.recover()
         self._journal = self.state.read_journal()
         self._active = self.state.active_bundle()
+        self._roll_back_a_crash_loop()
         credential = self._credential()
         if credential is None:  # stopped while waiting for the fleet
             return
@@ -152,10 +200,12 @@ class Agent:
         self._set_status(phase, seq=max(self._journal.last_seq, 0), rollout_id=self._journal.rollout_id,
                          error=initial_error or self._journal.error, send=False)
         self._notify_active()
+        self.shadow.resume()
         self._start_serving()
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}-worker", daemon=True)
         self._worker.start()
         self._connect()
+        self.telemetry.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish or abandon the current step, publish `offline`, disconnect."""
@@ -166,6 +216,10 @@ class Agent:
             self._worker.join(timeout)
         if self.inference_server is not None:
             self.inference_server.stop()
+        if self._started:
+            self.telemetry.stop()  # its last window goes out (or to the buffer) before the connection closes
+            self.shadow.close()
+            self.safety.mark_clean_stop()
         client, self._client = self._client, None
         if client is not None:
             with self._status_lock:
@@ -310,7 +364,8 @@ class Agent:
                 desired, self._pending = self._pending, None
                 self._in_flight = desired
             try:
-                self._apply(desired)
+                with self._switch_lock:
+                    self._apply(desired)
             except Exception:  # a bug must not kill the worker; the seq stays unfinished and is retried on restart
                 log.exception("unexpected error applying desired seq %d", desired.seq)
                 self._set_status("failed", seq=desired.seq, rollout_id=desired.rollout_id, error="agent error (see its log)")
@@ -327,6 +382,7 @@ class Agent:
 
         log.info("applying desired seq %d: %s %s", desired.seq, desired.action,
                  f"{desired.bundle.name} {desired.bundle.version}" if desired.bundle else "")
+        self.shadow.before_desired(desired)
         outcome = handler(desired, on_phase)
         if outcome.switched:
             self._active = self.state.active_bundle()
@@ -361,6 +417,36 @@ class Agent:
     def _unsupported(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
         return self._refuse(f"action {desired.action!r} is not supported by this agent ({__version__})")
 
+    # -- local safety --------------------------------------------------------------------------------
+
+    def _roll_back_a_crash_loop(self) -> None:
+        """At start, before any model is loaded: roll back when the active bundle keeps crashing the agent."""
+        pointer = self.state.read_pointer()
+        active = self._active
+        reason = self.safety.check_at_start(pointer.active.bundle_id if pointer.active else None,
+                                            pointer.previous.bundle_id if pointer.previous else None,
+                                            active_installed_at=active.record.installed_at if active else None)
+        if reason is None or pointer.active is None:
+            return
+        log.warning("%s", reason)
+        outcome = self.installer.rollback(None)
+        self.safety.after_start_rollback(outcome, pointer.active.bundle_id, reason)
+        if outcome.switched:
+            self._active = self.state.active_bundle()
+        self._record_local_outcome(outcome, reason, send=False)
+
+    def _record_local_outcome(self, outcome: InstallOutcome, reason: str, *, send: bool = True) -> None:
+        """A rollback the device made by itself: journal and status under the last desired state's seq."""
+        error = reason if outcome.switched else f"{reason}; the rollback failed: {outcome.error}"
+        journal = Journal(last_seq=self._journal.last_seq, rollout_id=self._journal.rollout_id,
+                          phase="rolled_back" if outcome.switched else self._journal.phase, error=error,
+                          bundle_id=outcome.current_bundle, updated_at=time.time())
+        self.state.write_journal(journal)
+        with self._cond:
+            self._journal = journal
+        if send:
+            self._set_status(journal.phase, seq=max(journal.last_seq, 0), rollout_id=journal.rollout_id, error=error)
+
     def _refuse(self, error: str) -> InstallOutcome:
         pointer = self.state.read_pointer()
         return InstallOutcome(phase="failed", error=error,
@@ -373,7 +459,8 @@ class Agent:
         pointer = self.state.read_pointer()
         return DeviceStatus(device_id=self.device_id, profile=self.config.profile, agent_version=__version__,
                             current_bundle=pointer.active.bundle_id if pointer.active else None,
-                            previous_bundle=pointer.previous.bundle_id if pointer.previous else None, ts=time.time())
+                            previous_bundle=pointer.previous.bundle_id if pointer.previous else None,
+                            shadow_bundle=self.shadow.bundle_id, ts=time.time())
 
     def _set_status(self, phase: str, *, seq: int, rollout_id: str | None, error: str | None = None, send: bool = True) -> None:
         with self._status_lock:

@@ -8,16 +8,48 @@ A gate is a small frozen value, `GateSpec`, parsed from the text an operator typ
 
 Each metric is computed by a registered `MetricSource` (subclasses register themselves by `name`), per
 hardware profile, so a fleet-wide average cannot hide one failing profile. Install metrics read the
-rollout members' phases; telemetry metrics read `TelemetryWindow` rows of the treatment cohort (members
-of the waves so far, running the rollout's bundle, since the wave started) against the control cohort
-(the rollout's devices not yet in a wave, still on their old bundle). The next issue's telemetry gates
-need no new mechanism: they are already registered, and with no telemetry they hold.
+rollout members' phases; telemetry metrics (`p50/p95/p99_latency_ms`, `error_rate`, `drift`) read the
+`TelemetryWindow` rows of two cohorts of the same profile:
+
+    treatment   members of the waves so far, windows on the rollout's bundle received since this wave started
+    control     members of the later waves (the same hash ranking picked them, so they are a random sample
+                of the same profile's targets), windows on their old bundle received since this wave started
+    baseline    at the last wave nobody is left waiting, so relative gates compare against the profile's
+                members' most recent windows on their old bundle (at most BASELINE_MAX_WINDOWS, none older
+                than BASELINE_LOOKBACK_S before the rollout was created): mostly the last wave's devices
+                during the wave before, i.e. the last concurrent control
+
+The control is therefore not a separate reserved set: with the default waves (1, 10, 50, 100) every wave
+but the last has at least half of each profile running the old bundle beside it, a regression is caught
+there, and no device is held back from a release that passed. When a profile's control has members but
+their telemetry is missing, a relative gate holds (it never silently switches to another cohort).
+
+Before a telemetry gate passes or fails, each cohort it reads must have served at least `min_inferences`
+inferences (the `min_inferences>=N` gate; DEFAULT_MIN_INFERENCES when a rollout has telemetry gates but
+names none); until then it holds, and its evidence says how many of how many.
+
+Latency percentiles are computed from the cohort's merged latency histograms (`latency_ms.bounds_ms` /
+`counts` in the stored payloads), never by averaging device percentiles. When histograms are missing,
+use different buckets, or the percentile lies above the last bucket bound, the metric falls back to the
+maximum over the cohort's devices of each device's (inference-weighted) window percentile — an upper
+bound of the pooled percentile — and the evidence says which method was used and why.
 
 A gate outcome per profile is `pass`, `fail` or `hold`. While some members have not finished installing,
 a ratio is known only within bounds (the pending members may still go either way); a gate passes or
 fails only when both bounds agree, else it holds. `evaluate_gates` folds the outcomes into one
 `WaveVerdict`: any failure → rollback (immediately, no need to wait for the bake time), else any hold or
 an unfinished bake / too few reports → hold, else promote.
+
+Evidence. Besides the per-gate summary (`gates`), the verdict lists one `checks` row per gate and profile:
+
+    {"gate": "p95_latency_ms<=1.1x control", "metric": "p95_latency_ms", "profile": "rpi5",
+     "cohort": "treatment", "devices": 1, "inferences": 600, "value": 15.2,
+     "control_cohort": "control", "control_devices": 9, "control_inferences": 5400, "control": 10.1,
+     "op": "<=", "threshold": "1.10x control", "limit": 11.11, "method": "merged latency histogram",
+     "required_inferences": 300, "outcome": "fail", "passed": false}
+
+`threshold` is what the operator wrote (a number, or "F x control"); `limit` the number `value` was
+compared with. A holding check has `reason` and the counts so far.
 """
 
 from __future__ import annotations
@@ -207,6 +239,13 @@ def parse_gates(specs: Iterable["str | Mapping[str, Any] | GateSpec"]) -> list[G
 
 # Used when a rollout names no gates: no install may fail, none may time out, every device must end active.
 DEFAULT_GATES: tuple[str, ...] = ("install_failure_ratio<=0", "install_timeout_ratio<=0", "active_ratio>=1.0")
+# Inferences each cohort must serve before a telemetry gate decides, when a rollout has telemetry gates but
+# no `min_inferences` gate: a percentile of a few dozen requests is noise.
+DEFAULT_MIN_INFERENCES = 100
+# The baseline cohort (relative gates at the last wave): the newest windows on the old bundle, at most this
+# many, none received longer than this before the rollout was created.
+BASELINE_MAX_WINDOWS = 5000
+BASELINE_LOOKBACK_S = 3600.0
 
 
 # ---------------------------------------------------------------- measurements and metric sources
@@ -235,7 +274,8 @@ class Measurement:
 
 @dataclass
 class ProfileCohort:
-    """The devices of one hardware profile in a rollout at one wave: treatment and control."""
+    """The devices of one hardware profile in a rollout at one wave: treatment and control (see the module
+    docstring for which telemetry windows each cohort reads)."""
 
     session: Session
     rollout: Rollout
@@ -256,30 +296,37 @@ class ProfileCohort:
         return self._cache["treatment"]
 
     def control_windows(self) -> tuple[str, list[TelemetryWindow]]:
-        """(cohort name, windows) of the control: devices still waiting for their wave, on their old bundle,
-        during this wave; at the last wave (nobody is left waiting) the rollout's devices' windows on their
-        old bundle since the rollout began (the baseline before they installed)."""
+        """(cohort name, windows): `control` — the later waves' members on their old bundle during this
+        wave — while the profile has such members, else `baseline` (the last wave: the profile's members'
+        most recent windows on their old bundle)."""
         if "control" not in self._cache:
-            ids = [device.id for _, device in self.control]
-            rows = self._windows(ids, new_bundle=False, since=self.window_start) if ids else []
-            cohort = "control"
-            if not rows:
-                everyone = [device.id for _, device in self.treatment + self.control]
-                rows = self._windows(everyone, new_bundle=False, since=utc(self.rollout.created_at))
-                cohort = "baseline"
-            self._cache["control"] = (cohort, rows)
+            if self.control:
+                ids = [device.id for _, device in self.control]
+                self._cache["control"] = ("control", self._windows(ids, new_bundle=False, since=self.window_start))
+            else:
+                everyone = [device.id for _, device in self.treatment]
+                since = utc(self.rollout.created_at) - dt.timedelta(seconds=BASELINE_LOOKBACK_S)
+                rows = self._windows(everyone, new_bundle=False, since=since, until=self.window_start,
+                                     newest=BASELINE_MAX_WINDOWS)
+                self._cache["control"] = ("baseline", rows)
         return self._cache["control"]
 
-    def _windows(self, device_ids: Sequence[str], new_bundle: bool, since: dt.datetime | None) -> list[TelemetryWindow]:
+    def _windows(self, device_ids: Sequence[str], new_bundle: bool, since: dt.datetime | None,
+                 until: dt.datetime | None = None, newest: int | None = None) -> list[TelemetryWindow]:
         if not device_ids:
             return []
         query = select(TelemetryWindow).where(TelemetryWindow.device_id.in_(device_ids))
         if since is not None:
             query = query.where(TelemetryWindow.received_at >= since)
+        if until is not None:
+            query = query.where(TelemetryWindow.received_at < until)
         if new_bundle:
             query = query.where(TelemetryWindow.bundle_id == self.bundle_id)
         else:
             query = query.where((TelemetryWindow.bundle_id != self.bundle_id) | TelemetryWindow.bundle_id.is_(None))
+        if newest is not None:
+            rows = list(self.session.scalars(query.order_by(TelemetryWindow.id.desc()).limit(newest)))
+            return rows[::-1]
         return list(self.session.scalars(query.order_by(TelemetryWindow.id)))
 
 
@@ -362,7 +409,8 @@ class ActiveRatio(_InstallRatio):
 
 
 class _TelemetryMetric(MetricSource):
-    """A metric over telemetry windows, absolute or relative to the control cohort."""
+    """A metric over telemetry windows, absolute or relative to the control cohort. Each cohort it reads
+    must have served `min_inferences` first (see the module docstring)."""
 
     kind = "telemetry"
     relative_ok = True
@@ -373,54 +421,128 @@ class _TelemetryMetric(MetricSource):
 
     def measure(self, cohort: ProfileCohort, spec: GateSpec) -> Measurement:
         windows = cohort.treatment_windows()
+        required = cohort.min_inferences
+        detail: dict[str, Any] = {
+            "devices": len(cohort.treatment), "reporting_devices": _reporting(windows), "windows": len(windows),
+            "inferences": _served(windows), "required_inferences": required,
+        }
         if not windows:
-            return Measurement.holding("no telemetry yet")
-        inferences = sum(w.inferences for w in windows)
-        if inferences < cohort.min_inferences:
-            return Measurement.holding("not enough inferences", inferences=inferences, required=cohort.min_inferences)
+            return Measurement.holding("no telemetry yet", **detail)
+        if detail["inferences"] < required:
+            return Measurement.holding("not enough inferences", **detail)
         value, how = self.aggregate(windows)
+        detail.update(how)
         if value is None:
-            return Measurement.holding(f"no {self.name} in telemetry yet", inferences=inferences)
-        detail = {"inferences": inferences, "windows": len(windows), **how}
-        control = None
-        if spec.relative_to == "control":
-            cohort_name, control_windows = cohort.control_windows()
-            control, control_how = self.aggregate(control_windows) if control_windows else (None, {})
-            if control is None:
-                return Measurement.holding("no control telemetry yet", inferences=inferences, value=value)
-            detail["control_cohort"] = cohort_name
-            detail["control_windows"] = len(control_windows)
-            detail["control_inferences"] = sum(w.inferences for w in control_windows)
-        return Measurement(value=value, n=inferences, control=control, detail=detail)
+            return Measurement.holding(f"no {self.name} in telemetry yet", **detail)
+        if spec.relative_to is None:
+            return Measurement(value=value, n=detail["inferences"], detail=detail)
+
+        cohort_name, control_windows = cohort.control_windows()
+        detail.update({
+            "control_cohort": cohort_name,
+            # the baseline is the treatment's own devices (and the later waves'), before they switched
+            "control_devices": len(cohort.control) if cohort_name == "control" else len(cohort.treatment),
+            "control_reporting_devices": _reporting(control_windows), "control_windows": len(control_windows),
+            "control_inferences": _served(control_windows),
+        })
+        if not control_windows:
+            return Measurement(value=value, hold_reason=f"no {cohort_name} telemetry yet", detail=detail)
+        if detail["control_inferences"] < required:
+            return Measurement(value=value, hold_reason=f"not enough {cohort_name} inferences", detail=detail)
+        control, control_how = self.aggregate(control_windows)
+        detail.update({f"control_{key}": item for key, item in control_how.items()})
+        if control is None:
+            return Measurement(value=value, hold_reason=f"no {self.name} in {cohort_name} telemetry yet", detail=detail)
+        return Measurement(value=value, n=detail["inferences"], control=control, detail=detail)
 
 
-def _histogram_quantile(windows: Sequence[TelemetryWindow], q: float) -> float | None:
-    """The q-quantile of the merged latency histograms, when every window uses the same buckets."""
-    bounds: list[float] | None = None
-    merged: list[int] = []
-    for window in windows:
-        latency = (window.payload or {}).get("latency_ms") or {}
-        window_bounds, counts = latency.get("bounds_ms") or [], latency.get("counts") or []
-        if not window_bounds or len(counts) != len(window_bounds) + 1:
-            return None
-        if bounds is None:
-            bounds, merged = list(window_bounds), [0] * len(counts)
-        elif window_bounds != bounds:
-            return None
-        merged = [a + int(b) for a, b in zip(merged, counts)]
-    total = sum(merged)
-    if bounds is None or total == 0:
+def _served(windows: Sequence[TelemetryWindow]) -> int:
+    return sum(window.inferences for window in windows)
+
+
+def _reporting(windows: Sequence[TelemetryWindow]) -> int:
+    return len({window.device_id for window in windows})
+
+
+def _histogram(window: TelemetryWindow) -> tuple[tuple[float, ...], list[int]] | None:
+    """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None
+    when it has none or an unusable one (bounds not increasing, counts not matching, negative counts)."""
+    latency = (window.payload or {}).get("latency_ms") or {}
+    raw_bounds, raw_counts = latency.get("bounds_ms") or [], latency.get("counts") or []
+    if not raw_bounds:
+        return None
+    try:
+        bounds = tuple(float(bound) for bound in raw_bounds)
+        counts = [int(count) for count in raw_counts]
+    except (TypeError, ValueError):
+        return None
+    if len(counts) == len(bounds):
+        counts.append(0)  # sent without the overflow bucket
+    if (len(counts) != len(bounds) + 1 or any(count < 0 for count in counts)
+            or not all(math.isfinite(bound) for bound in bounds)
+            or any(after <= before for before, after in zip(bounds, bounds[1:]))):
+        return None
+    return bounds, counts
+
+
+def _quantile_of(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile of a histogram, linear within its bucket (the first bucket starts at 0 ms); None when
+    it is empty, `math.inf` when it falls in the overflow bucket (above the last bound)."""
+    total = sum(counts)
+    if total == 0:
         return None
     rank = q * total
     seen = 0
-    for i, count in enumerate(merged):
+    for index, count in enumerate(counts):
         if count and seen + count >= rank:
-            if i == len(bounds):  # overflow bucket: all we know is "above the last bound"
-                return float(bounds[-1])
-            lower = 0.0 if i == 0 else float(bounds[i - 1])
-            return lower + (float(bounds[i]) - lower) * (rank - seen) / count
+            if index == len(bounds):
+                return math.inf
+            lower = 0.0 if index == 0 else bounds[index - 1]
+            return lower + (bounds[index] - lower) * max(0.0, rank - seen) / count
         seen += count
-    return float(bounds[-1])
+    return math.inf
+
+
+def latency_quantile(windows: Sequence[TelemetryWindow], q: float, column: str) -> tuple[float | None, dict[str, Any]]:
+    """The q-quantile of latency over `windows`, and how it was computed.
+
+    From the merged histograms when every window that served inferences has one with the same buckets;
+    otherwise the maximum over devices of each device's inference-weighted window percentile (`column`,
+    e.g. `p95_ms`), which bounds the pooled percentile from above; the detail names the method and why.
+    """
+    served = [window for window in windows if window.inferences > 0]
+    if not served:
+        return None, {}
+    label = column.removesuffix("_ms")
+    histograms = [_histogram(window) for window in served]
+    missing = sum(1 for histogram in histograms if histogram is None)
+    if missing:
+        why = f"no usable latency histogram in {missing} of {len(served)} windows"
+    elif len({bounds for bounds, _ in histograms}) > 1:
+        why = "windows use different histogram buckets"
+    else:
+        bounds = histograms[0][0]
+        merged = [sum(column_counts) for column_counts in zip(*(counts for _, counts in histograms))]
+        value = _quantile_of(bounds, merged, q)
+        if value is None:
+            why = "the latency histograms are empty"
+        elif math.isinf(value):
+            why = f"the {label} lies above the last histogram bound ({bounds[-1]:g} ms)"
+        else:
+            return value, {"method": "merged latency histogram", "histogram_samples": sum(merged)}
+
+    totals: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    for window in served:
+        percentile = getattr(window, column)
+        if percentile is not None:
+            totals[window.device_id] += percentile * window.inferences
+            weights[window.device_id] += window.inferences
+    if not totals:
+        return None, {"fallback_reason": why}
+    per_device = {device_id: totals[device_id] / weights[device_id] for device_id in totals}
+    worst = max(per_device, key=per_device.__getitem__)
+    return per_device[worst], {"method": f"max of device {label}", "fallback_reason": why, "worst_device": worst}
 
 
 class _LatencyQuantile(_TelemetryMetric):
@@ -428,31 +550,22 @@ class _LatencyQuantile(_TelemetryMetric):
     column: ClassVar[str]
 
     def aggregate(self, windows):
-        value = _histogram_quantile(windows, self.quantile)
-        if value is not None:
-            return value, {"method": "merged latency histogram"}
-        weighted = [(getattr(w, self.column), w.inferences) for w in windows if getattr(w, self.column) is not None]
-        weight = sum(n for _, n in weighted)
-        if not weighted:
-            return None, {}
-        if weight == 0:
-            return max(v for v, _ in weighted), {"method": f"max of window {self.column[:3]}"}
-        return sum(v * n for v, n in weighted) / weight, {"method": f"inference-weighted mean of window {self.column[:3]}"}
+        return latency_quantile(windows, self.quantile, self.column)
 
 
 class P50LatencyMs(_LatencyQuantile):
     name, quantile, column = "p50_latency_ms", 0.50, "p50_ms"
-    description = "Median inference latency in ms of the treatment cohort."
+    description = "Median inference latency in ms of the cohort (merged histograms; see the module docstring)."
 
 
 class P95LatencyMs(_LatencyQuantile):
     name, quantile, column = "p95_latency_ms", 0.95, "p95_ms"
-    description = "95th percentile inference latency in ms of the treatment cohort."
+    description = "95th percentile inference latency in ms of the cohort (merged histograms)."
 
 
 class P99LatencyMs(_LatencyQuantile):
     name, quantile, column = "p99_latency_ms", 0.99, "p99_ms"
-    description = "99th percentile inference latency in ms of the treatment cohort."
+    description = "99th percentile inference latency in ms of the cohort (merged histograms)."
 
 
 class ErrorRate(_TelemetryMetric):
@@ -461,10 +574,11 @@ class ErrorRate(_TelemetryMetric):
     upper = 1.0
 
     def aggregate(self, windows):
-        inferences = sum(w.inferences for w in windows)
+        inferences = _served(windows)
         if inferences == 0:
             return None, {}
-        return sum(w.errors for w in windows) / inferences, {"errors": sum(w.errors for w in windows)}
+        errors = sum(w.errors for w in windows)
+        return errors / inferences, {"errors": errors}
 
 
 class Drift(_TelemetryMetric):
@@ -476,6 +590,8 @@ class Drift(_TelemetryMetric):
         weights: dict[str, float] = defaultdict(float)
         for window in windows:
             for key, score in (window.drift or {}).items():
+                if not isinstance(score, (int, float)) or not math.isfinite(score):
+                    continue  # a device's broken score must not poison the cohort's mean
                 weight = max(window.inferences, 1)
                 totals[key] += float(score) * weight
                 weights[key] += weight
@@ -490,13 +606,16 @@ class Drift(_TelemetryMetric):
 class MinInferences(MetricSource):
     name = "min_inferences"
     kind = "telemetry"
-    description = "Inferences the treatment cohort served on the new bundle this wave; the wave holds until enough."
+    description = ("Inferences each cohort (treatment; control too for relative gates) served this wave; until "
+                   "then the wave and every telemetry gate hold.")
     on_fail = "hold"
     ops = (">=", ">")
 
     def measure(self, cohort, spec):
         windows = cohort.treatment_windows()
-        return Measurement(value=float(sum(w.inferences for w in windows)), n=len(windows), detail={"windows": len(windows)})
+        return Measurement(value=float(_served(windows)), n=len(windows),
+                           detail={"windows": len(windows), "devices": len(cohort.treatment),
+                                   "reporting_devices": _reporting(windows)})
 
 
 # ---------------------------------------------------------------- the verdict
@@ -535,6 +654,50 @@ def _number(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
+def threshold_text(spec: GateSpec) -> float | str:
+    """The threshold as the operator meant it: a number, or `1.10x control` for a relative gate."""
+    if spec.relative_to is None:
+        return spec.threshold
+    factor = f"{spec.threshold:.2f}" if round(spec.threshold, 2) == spec.threshold else f"{spec.threshold:g}"
+    return f"{factor}x {spec.relative_to}"
+
+
+def required_inferences(specs: Sequence[GateSpec]) -> int:
+    """Inferences each cohort must serve before telemetry gates decide: the strictest `min_inferences` gate,
+    else DEFAULT_MIN_INFERENCES when there are telemetry gates, else 1."""
+    limits = [math.floor(s.threshold) + 1 if s.op == ">" else math.ceil(s.threshold)
+              for s in specs if s.metric == "min_inferences"]
+    if limits:
+        return max(1, *limits)
+    return DEFAULT_MIN_INFERENCES if any(s.source.kind == "telemetry" for s in specs) else 1
+
+
+def _check(spec: GateSpec, profile: str, measurement: Measurement, outcome: Outcome, why: str | None) -> dict[str, Any]:
+    """One evidence row: this gate on this profile's cohort (see the module docstring)."""
+    row: dict[str, Any] = {"gate": spec.text, "metric": spec.metric, "profile": profile,
+                           "cohort": "treatment",
+                           "value": _number(measurement.value)}
+    if measurement.low != measurement.high:
+        row["bounds"] = [_number(measurement.low), _number(measurement.high)]
+    if spec.relative_to:
+        row["control"] = _number(measurement.control)
+    row.update({"op": spec.op, "threshold": threshold_text(spec),
+                "limit": _number(spec.effective_threshold(measurement.control)), "n": measurement.n})
+    row.update(measurement.detail)
+    row.update({"outcome": outcome, "passed": outcome == "pass"})
+    if why:
+        row["reason"] = why
+    return row
+
+
+def _failure_text(row: dict[str, Any]) -> str:
+    text = f"{row['gate']} failed on {row['profile']}: {row['cohort']} {row['value']:.4g} vs limit {row['limit']:.4g}"
+    if row.get("control") is not None:
+        factor = str(row["threshold"]).removesuffix("control").strip()
+        text += f" = {factor} {row.get('control_cohort', 'control')} {row['control']:.4g}"
+    return text
+
+
 def cohort_members(session: Session, rollout: Rollout) -> list[tuple[RolloutMember, Device]]:
     return list(session.execute(
         select(RolloutMember, Device).join(Device, Device.id == RolloutMember.device_id)
@@ -546,10 +709,10 @@ def cohort_members(session: Session, rollout: Rollout) -> list[tuple[RolloutMemb
 def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: float | dt.datetime) -> WaveVerdict:
     """Decide promote, hold or rollback for a wave of `rollout` from the database as it is now.
 
-    The cohort of wave i is cumulative: every member of waves 0..i. Gates are evaluated per hardware
-    profile present in it. A failing gate rolls back at once; promotion also needs the bake time since
-    the wave started to have passed and at least `min_reports` members (at most the cohort's size) to
-    have finished installing.
+    The cohort of wave i is cumulative: every member of waves 0..i; the control, the members of the waves
+    after i. Gates are evaluated per hardware profile present in the cohort. A failing gate rolls back at
+    once; promotion also needs the bake time since the wave started to have passed and at least
+    `min_reports` members (at most the cohort's size) to have finished installing.
     """
     now_dt = utc(now)
     specs = parse_gates(rollout.gates or DEFAULT_GATES)
@@ -560,7 +723,7 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
     new_in_wave = sum(1 for m, _ in treatment if m.wave_index == wave_index)
     started = utc(rollout.wave_started_at) if rollout.current_wave == wave_index else None
     window_start = started or utc(rollout.created_at)
-    min_inferences = int(max([s.threshold for s in specs if s.metric == "min_inferences"], default=1))
+    min_inferences = required_inferences(specs)
 
     by_profile: dict[str, list[tuple[RolloutMember, Device]]] = defaultdict(list)
     control_by_profile: dict[str, list[tuple[RolloutMember, Device]]] = defaultdict(list)
@@ -577,6 +740,7 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
     holds: set[str] = set()
     failures: list[str] = []
     gate_evidence = []
+    checks: list[dict[str, Any]] = []
     for spec in specs:
         profiles: dict[str, Any] = {}
         outcomes: list[Outcome] = []
@@ -585,27 +749,20 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
             outcome, why = _judge(spec, measurement)
             if outcome == "fail" and spec.source.on_fail == "hold":
                 outcome, why = "hold", f"{spec.metric} not reached"
-            entry: dict[str, Any] = {"value": _number(measurement.value), "outcome": outcome, "n": measurement.n}
-            if measurement.low != measurement.high:
-                entry["bounds"] = [_number(measurement.low), _number(measurement.high)]
-            if spec.relative_to:
-                entry["control"] = _number(measurement.control)
-                entry["threshold"] = _number(spec.effective_threshold(measurement.control))
+            row = _check(spec, profile, measurement, outcome, why)
             if why:
-                entry["reason"] = why
                 holds.add(why)
-            entry.update(measurement.detail)
-            profiles[profile] = entry
-            outcomes.append(outcome)
             if outcome == "fail":
-                limit = spec.effective_threshold(measurement.control)
-                failures.append(f"{spec.text} failed on {profile} ({measurement.value:.4g} vs {limit:.4g})")
+                failures.append(_failure_text(row))
+            profiles[profile] = row
+            checks.append(row)
+            outcomes.append(outcome)
         outcome = "fail" if "fail" in outcomes else "hold" if "hold" in outcomes else "pass"
         gate_evidence.append({
             "gate": spec.text, "metric": spec.metric, "op": spec.op, "threshold": spec.threshold,
             "relative_to": spec.relative_to,
             "cohort": "treatment vs control" if spec.relative_to else "treatment",
-            "values": {profile: entry["value"] for profile, entry in profiles.items()},
+            "values": {profile: row["value"] for profile, row in profiles.items()},
             "profiles": profiles, "outcome": outcome, "passed": outcome == "pass",
         })
 
@@ -632,10 +789,13 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
         "wave": wave_index, "percent": percent, "decision": decision, "reason": reason,
         "at": now_dt.isoformat(),
         "cohort": {"treatment": len(treatment), "new_in_wave": new_in_wave, "control": len(control),
-                   "profiles": {p: len(c.treatment) for p, c in cohorts.items()}},
+                   "profiles": {p: len(c.treatment) for p, c in cohorts.items()},
+                   "control_profiles": {p: len(c.control) for p, c in cohorts.items()}},
         "bake": {"required_s": rollout.bake_s, "elapsed_s": _number(elapsed), "done": bake_done},
         "reports": {"count": reports, "required": required_reports},
+        "min_inferences": min_inferences,
         "gates": gate_evidence,
+        "checks": checks,
     }
     return WaveVerdict(decision, evidence)
 
@@ -647,6 +807,7 @@ def describe_metrics() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "DEFAULT_GATES", "METRIC_SOURCES", "GateSpec", "Measurement", "MetricSource", "ProfileCohort", "WaveVerdict",
-    "canonical_profile", "describe_metrics", "evaluate_gates", "parse_gates", "rollout_bundles",
+    "BASELINE_LOOKBACK_S", "BASELINE_MAX_WINDOWS", "DEFAULT_GATES", "DEFAULT_MIN_INFERENCES", "METRIC_SOURCES",
+    "GateSpec", "Measurement", "MetricSource", "ProfileCohort", "WaveVerdict", "canonical_profile", "describe_metrics",
+    "evaluate_gates", "latency_quantile", "parse_gates", "required_inferences", "rollout_bundles", "threshold_text",
 ]

@@ -203,9 +203,10 @@ def test_latency_regression_on_one_profile_rolls_back_against_its_control(fleet_
     assert gate["cohort"] == "treatment vs control"
     rpi, x86 = gate["profiles"]["rpi5"], gate["profiles"]["x86-avx2"]
     assert rpi["outcome"] == "fail" and rpi["value"] == 30.0 and rpi["control"] == 20.0
-    assert rpi["threshold"] == pytest.approx(22.0) and rpi["control_cohort"] == "control"
+    assert rpi["limit"] == pytest.approx(22.0) and rpi["threshold"] == "1.10x control"
+    assert rpi["control_cohort"] == "control" and rpi["method"] == "max of device p95"
     assert x86["outcome"] == "pass" and x86["value"] == x86["control"] == 4.0
-    assert "p95_latency_ms<=1.1x control failed on rpi5 (30 vs 22)" == verdict.reason
+    assert verdict.reason == "p95_latency_ms<=1.1x control failed on rpi5: treatment 30 vs limit 22 = 1.10x control 20"
 
 
 def test_min_inferences_holds_instead_of_failing(fleet_db):

@@ -73,8 +73,22 @@ ROLLOUT_DECISIONS = Counter(
     ["decision"],
     registry=REGISTRY,
 )
+ALERTS_RAISED = Counter(
+    "edgepack_alerts_raised",
+    "Alerts raised, by kind (drift).",
+    ["kind"],
+    registry=REGISTRY,
+)
+ALERT_DELIVERIES = Counter(
+    "edgepack_alert_webhook_deliveries",
+    "Alert webhook POSTs, by result (delivered, failed).",
+    ["result"],
+    registry=REGISTRY,
+)
 
 __all__ = [
+    "ALERTS_RAISED",
+    "ALERT_DELIVERIES",
     "BUNDLES_REFUSED",
     "BUNDLES_UPLOADED",
     "BUNDLE_BYTES_SERVED",

@@ -1,7 +1,8 @@
 """The fleet's database schema (SQLAlchemy 2, SQLite by default, PostgreSQL by URL).
 
 Everything a restarted server needs to resume lives here: bundles and their stages, devices and their
-last status, rollouts with their wave members, every wave decision with its evidence, the audit log.
+last status, rollouts with their wave members, every wave decision with its evidence, telemetry windows,
+alerts with their webhook delivery state, the audit log.
 Alembic migrations under `fleet/migrations/` create exactly these tables.
 """
 
@@ -150,6 +151,29 @@ class TelemetryWindow(Base):
     p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     drift: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Alert(Base):
+    """Something about a device's model that needs a person or a pipeline (kind `drift`: its live inputs or
+    outputs drifted from the bundle's reference outside any rollout — the "retrain" trigger).
+
+    An alert is open until `cleared_at`; `delivered` says the webhook accepted it (`attempts`,
+    `last_attempt_at` and `last_error` record the tries)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True, doc="drift")
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cleared_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="Webhook deliveries tried")
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AuditEntry(Base):

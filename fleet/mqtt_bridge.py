@@ -1,7 +1,8 @@
 """The fleet's MQTT side: consumes device status and telemetry, publishes retained desired states.
 
     edgepack/v1/devices/+/status      → fleet.services.status.apply_status
-    edgepack/v1/devices/+/telemetry   → fleet.services.status.record_telemetry
+    edgepack/v1/devices/+/telemetry   → fleet.services.status.record_telemetry, then (with a drift policy)
+                                        fleet.services.alerts.check_drift, which may raise a drift alert
     edgepack/v1/devices/{id}/desired  ← publish_desired() (retained, QoS 1, waits for the PUBACK)
 
 paho-mqtt 2 runs the network loop in its own thread and reconnects by itself (backoff 1 → 30 s);
@@ -10,7 +11,8 @@ device its topic names is dropped, counted in `bridge.malformed[reason]` (and in
 `fleet.metrics.MQTT_MALFORMED`), and logged in one line at most every `log_interval_s` per reason. No
 message can raise out of the callback.
 
-`lifespan_hook(app)` runs the bridge and the rollout controller thread for the life of the FastAPI app.
+`lifespan_hook(app)` runs the bridge, the rollout controller thread and (with a webhook configured) the
+alert dispatcher thread for the life of the FastAPI app.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from edgepack.protocol import (
     parse_topic,
 )
 from fleet.controller import RolloutController, count_metric, default_bundle_url
+from fleet.models import Alert
+from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy, check_drift
 from fleet.services.status import apply_status, record_telemetry
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,8 @@ class MqttBridge:
         log_interval_s: float = 10.0,
         keepalive_s: int = 30,
         persistent_session: bool = False,
+        drift_policy: DriftAlertPolicy | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self.mqtt_url = mqtt_url
         self.endpoint = parse_mqtt_url(mqtt_url)
@@ -121,6 +127,9 @@ class MqttBridge:
         # A persistent session makes the broker keep QoS 1 telemetry for the bridge while it is down; it
         # needs a client id no other server uses, or the two would keep disconnecting each other.
         self.persistent_session = persistent_session
+        # Drift alerts outside rollouts: checked after each stored telemetry window; `on_alert` hears of new ones.
+        self.drift_policy = drift_policy
+        self.on_alert = on_alert
         self.malformed: Counter[str] = Counter()
         self.processed: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -223,16 +232,23 @@ class MqttBridge:
             return self._drop(_malformed_reason(payload), topic, exc.message)
         if message.device_id != device_id:
             return self._drop("device_mismatch", topic, f"payload names device {message.device_id!r}")
+        alert = None
         with self.session_factory() as session:
             try:
                 if kind == "status":
                     apply_status(session, message)
                 else:
-                    record_telemetry(session, message)
+                    window = record_telemetry(session, message)
+                    if self.drift_policy is not None:
+                        alert = check_drift(session, window, self.drift_policy)
             except ProtocolError as exc:
                 return self._drop("unknown_device", topic, exc.message)
         self.processed[kind] += 1
         count_metric("MQTT_MESSAGES", kind=kind)
+        if alert is not None:
+            self.processed["alert"] += 1
+            if self.on_alert is not None:
+                self.on_alert(alert)
         return kind
 
     def _drop(self, reason: str, topic: str, detail: str) -> str:
@@ -273,9 +289,11 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     """Run the MQTT bridge and the rollout controller thread while the app runs.
 
     Reads `app.state.settings` (`mqtt_url`; optional `public_url` for absolute download URLs,
-    `controller_interval_s`, and `mqtt_client_id` — a fixed id gets a persistent broker session, without
-    one each server process gets its own id and a clean session) and `app.state.session_factory`; exposes
-    `app.state.mqtt_bridge` and `app.state.rollout_controller`.
+    `controller_interval_s`, `mqtt_client_id` — a fixed id gets a persistent broker session, without
+    one each server process gets its own id and a clean session —, `drift_alert_threshold`,
+    `alert_repeat_s` and `alert_webhook_url`) and `app.state.session_factory`; exposes
+    `app.state.mqtt_bridge`, `app.state.rollout_controller` and `app.state.alert_dispatcher` (None without
+    a webhook: alerts are still raised and listed, and go out once a server with a webhook runs).
     """
     settings = app.state.settings
     session_factory = app.state.session_factory
@@ -284,17 +302,28 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
         raise ConfigError("settings.mqtt_url is not set: the fleet server needs an MQTT broker")
     configured_id = getattr(settings, "mqtt_client_id", None)
     client_id = configured_id or f"edgepack-fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    bridge = MqttBridge(mqtt_url, session_factory, client_id=client_id, persistent_session=bool(configured_id)).start()
+    policy = DriftAlertPolicy(threshold=float(getattr(settings, "drift_alert_threshold", None) or DriftAlertPolicy.threshold),
+                              repeat_s=float(getattr(settings, "alert_repeat_s", None) or DriftAlertPolicy.repeat_s))
+    webhook = getattr(settings, "alert_webhook_url", None)
+    dispatcher = AlertDispatcher(session_factory, webhook) if webhook else None
+    bridge = MqttBridge(mqtt_url, session_factory, client_id=client_id, persistent_session=bool(configured_id),
+                        drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None).start()
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings))
     stop = threading.Event()
-    thread = controller.start_thread(stop, float(getattr(settings, "controller_interval_s", 1.0) or 1.0))
+    threads = [controller.start_thread(stop, float(getattr(settings, "controller_interval_s", 1.0) or 1.0))]
+    if dispatcher is not None:
+        threads.append(dispatcher.start_thread(stop))
     app.state.mqtt_bridge = bridge
     app.state.rollout_controller = controller
+    app.state.alert_dispatcher = dispatcher
     try:
         yield
     finally:
         stop.set()
-        await asyncio.to_thread(thread.join, 30)
+        if dispatcher is not None:
+            dispatcher.notify()  # wake it so it sees the stop now, not after its interval
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 30)
         bridge.stop()
 
 

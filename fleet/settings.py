@@ -7,6 +7,11 @@
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
     admin_token    the admin bearer token (EDGEPACK_ADMIN_TOKEN); None → generated on first start
     host, port     where uvicorn listens
+    drift_alert_threshold   a device outside any rollout whose worst drift score in a telemetry window exceeds
+                   this (default 0.25, PSI's "significant shift") raises a drift alert
+    alert_webhook_url       where alerts are POSTed as JSON (the "retrain" trigger); None → only listed
+    alert_repeat_s          an open alert is not raised again for the same device, bundle and kind within this
+                   many seconds (default 3600); it clears when the score falls back
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -38,11 +44,26 @@ class FleetSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_bundle_bytes: int = Field(default=4 * 1024**3, gt=0, description="Largest bundle upload accepted.")
+    drift_alert_threshold: float = Field(default=0.25, gt=0, allow_inf_nan=False,
+                                         description="Drift score above which a device outside a rollout raises an alert.")
+    alert_webhook_url: str | None = Field(default=None, description="URL alerts are POSTed to as JSON; None: none.")
+    alert_repeat_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False,
+                                  description="Seconds before an open alert for the same device, bundle and kind repeats.")
 
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"alert webhook {value!r}: expected an http:// or https:// URL")
+        return value.strip()
 
     @field_validator("admin_token")
     @classmethod
@@ -66,8 +87,9 @@ class FleetSettings(BaseModel):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
         """Settings from EDGEPACK_FLEET_DATA_DIR, EDGEPACK_DB_URL, EDGEPACK_MQTT_URL, EDGEPACK_PUBLIC_URL,
-        EDGEPACK_TRUSTED_KEYS (os.pathsep-separated), EDGEPACK_ADMIN_TOKEN, EDGEPACK_FLEET_HOST/PORT;
-        keyword overrides that are not None win (the CLI passes its options this way)."""
+        EDGEPACK_TRUSTED_KEYS (os.pathsep-separated), EDGEPACK_ADMIN_TOKEN, EDGEPACK_FLEET_HOST/PORT,
+        EDGEPACK_DRIFT_ALERT_THRESHOLD, EDGEPACK_ALERT_WEBHOOK_URL, EDGEPACK_ALERT_REPEAT_S; keyword overrides
+        that are not None win (the CLI passes its options this way)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         mapping = {
@@ -78,6 +100,9 @@ class FleetSettings(BaseModel):
             "admin_token": ADMIN_TOKEN_ENV,
             "host": "EDGEPACK_FLEET_HOST",
             "port": "EDGEPACK_FLEET_PORT",
+            "drift_alert_threshold": "EDGEPACK_DRIFT_ALERT_THRESHOLD",
+            "alert_webhook_url": "EDGEPACK_ALERT_WEBHOOK_URL",
+            "alert_repeat_s": "EDGEPACK_ALERT_REPEAT_S",
         }
         for field, name in mapping.items():
             if env.get(name):

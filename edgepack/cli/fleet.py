@@ -39,6 +39,8 @@ def serve(
     mqtt_port: int = typer.Option(1883, "--embedded-mqtt-port", help="Port of the embedded broker when no --mqtt-url."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
+    alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL alerts (drift outside a rollout) are POSTed to as JSON."),
+    drift_threshold: Optional[float] = typer.Option(None, "--drift-threshold", help="Drift score above which a device outside a rollout raises an alert (default 0.25)."),
 ) -> None:
     """Run the fleet server: API, rollout controller and MQTT bridge (with an embedded broker if no --mqtt-url)."""
     import uvicorn
@@ -64,12 +66,17 @@ def serve(
     overrides = {"host": host, "port": port, "data_dir": data_dir}
     if not public_url and not os.environ.get("EDGEPACK_PUBLIC_URL") and host not in ("0.0.0.0", "::", ""):
         public_url = f"http://{host}:{port}"  # on a wildcard address download URLs stay relative to the fleet URL
-    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url)):
-        if value:
+    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url),
+                        ("alert_webhook_url", alert_webhook), ("drift_alert_threshold", drift_threshold)):
+        if value not in (None, ""):
             overrides[name] = value
     if keys:
         overrides["trusted_keys"] = [key.resolve() for key in keys]
-    settings = FleetSettings.from_env(**overrides)
+    try:
+        settings = FleetSettings.from_env(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if not settings.trusted_keys:
         console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
     engine = make_engine(settings.database_url)

@@ -13,19 +13,20 @@
     GET     /rollouts, /rollouts/{id}              viewer
     POST    /tokens, /tokens/{id}/revoke           admin
     GET     /tokens, /audit                        admin
+    GET     /alerts                                viewer
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fleet.api import admin, bundles, devices, rollouts
+from fleet.api import admin, alerts, bundles, devices, rollouts
 from fleet.api.system import router as system_router
 
 API_PREFIX = "/api/v1"
 
 api_router = APIRouter(prefix=API_PREFIX)
-for _module in (bundles, devices, rollouts, admin):
+for _module in (bundles, devices, rollouts, alerts, admin):
     api_router.include_router(_module.router)
 
 __all__ = ["API_PREFIX", "api_router", "system_router"]

@@ -163,3 +163,25 @@ class RolloutCreate(_Request):
 
 
 RolloutAction = Literal["pause", "resume", "abort", "rollback"]
+
+
+# --- alerts
+
+
+class AlertPublic(_Public):
+    id: int
+    at: UtcDateTime
+    kind: str = Field(description="drift")
+    device_id: str
+    bundle_id: str | None
+    details: dict[str, Any] = Field(description="For drift: score, threshold, worst, scores, drift_method, profile, bundle, window")
+    cleared_at: UtcDateTime | None = Field(description="When the condition passed; null while the alert is open")
+    delivered: bool = Field(description="The webhook accepted it")
+    delivered_at: UtcDateTime | None
+    attempts: int = Field(description="Webhook deliveries tried")
+    last_error: str | None
+
+    @computed_field
+    @property
+    def open(self) -> bool:
+        return self.cleared_at is None

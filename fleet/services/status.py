@@ -12,7 +12,9 @@ Both functions commit; the MQTT bridge calls them once per message.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,16 +80,31 @@ def apply_status(session: Session, status: DeviceStatus, now: float | dt.datetim
     return True
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None: JSON columns (PostgreSQL's above all) refuse
+    them, and a gate must never average one in."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
 def record_telemetry(session: Session, telemetry: Telemetry, now: float | dt.datetime | None = None) -> TelemetryWindow:
-    """Store one telemetry window (read by the telemetry gates). Raises ProtocolError for an unknown device."""
+    """Store one telemetry window (read by the telemetry gates and the drift alerts). Non-finite numbers are
+    stored as null (drift scores that are not finite are left out). Raises ProtocolError for an unknown device."""
     device = _device(session, telemetry.device_id)
     at = _now(now)
     device.last_seen = at
+    latency = _finite(telemetry.latency_ms.model_dump())
     window = TelemetryWindow(
         device_id=device.id, bundle_id=telemetry.bundle_id, received_at=at, window_s=telemetry.window_s,
-        inferences=telemetry.inferences, errors=telemetry.errors, p50_ms=telemetry.latency_ms.p50,
-        p95_ms=telemetry.latency_ms.p95, p99_ms=telemetry.latency_ms.p99, drift=dict(telemetry.drift),
-        payload=telemetry.model_dump(mode="json"),
+        inferences=telemetry.inferences, errors=telemetry.errors, p50_ms=latency["p50"],
+        p95_ms=latency["p95"], p99_ms=latency["p99"],
+        drift={name: score for name, score in telemetry.drift.items() if math.isfinite(score)},
+        payload=_finite(telemetry.model_dump(mode="json")),
     )
     session.add(window)
     session.commit()

@@ -73,3 +73,22 @@ def test_env_reads_a_url_when_no_connection_is_given(tmp_path: Path) -> None:
             assert set(inspect(connection).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
     finally:
         engine.dispose()
+
+
+def test_migration_0002_adds_and_removes_only_the_alerts_table(db_url):
+    engine = make_engine(db_url)
+
+    def alembic(action: str, revision: str) -> set[str]:
+        _alembic(engine, action, revision)
+        with engine.connect() as connection:
+            return set(inspect(connection).get_table_names())
+
+    try:
+        migrate(engine)
+        head = alembic("upgrade", "head")
+        before = alembic("downgrade", "0001")
+        after = alembic("upgrade", "0002")
+    finally:
+        engine.dispose()
+
+    assert "alerts" in head and head - before == {"alerts"} and after == head

@@ -35,6 +35,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/api/v1/rollouts", VIEWER),
     ("GET", "/api/v1/rollouts/{rollout_id}", VIEWER),
     ("POST", "/api/v1/rollouts/{rollout_id}/{action}", OPERATOR),
+    ("GET", "/api/v1/alerts", VIEWER),
     ("POST", "/api/v1/tokens", ADMIN),
     ("GET", "/api/v1/tokens", ADMIN),
     ("POST", "/api/v1/tokens/{token_id}/revoke", ADMIN),

@@ -174,6 +174,10 @@ class ShadowMode:
         if record is None:
             return False
         bundle_id = str(record.get("bundle_id", ""))
+        if bundle_id == self._active_bundle_id:
+            log.info("shadow candidate %s is the active bundle now; shadow mode is off", bundle_id[:12])
+            self._forget(keep_download=False, bundle_id=bundle_id)
+            return False
         try:
             verify_slot_dir(self.bundle_dir, self.installer.state.trusted_keys)
             candidate = self._load(bundle_id)
@@ -225,6 +229,7 @@ class ShadowMode:
             self.stop(f"desired seq {desired.seq} ({desired.action}) replaces it", keep_download=promoted)
 
     def on_active_change(self, active: "ActiveBundle | None") -> None:
+        """An active-bundle listener: a candidate that became the active bundle has nothing left to shadow."""
         self._active_bundle_id = active.bundle_id if active is not None else None
         if active is not None and active.bundle_id == self.bundle_id:
             self.stop("the candidate became the active bundle")

@@ -72,7 +72,7 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = _bounds(0.05, 10_000.0, 64)
 BUFFER_NAME = "telemetry.buffer"
 _DRAIN_BATCH = 32
 _ACK_WAIT_S = 5.0
-_TICK_S = 0.25
+_BACKLOG_POLL_S = 1.0
 
 
 class LatencyHistogram:
@@ -232,6 +232,7 @@ class TelemetryPublisher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
+        self._window_lock = threading.Lock()  # closing a window and rotating bundles happen one at a time
         self._thread: threading.Thread | None = None
         self.sent_direct = 0
         self.buffered = 0
@@ -254,16 +255,18 @@ class TelemetryPublisher:
         drift = None
         if active is not None:
             drift = DriftMonitor.from_bundle(active.path, active.manifest, cpu_budget=self.drift_cpu_budget)
-        old_drift, self._drift = self._drift, None
-        stats = self.window.close(next_bundle_id=bundle_id)
-        self._queue(stats, old_drift)
-        self._drift = drift
+        with self._window_lock:
+            old_drift, self._drift = self._drift, None
+            stats = self.window.close(next_bundle_id=bundle_id)
+            self._queue(stats, old_drift)
+            self._drift = drift
 
     # -- windows -------------------------------------------------------------------------------------
 
     def flush_window(self) -> Telemetry | None:
         """Close the current window now and queue it for sending; the message, or None when there was nothing."""
-        return self._queue(self.window.close(), self._drift)
+        with self._window_lock:
+            return self._queue(self.window.close(), self._drift)
 
     def _queue(self, stats: WindowStats, drift: DriftMonitor | None) -> Telemetry | None:
         scores = drift.scores(reset=True) if drift is not None else {}
@@ -314,7 +317,9 @@ class TelemetryPublisher:
                 if next_close <= time.monotonic():  # the thread was starved: restart the cadence from now
                     next_close = time.monotonic() + self.window_s
                 continue
-            self._wake.wait(min(remaining, _TICK_S))
+            # Idle until the window closes; with a backlog, look for the link coming back every second.
+            backlog = bool(self._inflight) or len(self.buffer) > 0
+            self._wake.wait(min(remaining, _BACKLOG_POLL_S) if backlog else remaining)
             self._wake.clear()
             try:
                 with self._send_lock:

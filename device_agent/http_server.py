@@ -22,7 +22,8 @@ is not read and the connection is closed); npz members may not unpack to more th
 HTTP/1.1 keep-alive; one daemon thread per connection, so a stuck client cannot block shutdown.
 TCP_NODELAY on the server side; a client that writes headers and body separately (http.client does)
 should set it too, as urllib3/requests do, or each request waits out a delayed ACK.
-Arrays never go through pickle (`allow_pickle=False`).
+Request arrays are read by a small .npy parser of our own (numeric dtypes, never pickle): numpy's
+np.load is not safe from several threads on CPython 3.11 (see `_parse_npy`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -258,26 +261,62 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _load_npy(body: bytes) -> np.ndarray:
+# .npy bodies are parsed here rather than by np.load: numpy reads the header with ast.literal_eval, and
+# CPython 3.11's ast is not safe from several threads at once ("AST constructor recursion depth
+# mismatch"), which this server's handler threads would hit. The header is the dict numpy.save
+# writes: {'descr': '<f4', 'fortran_order': False, 'shape': (1, 3, 48, 192), }.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DESCR = re.compile(r"""['"]descr['"]\s*:\s*['"]([<>|=]?[biufc][0-9]{1,2})['"]""")
+_NPY_FORTRAN = re.compile(r"""['"]fortran_order['"]\s*:\s*(True|False)""")
+_NPY_SHAPE = re.compile(r"""['"]shape['"]\s*:\s*\(([0-9,\s]*)\)""")
+
+
+def _parse_npy(data: bytes, what: str = "body") -> np.ndarray:
+    """The array in .npy bytes (numeric dtypes only; never pickle), or InvalidInput saying what is wrong."""
+    if not data.startswith(_NPY_MAGIC) or len(data) < 10:
+        raise InvalidInput(f"{what} is not a .npy array (no \\x93NUMPY magic)")
+    major = data[6]
+    if major == 1:
+        header_len, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        header_len, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise InvalidInput(f"{what}: .npy format version {major} is not supported")
+    header = data[start:start + header_len].decode("utf-8" if major == 3 else "latin-1", errors="replace")
+    descr, fortran, shape_text = _NPY_DESCR.search(header), _NPY_FORTRAN.search(header), _NPY_SHAPE.search(header)
+    if descr is None or fortran is None or shape_text is None:
+        raise InvalidInput(f"{what}: .npy header not understood (numeric arrays written by numpy.save are): {header.strip()[:120]!r}")
     try:
-        value = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidInput(f"body is not a .npy array: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
-    if not isinstance(value, np.ndarray):
-        raise InvalidInput(f"body is not a .npy array (it is a {NPZ} archive?)")
-    return value
+        dtype = np.dtype(descr.group(1))
+        shape = tuple(int(d) for d in shape_text.group(1).replace(" ", "").split(",") if d)
+    except TypeError as exc:
+        raise InvalidInput(f"{what}: .npy dtype {descr.group(1)!r} not understood: {exc}") from None
+    count = math.prod(shape)
+    offset = start + header_len
+    if len(data) - offset != count * dtype.itemsize:
+        raise InvalidInput(f"{what}: .npy data has {len(data) - offset} bytes, its header announces "
+                           f"{count * dtype.itemsize} ({list(shape)} of {dtype.name})")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    if fortran.group(1) == "True":
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
+
+
+def _load_npy(body: bytes) -> np.ndarray:
+    return _parse_npy(body)
 
 
 def _load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            unpacked = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            members = archive.infolist()
+            unpacked = sum(info.file_size for info in members)
+            if unpacked > max_bytes:  # a compressed archive must not unpack past the body limit
+                raise InvalidInput(f"npz archive unpacks to {unpacked} bytes, more than the {max_bytes} bytes this agent accepts")
+            arrays = {}
+            for info in members:
+                name = info.filename.removesuffix(".npy")
+                arrays[name] = _parse_npy(archive.read(info), what=f"npz member {info.filename!r}")
+            return arrays
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise InvalidInput(f"body is not a .npz archive: {exc}") from None
-    if unpacked > max_bytes:  # a compressed archive must not unpack past the body limit
-        raise InvalidInput(f"npz archive unpacks to {unpacked} bytes, more than the {max_bytes} bytes this agent accepts")
-    try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidInput(f"body is not a .npz archive of arrays: {exc}") from None

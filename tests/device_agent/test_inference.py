@@ -10,6 +10,7 @@ import secrets
 import tarfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ def test_observers_see_every_request_and_their_exceptions_never_break_one(engine
     assert engine.observer_errors == 6 and len(seen) == 7
 
 
-def test_a_request_in_flight_during_a_switch_finishes_on_its_model_which_closes_afterwards(slots):
+def test_a_request_in_flight_during_a_switch_finishes_on_its_model_which_is_freed_afterwards(slots):
     entered, release = threading.Event(), threading.Event()
     first_id = slots["onnx"][2]
 
@@ -227,7 +228,7 @@ def test_a_request_in_flight_during_a_switch_finishes_on_its_model_which_closes_
             release.wait(10)
 
     engine = InferenceEngine(pre_infer=pre_infer)
-    first = engine.swap(*slots["onnx"][:2], bundle_id=first_id)
+    first_session = weakref.ref(engine.swap(*slots["onnx"][:2], bundle_id=first_id).session)
     answers: list = []
     request = threading.Thread(target=lambda: answers.append(engine.infer_detailed({"input": SAMPLE})))
     request.start()
@@ -237,11 +238,11 @@ def test_a_request_in_flight_during_a_switch_finishes_on_its_model_which_closes_
 
     assert engine.active_bundle_id == second.bundle_id
     assert engine.infer_detailed({"input": SAMPLE}).bundle_id == second.bundle_id  # new requests: new model
-    assert first.session._session is not None  # still in use by the request in flight
+    assert first_session() is not None  # still held by the request in flight
     release.set()
     request.join(10)
     assert answers[0].bundle_id == first_id and answers[0].outputs["logits"].shape == (1, 10)
-    assert first.session._session is None and engine.in_flight == 0  # closed once its last request finished
+    assert first_session() is None  # released once its last request returned
 
 
 def test_switching_20_times_under_load_fails_no_request(slots):
@@ -280,7 +281,7 @@ def test_switching_20_times_under_load_fails_no_request(slots):
 
     assert failures == []
     assert len(answered) > 100 and set(answered) == ids
-    assert engine.swaps == 21 and engine.in_flight == 0
+    assert engine.swaps == 21
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "tflite"])
@@ -350,7 +351,11 @@ def test_http_answers_json_npy_and_npz_bodies(server, slots):
     (json.dumps({"inputs": {"input": "zeros"}}).encode(), "application/json", 400, "input 'input': dtype str"),
     (b"{not json", "application/json", 400, "body is not valid JSON"),
     (json.dumps({"input": SAMPLE.tolist()}).encode(), "application/json", 400, 'body must be a JSON object {"inputs"'),
-    (b"\x93NUMPY garbage", "application/x-npy", 400, "body is not a .npy array"),
+    (b"not an array", "application/x-npy", 400, "body is not a .npy array"),
+    (b"\x93NUMPY\x01\x00\x08\x00garbage!", "application/x-npy", 400, ".npy header not understood"),
+    (_npy(SAMPLE)[:-4], "application/x-npy", 400, ".npy data has 252 bytes, its header announces 256"),
+    (_npy(np.array(["text"])), "application/x-npy", 400,
+     ".npy header not understood"),
     (_npy(SAMPLE.astype(np.float64).reshape(8, 8)), "application/x-npy", 400, "shape [8, 8], expected [1, 1, 8, 8]"),
     (b"PK not a zip", "application/x-npz", 400, "body is not a .npz archive"),
     (b"input=1", "text/plain", 415, "Content-Type text/plain is not served"),
@@ -393,18 +398,25 @@ def test_http_keeps_answering_through_switches(engine, server, slots):
     results: list[tuple[int, str]] = []
     lock = threading.Lock()
 
+    archive = io.BytesIO()
+    np.savez(archive, input=SAMPLE)
+    bodies = [(_npy(SAMPLE), "application/x-npy"), (archive.getvalue(), "application/x-npz")]
+
     def client() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # one keep-alive connection
-        body = _npy(SAMPLE)
+        sent = 0
         while not stop.is_set():
-            connection.request("POST", "/v1/infer", body=body, headers={"Content-Type": "application/x-npy"})
+            body, content_type = bodies[sent % 2]
+            sent += 1
+            connection.request("POST", "/v1/infer", body=body, headers={"Content-Type": content_type})
             response = connection.getresponse()
             response.read()
             with lock:
                 results.append((response.status, response.getheader("X-Edgepack-Bundle")))
         connection.close()
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    # Several handler threads parse .npy headers at once (numpy's own parser is not thread-safe on 3.11).
+    threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
         thread.start()
     for index in range(10):

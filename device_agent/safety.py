@@ -91,22 +91,27 @@ class SafetyMonitor:
     # -- (a) the error rate after a switch -----------------------------------------------------------
 
     def observe(self, event: "InferenceEvent") -> None:
-        """An engine observer; O(1)."""
+        """An engine observer, on every request's thread: a few dictionary and attribute operations."""
         failed = event.error is not None
-        trigger = None
-        with self._lock:
-            counts = self._counts.get(event.bundle_id)
-            if counts is None:
+        counts = self._counts.get(event.bundle_id)
+        if counts is None:
+            with self._lock:
                 if len(self._counts) >= 4:  # only the recent bundles matter
                     self._counts.pop(next(iter(self._counts)))
-                counts = self._counts[event.bundle_id] = [0, 0]
-            counts[0] += 1
-            counts[1] += failed
-            if counts[0] >= 2 * _BASELINE_CAP:
-                counts[0] //= 2
-                counts[1] //= 2
-            watch = self._watch
-            if watch is None or watch.done or event.bundle_id != watch.bundle_id:
+                counts = self._counts.setdefault(event.bundle_id, [0, 0])
+        # Unlocked: a rare lost increment between threads does not matter to a baseline rate.
+        counts[0] += 1
+        if failed:
+            counts[1] += 1
+        if counts[0] >= 2 * _BASELINE_CAP:
+            counts[0] //= 2
+            counts[1] //= 2
+        watch = self._watch
+        if watch is None or watch.done or event.bundle_id != watch.bundle_id:
+            return
+        trigger = None
+        with self._lock:  # the watch itself counts exactly
+            if watch.done:
                 return
             if self._monotonic() - watch.started > self.settings.window_s:
                 watch.done = True

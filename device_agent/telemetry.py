@@ -16,7 +16,7 @@ log-spaced from 0.05 ms to 10 s, about 21 % apart, plus an overflow bucket) are 
 device, so the fleet can add histograms across devices and windows. p50/p95/p99 are interpolated
 linearly inside the bucket that holds the rank, with the window's smallest and largest latency
 narrowing the first and last buckets. Each window also carries the drift of the bundle's inputs and
-outputs (`device_agent.drift`, PSI), the shadow candidate's comparison when shadow mode is on, and
+outputs (`device_agent.drift`, PSI, from up to about 256 requests per window spread over it), the shadow candidate's comparison when shadow mode is on, and
 the process's resident memory.
 
 Windows close every `window_s` seconds, and early when the active bundle changes, so no window
@@ -145,7 +145,6 @@ class TelemetryWindow:
 
     def _reset(self) -> None:
         self._started = self._clock()
-        self._inferences = 0
         self._errors = 0
         self._ignored = 0
         self._histogram = LatencyHistogram(self._bounds)
@@ -156,27 +155,34 @@ class TelemetryWindow:
 
     @property
     def inferences(self) -> int:
-        return self._inferences
+        return self._histogram.total
 
     def observe(self, event: "InferenceEvent") -> None:
         self.record(event.bundle_id, event.latency_ms, event.error is not None)
 
     def record(self, bundle_id: str | None, latency_ms: float, failed: bool) -> None:
+        # On every request's thread: the bucket search runs outside the lock, the histogram update is inlined.
+        bucket = bisect.bisect_left(self._bounds, latency_ms)
         with self._lock:
             if bundle_id != self._bundle_id:
                 self._ignored += 1
                 return
-            self._inferences += 1
+            histogram = self._histogram
+            histogram.counts[bucket] += 1
+            histogram.total += 1
+            if latency_ms < histogram.min:
+                histogram.min = latency_ms
+            if latency_ms > histogram.max:
+                histogram.max = latency_ms
             if failed:
                 self._errors += 1
-            self._histogram.add(latency_ms)
 
     def close(self, next_bundle_id: Any = ...) -> WindowStats:
         """The window so far; the next one starts now (for `next_bundle_id`, default the same bundle)."""
         with self._lock:
             now = self._clock()
             stats = WindowStats(bundle_id=self._bundle_id, duration_s=max(now - self._started, 1e-3),
-                                inferences=self._inferences, errors=self._errors,
+                                inferences=self._histogram.total, errors=self._errors,
                                 latency_ms=self._histogram.summary(), ignored_events=self._ignored)
             if next_bundle_id is not ...:
                 self._bundle_id = next_bundle_id
@@ -215,7 +221,7 @@ class TelemetryPublisher:
     """Closes a window every `window_s` and sends it; buffers on disk while the broker is unreachable."""
 
     def __init__(self, device_id: str, link: MessageLink, buffer: DiskBuffer, *, window_s: float = 10.0,
-                 shadow_summary: ShadowSummary | None = None, drift_cpu_budget: float | None = 0.05) -> None:
+                 shadow_summary: ShadowSummary | None = None, drift_requests_per_window: int = 256) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.device_id = device_id
@@ -224,7 +230,7 @@ class TelemetryPublisher:
         self.buffer = buffer
         self.window_s = float(window_s)
         self.shadow_summary = shadow_summary
-        self.drift_cpu_budget = drift_cpu_budget
+        self.drift_requests_per_window = drift_requests_per_window
         self.window = TelemetryWindow()
         self._drift: DriftMonitor | None = None
         self._outbox: deque[Telemetry] = deque()
@@ -242,9 +248,10 @@ class TelemetryPublisher:
 
     def observe(self, event: "InferenceEvent") -> None:
         """An engine observer: count the request; feed drift with the values of answered ones."""
-        self.window.observe(event)
+        window = self.window
+        window.record(event.bundle_id, event.latency_ms, event.error is not None)
         drift = self._drift
-        if drift is not None and event.outputs is not None and event.bundle_id == self.window.bundle_id:
+        if drift is not None and event.outputs is not None and event.bundle_id == window._bundle_id:
             drift.observe(event.inputs, event.outputs)
 
     def set_active(self, active: "ActiveBundle | None") -> None:
@@ -254,7 +261,8 @@ class TelemetryPublisher:
             return
         drift = None
         if active is not None:
-            drift = DriftMonitor.from_bundle(active.path, active.manifest, cpu_budget=self.drift_cpu_budget)
+            drift = DriftMonitor.from_bundle(active.path, active.manifest,
+                                             min_interval_s=self.window_s / self.drift_requests_per_window)
         with self._window_lock:
             old_drift, self._drift = self._drift, None
             stats = self.window.close(next_bundle_id=bundle_id)

@@ -220,7 +220,7 @@ class InferenceEngine:
         self.pre_infer = pre_infer  # test seam, see the module docstring
         self.latency_multiplier = latency_multiplier  # test seam, see the module docstring
         self.warm_up = warm_up
-        self._swap_lock = threading.Lock()  # one swap at a time, so the last one called wins
+        self._swap_lock = threading.RLock()  # one swap/publish at a time, so the last one called wins
         self._model: LoadedModel | None = None  # replaced, never mutated: requests read it once, without a lock
         self._observers: tuple[_ObserverEntry, ...] = ()  # likewise
         self._observer_lock = threading.Lock()
@@ -279,8 +279,9 @@ class InferenceEngine:
         The previous model is only dropped here: requests still running on it keep it alive, and the
         last one to return frees its session.
         """
-        old, self._model = self._model, model
-        self.swaps += 1
+        with self._swap_lock:
+            old, self._model = self._model, model
+            self.swaps += 1
         if old is not None:
             log.info("inference switched from %s to %s", old.bundle_id[:12], model.bundle_id[:12] if model is not None else "nothing")
 

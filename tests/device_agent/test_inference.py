@@ -491,3 +491,20 @@ def test_an_agent_without_serve_in_its_config_serves_only_python(tmp_path, bundl
         agent = Agent(each)
         agent._start_serving()
         assert agent.inference_server is None
+
+
+def test_a_taken_port_is_one_config_error_naming_the_address(tmp_path, bundles):
+    import socket
+
+    from device_agent.agent import Agent
+    from edgepack.errors import ConfigError
+    from tests.device_agent.conftest import agent_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = Agent(agent_config(tmp_path, bundles, fleet_url="http://127.0.0.1:1", serve={"port": port}))
+
+        with pytest.raises(ConfigError, match=f"cannot serve inference on 127.0.0.1:{port}: Address already in use"):
+            agent._start_serving()

@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 
 from device_agent.drift import MAJOR, MODERATE, DriftMonitor, population_stability_index
-from tests.device_agent.agent_harness import VAL_INPUTS, agents, install, wait_until  # noqa: F401 - agents is a fixture
+from tests.device_agent.agent_harness import VAL_INPUTS, agents, install  # noqa: F401 - agents is a fixture
 from tests.device_agent.conftest import DIGITS_CONFIG
 
 CALIB_INPUTS = np.load(DIGITS_CONFIG.parent / "data" / "calib.npz")["input"].astype(np.float32)

@@ -7,8 +7,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.shadow import top1_agreement
-from tests.device_agent.agent_harness import (  # noqa: F401 - agents is a fixture
-    agents, desire, install, onnx_variant_bundle, samples, wait_until)
+from tests.device_agent.agent_harness import agents, desire, install, onnx_variant_bundle, samples  # noqa: F401 - fixture
 from tests.device_agent.conftest import DIGITS_CONFIG
 
 SHADOW_PHASES = ["downloading", "verifying", "installing", "selftest", "active"]

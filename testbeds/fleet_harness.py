@@ -38,8 +38,9 @@ class FleetProcess:
     """`edgepack fleet serve` as a child process on a free port."""
 
     def __init__(self, root: Path, mqtt_url: str, *, trusted_key: Path, db_url: str | None = None,
-                 admin_token: str = ADMIN_TOKEN) -> None:
+                 admin_token: str = ADMIN_TOKEN, extra_args: list[str] | None = None) -> None:
         self.root = root
+        self.extra_args = list(extra_args or [])
         self.mqtt_url = mqtt_url
         self.trusted_key = trusted_key
         self.db_url = db_url
@@ -58,6 +59,7 @@ class FleetProcess:
                    "--trusted-key", str(self.trusted_key), "--public-url", self.url]
         if self.db_url:
             command += ["--db-url", self.db_url]
+        command += self.extra_args
         env = {**os.environ, "EDGEPACK_ADMIN_TOKEN": self.admin_token}
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,7 +104,8 @@ class FleetProcess:
         self.stop()
 
 
-def build_release(root: Path, key: Path, version: str, profiles: list[str], *, break_selftest: bool = False) -> list[Path]:
+def build_release(root: Path, key: Path, version: str, profiles: list[str], *, break_selftest: bool = False,
+                  cache_dir: Path | None = None) -> list[Path]:
     """digits built as `version` for each profile; `break_selftest` makes bundles whose self-test fails on a device."""
     from builder.pipeline import BuildRequest, run_build
 
@@ -116,7 +119,7 @@ def build_release(root: Path, key: Path, version: str, profiles: list[str], *, b
     paths = []
     for profile in profiles:
         result = run_build(BuildRequest(config_path=project / "edgepack.yaml", profile=profile, out_dir=root / "dist",
-                                        signing_key=key, cache_dir=root / "cache"))
+                                        signing_key=key, cache_dir=cache_dir or root / "cache"))
         path = Path(result.report["bundle"]["path"])
         if break_selftest:
             path = _with_wrong_selftest(path, key)
@@ -172,7 +175,7 @@ class SimAgent:
 
 
 def agent_configs(root: Path, count: int, profiles: list[str], fleet_url: str, mqtt_url: str, enrollment_token: str,
-                  trusted_key: Path, labels: dict[str, str] | None = None) -> list[SimAgent]:
+                  trusted_key: Path, labels: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> list[SimAgent]:
     from device_agent.config import AgentConfig
 
     agents = []
@@ -184,7 +187,7 @@ def agent_configs(root: Path, count: int, profiles: list[str], fleet_url: str, m
             "enrollment_token": enrollment_token, "state_dir": str(root / "agents" / device_id),
             "trusted_keys": [str(trusted_key)], "labels": {"site": "lab", **(labels or {})},
             "download": {"backoff_s": 0.2, "retry_interval_s": 0.5}, "selftest_isolation": "thread",
-            "selftest_timeout_s": 60,
+            "selftest_timeout_s": 60, **(extra or {}),
         })
         agents.append(SimAgent(device_id, profile, config))
     return agents

@@ -41,7 +41,7 @@ def _root(
 
 def _register() -> None:
     # Imported here so each command module stays independent; none imports heavy backends at import time.
-    from edgepack.cli import agent, build, bundle, devices, fleet, keys, profiles, rollout
+    from edgepack.cli import agent, build, bundle, devices, fleet, keys, profiles, rollout, testbed
 
     app.command("build")(build.build)
     app.add_typer(profiles.app, name="profiles")
@@ -51,6 +51,7 @@ def _register() -> None:
     app.add_typer(devices.app, name="devices")
     app.add_typer(rollout.app, name="rollout")
     app.add_typer(agent.app, name="agent")
+    app.add_typer(testbed.app, name="testbed")
 
 
 _register()

@@ -1,0 +1,448 @@
+"""The simulated fleet: N real agents, a real broker and a real fleet server, driven by a scenario.
+
+A scenario (`testbeds/scenarios/*.yaml`) names the devices and their profiles, the workload, the rollout
+to attempt and the faults to inject. Every device is a real `device_agent.Agent` with its own MQTT
+connection, state folder, downloads, installs and inference (the digits model; sessions are loaded per
+agent), fed by a workload generator. Device speed is simulated: each request also waits the profile's
+`DEVICE_LATENCY_MS` (times a fault's factor), through the inference engine's explicit test seam, so
+latency gates see realistic, profile-specific numbers while the host does the real inference.
+
+Faults: `latency` (a profile answers slower with the candidate), `broken_selftest` (the candidate fails
+its self-test on devices), `input_drift` (live inputs shift away from the reference), `broker_restart`
+(the broker drops every connection periodically) and `offline` (a fraction of devices goes away and
+comes back).
+
+    edgepack testbed run latency-regression --devices 20 [--json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgepack.errors import ConfigError
+
+SCENARIOS_DIR = Path(__file__).parent / "scenarios"
+# Simulated per-request compute time on each board (ms), added to the host's real inference time.
+# Large enough that the host's own scheduling noise (a few ms while agents install) stays well under the
+# 25 % tolerance of the scenarios' relative latency gates.
+DEVICE_LATENCY_MS = {"rpi5": 25.0, "rpi4": 40.0, "x86-avx2": 12.0, "x86-avx512-vnni": 10.0, "jetson-orin-nano": 12.0,
+                     "jetson-nano": 30.0, "coral-devboard": 20.0, "intel-nuc": 12.0}
+FINAL = ("succeeded", "rolled_back", "aborted", "failed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSpec(_Strict):
+    count: int = Field(default=20, gt=0)
+    profiles: list[str] = Field(min_length=1)
+
+
+class WorkloadSpec(_Strict):
+    rate_hz: float = Field(default=5.0, ge=0, description="Requests per second per device.")
+
+
+class RolloutSpec(_Strict):
+    version: str = "2.0.0"
+    waves: list[float] = [10, 50, 100]
+    gates: list[str] = ["install_failure_ratio<=0.1"]
+    bake_s: float = 3.0
+    min_reports: int = 1
+    install_timeout_s: float = 120.0
+
+
+class FaultSpec(_Strict):
+    kind: Literal["latency", "broken_selftest", "input_drift", "broker_restart", "offline"]
+    profile: str | None = None
+    bundle: Literal["candidate", "baseline"] = "candidate"
+    factor: float = 1.5
+    after_s: float = 0.0
+    shift: float = 0.5
+    scale: float = 2.0
+    every_s: float = 6.0
+    down_s: float = 1.5
+    fraction: float = 0.2
+    for_s: float = 10.0
+
+
+class ExpectSpec(_Strict):
+    status: str | None = None
+    within_waves: int | None = None
+    alerts: list[str] = []
+    webhook_calls: int | None = None
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    devices: DeviceSpec
+    workload: WorkloadSpec = WorkloadSpec()
+    baseline_version: str = "1.0.0"
+    rollout: RolloutSpec | None = None
+    duration_s: float = 20.0
+    faults: list[FaultSpec] = []
+    expect: ExpectSpec = ExpectSpec()
+
+    def faults_of(self, kind: str) -> list[FaultSpec]:
+        return [f for f in self.faults if f.kind == kind]
+
+
+def list_scenarios() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml"))
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = SCENARIOS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown scenario {name_or_path!r}; known: {', '.join(list_scenarios())}")
+    try:
+        return Scenario.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"scenario {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+class _Webhook:
+    """The retrain trigger's receiving end: counts the alerts the fleet POSTs."""
+
+    def __init__(self) -> None:
+        calls = self.calls = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    calls.append(json.loads(body or b"{}"))
+                except ValueError:
+                    calls.append({"raw": body.decode(errors="replace")})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/retrain"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@dataclasses.dataclass
+class SimulatedFleet:
+    scenario: Scenario
+    devices: int
+    work_dir: Path
+    mqtt_url: str | None = None
+    on_event: Callable[[float, str], None] | None = None
+    timeline: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def _event(self, text: str) -> None:
+        elapsed = round(time.monotonic() - self._t0, 2)
+        self.timeline.append({"t": elapsed, "event": text})
+        if self.on_event:
+            self.on_event(elapsed, text)
+
+    # ------------------------------------------------------------------ setup
+    def run(self) -> dict[str, Any]:
+        from builder.cache import default_cache_dir
+        from edgepack.signing import generate_keypair
+        from testbeds.fleet_harness import FleetProcess, agent_configs, build_release
+        from testbeds.mosquitto import MosquittoBroker
+
+        self._t0 = time.monotonic()
+        scenario, root = self.scenario, self.work_dir
+        root.mkdir(parents=True, exist_ok=True)
+        private, public = generate_keypair(root / "keys")
+        profiles = scenario.devices.profiles
+        self._event(f"building releases {scenario.baseline_version}" + (f" and {scenario.rollout.version}" if scenario.rollout else "")
+                    + f" for {', '.join(profiles)}")
+        cache = default_cache_dir()
+        baseline = build_release(root, private, scenario.baseline_version, profiles, cache_dir=cache)
+        candidate = []
+        if scenario.rollout:
+            candidate = build_release(root, private, scenario.rollout.version, profiles, cache_dir=cache,
+                                      break_selftest=bool(scenario.faults_of("broken_selftest")))
+        broker = MosquittoBroker().start() if not self.mqtt_url else None
+        mqtt_url = self.mqtt_url or broker.url
+        webhook = _Webhook()
+        fleet = FleetProcess(root, mqtt_url, trusted_key=public,
+                             extra_args=["--alert-webhook", webhook.url] if _fleet_has_alerts() else []).start()
+        self._event(f"fleet at {fleet.url}, broker at {mqtt_url}")
+        client = fleet.client()
+        self.baseline_ids = [client.upload(p)["id"] for p in baseline]
+        self.candidate_ids = [client.upload(p)["id"] for p in candidate]
+        token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
+        agents = agent_configs(root, self.devices, profiles, fleet.url, mqtt_url, token, public,
+                               extra=_agent_extra())
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        try:
+            for agent in agents:
+                agent.start()
+                self._hook(agent)
+            _wait(lambda: len(client.request("GET", "/devices")) == self.devices, 300, "every device to enroll")
+            self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {sum(a.profile == p for a in agents)}' for p in profiles)})")
+            self._install_baseline(client)
+            threads.append(self._start_workload(agents, stop))
+            for fault in scenario.faults_of("broker_restart"):
+                if broker is not None:
+                    threads.append(self._start_broker_flaps(broker, fault, stop))
+            rollout = None
+            if scenario.rollout:
+                for fault in scenario.faults_of("offline"):
+                    threads.append(self._start_offline(agents, fault, stop))
+                rollout = self._run_rollout(client)
+            else:
+                self._observe_alerts(client, scenario.duration_s)
+            expected = self.candidate_ids if rollout and rollout["status"] == "succeeded" else self.baseline_ids
+            converged = self._wait_converged(client, agents, expected)
+            alerts = client.request("GET", "/alerts") if _fleet_has_alerts() else []
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+            for agent in agents:
+                agent.stop()
+            fleet.stop()
+            webhook.close()
+            if broker:
+                broker.stop()
+        result = {
+            "scenario": scenario.name,
+            "devices": self.devices,
+            "profiles": profiles,
+            "rollout": _rollout_summary(rollout),
+            "alerts": alerts,
+            "webhook_calls": len(webhook.calls),
+            "converged": converged,
+            "duration_s": round(time.monotonic() - self._t0, 2),
+            "timeline": self.timeline,
+        }
+        result["expectation_met"] = _check(scenario.expect, result)
+        return result
+
+    def _hook(self, agent) -> None:
+        """Simulated device speed and the latency fault, through the engine's documented test seam."""
+        latency_faults = [f for f in self.scenario.faults_of("latency") if f.profile in (None, agent.profile)]
+        base_s = DEVICE_LATENCY_MS.get(agent.profile, 3.0) / 1000.0
+
+        def pre_infer(bundle_id: str) -> None:
+            factor = 1.0
+            for fault in latency_faults:
+                ids = self.candidate_ids if fault.bundle == "candidate" else self.baseline_ids
+                if bundle_id in ids:
+                    factor *= fault.factor
+            time.sleep(base_s * factor)
+
+        engine = _wait(lambda: getattr(agent.agent, "engine", None), 30, f"{agent.device_id}'s inference engine")
+        engine.pre_infer = pre_infer
+
+    def _install_baseline(self, client) -> None:
+        started = client.request("POST", "/rollouts", json={
+            "bundle_id": self.baseline_ids[0], "selector": {"sim": self.scenario.name}, "waves": [100],
+            "gates": ["install_failure_ratio<=0"], "bake_s": 0, "min_reports": 1, "install_timeout_s": 300})
+        final = _wait(lambda: (s := client.request("GET", f"/rollouts/{started['id']}"))["status"] in FINAL and s, 600,
+                      "the baseline install")
+        if final["status"] != "succeeded":
+            raise RuntimeError(f"baseline install ended {final['status']}: {final['decisions'][-1:]}")
+        self._event(f"baseline {self.scenario.baseline_version} active on every device")
+
+    # ------------------------------------------------------------------ workload and faults
+    def _start_workload(self, agents, stop: threading.Event) -> threading.Thread:
+        data = np.load(Path(__file__).resolve().parents[1] / "examples" / "digits" / "data" / "val.npz")["input"].astype(np.float32)
+        rate = self.scenario.workload.rate_hz
+        drifts = self.scenario.faults_of("input_drift")
+        pool = ThreadPoolExecutor(max_workers=min(64, 4 * len(agents)), thread_name_prefix="workload")
+        rng = random.Random(0)
+        self.requests = {"sent": 0, "failed": 0}
+        drift_logged = [False]
+
+        def one(agent) -> None:
+            if agent.agent is None:
+                return
+            sample = data[rng.randrange(len(data))][None]
+            elapsed = time.monotonic() - self._t0_workload
+            for fault in drifts:
+                if elapsed >= fault.after_s:
+                    sample = sample * fault.scale + fault.shift
+                    if not drift_logged[0]:
+                        drift_logged[0] = True
+                        self._event(f"input drift starts: inputs x{fault.scale:g} + {fault.shift:g}")
+            try:
+                agent.agent.infer({"input": sample.astype(np.float32)})
+            except Exception:  # noqa: BLE001 - counted: the telemetry gates judge errors
+                self.requests["failed"] += 1
+            self.requests["sent"] += 1
+
+        def loop() -> None:
+            self._t0_workload = time.monotonic()
+            if rate <= 0:
+                return
+            period = 1.0 / rate
+            next_tick = time.monotonic()
+            while not stop.is_set():
+                for agent in agents:
+                    pool.submit(one, agent)
+                next_tick += period
+                stop.wait(max(0.0, next_tick - time.monotonic()))
+            pool.shutdown(wait=True, cancel_futures=True)
+
+        thread = threading.Thread(target=loop, name="workload", daemon=True)
+        thread.start()
+        return thread
+
+    def _start_broker_flaps(self, broker, fault: FaultSpec, stop: threading.Event) -> threading.Thread:
+        def loop() -> None:
+            while not stop.wait(fault.every_s):
+                self._event(f"network: broker down for {fault.down_s:g} s")
+                broker.stop()
+                stop.wait(fault.down_s)
+                broker.start()
+
+        thread = threading.Thread(target=loop, name="broker-flaps", daemon=True)
+        thread.start()
+        return thread
+
+    def _start_offline(self, agents, fault: FaultSpec, stop: threading.Event) -> threading.Thread:
+        chosen = agents[:: max(1, round(1 / fault.fraction))][: max(1, int(len(agents) * fault.fraction))]
+
+        def loop() -> None:
+            if stop.wait(fault.after_s):
+                return
+            for agent in chosen:
+                agent.stop()
+            self._event(f"{len(chosen)} devices offline: {', '.join(a.device_id for a in chosen)}")
+            if stop.wait(fault.for_s):
+                return
+            for agent in chosen:
+                agent.start()
+                self._hook(agent)
+            self._event(f"{len(chosen)} devices back online")
+
+        thread = threading.Thread(target=loop, name="offline", daemon=True)
+        thread.start()
+        return thread
+
+    # ------------------------------------------------------------------ rollout and observation
+    def _run_rollout(self, client) -> dict[str, Any]:
+        spec = self.scenario.rollout
+        time.sleep(1.0)  # let a first telemetry window of the baseline arrive
+        started = client.request("POST", "/rollouts", json={
+            "bundle_id": self.candidate_ids[0], "selector": {"sim": self.scenario.name}, "waves": spec.waves,
+            "gates": spec.gates, "bake_s": spec.bake_s, "min_reports": spec.min_reports, "install_timeout_s": spec.install_timeout_s})
+        self._event(f"rollout {started['id'][:8]} of {spec.version} started: waves {','.join(f'{w:g}' for w in spec.waves)}, "
+                    f"gates {'; '.join(spec.gates)}")
+        seen_decisions = 0
+        seen_wave = -1
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = client.request("GET", f"/rollouts/{started['id']}")
+            if status["current_wave"] != seen_wave and status["current_wave"] >= 0:
+                seen_wave = status["current_wave"]
+                wave = status["waves"][seen_wave]
+                self._event(f"wave {seen_wave + 1} ({wave['percent']:g} %): {wave['members']} devices")
+            for decision in status["decisions"][seen_decisions:]:
+                reason = decision["evidence"].get("reason") or ""
+                if decision["decision"] != "hold" or seen_decisions == 0 or status["decisions"][seen_decisions - 1]["decision"] != "hold":
+                    self._event(f"wave {decision['wave'] + 1}: {decision['decision']} — {reason}")
+                seen_decisions += 1
+            if status["status"] in FINAL:
+                self._event(f"rollout {status['status']}")
+                return status
+            time.sleep(0.5)
+        raise TimeoutError("the rollout did not finish within 900 s")
+
+    def _observe_alerts(self, client, duration_s: float) -> None:
+        seen = set()
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            if _fleet_has_alerts():
+                for alert in client.request("GET", "/alerts"):
+                    if alert["id"] not in seen:
+                        seen.add(alert["id"])
+                        self._event(f"alert {alert['kind']} on {alert.get('device_id')}: {json.dumps(alert.get('details'))[:160]}")
+            time.sleep(0.5)
+
+    def _wait_converged(self, client, agents, expected_ids: list[str]) -> bool:
+        try:
+            _wait(lambda: all(d["current_bundle_id"] in expected_ids and d["phase"] in ("active", "rolled_back")
+                              for d in client.request("GET", "/devices")), 180, "every device to converge")
+        except TimeoutError:
+            self._event("not every device converged within 180 s")
+            return False
+        self._event(f"every device runs {'the candidate' if expected_ids is self.candidate_ids else 'the baseline'}")
+        return True
+
+
+def _fleet_has_alerts() -> bool:
+    try:
+        from fleet.models import Alert  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _agent_extra() -> dict[str, Any]:
+    """Short telemetry windows so gates get data quickly, where the agent supports them."""
+    from device_agent.config import AgentConfig
+
+    extra: dict[str, Any] = {}
+    if "telemetry" in AgentConfig.model_fields:
+        extra["telemetry"] = {"window_s": 1.0}
+    return extra
+
+
+def _rollout_summary(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    last = {}
+    for decision in status["decisions"]:
+        last[decision["wave"]] = decision
+    return {
+        "id": status["id"],
+        "status": status["status"],
+        "waves": [{"percent": wave["percent"], "decision": (last.get(wave["index"]) or {}).get("decision"),
+                   "evidence": (last.get(wave["index"]) or {}).get("evidence")} for wave in status["waves"]],
+    }
+
+
+def _check(expect: ExpectSpec, result: dict[str, Any]) -> bool:
+    ok = result["converged"]
+    rollout = result["rollout"]
+    if expect.status:
+        ok &= rollout is not None and rollout["status"] == expect.status
+    if expect.within_waves and rollout:
+        decided = [i for i, w in enumerate(rollout["waves"]) if w["decision"] == "rollback"]
+        ok &= bool(decided) and decided[0] < expect.within_waves
+    for kind in expect.alerts:
+        ok &= any(alert.get("kind") == kind for alert in result["alerts"])
+    if expect.webhook_calls is not None:
+        ok &= result["webhook_calls"] == expect.webhook_calls
+    return bool(ok)
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")

@@ -3,7 +3,8 @@ to a webhook (the "retrain" trigger).
 
     check_drift(session, window, policy)   after each stored telemetry window (the MQTT bridge calls it)
         worst = the window's highest drift score over the model's inputs and outputs
-        worst > threshold, the device is in no active rollout, and no open drift alert for (device, bundle)
+        worst > threshold, the device is in no active rollout, and no open drift alert for the bundle (one
+        retrain call per model: other devices seeing the same drift join that alert's `devices`)
             was raised within `repeat_s`                  → a new Alert(kind="drift"), audited and counted
         worst ≤ CLEAR_FRACTION × threshold                → the open drift alerts of (device, bundle) clear
         in between, or no drift scores in the window      → nothing changes (hysteresis: a score hovering
@@ -115,6 +116,19 @@ def check_drift(session: Session, window: TelemetryWindow, policy: DriftAlertPol
     ).first()
     if latest_open is not None and (at - utc(latest_open.at)).total_seconds() < policy.repeat_s:
         return None
+    if window.bundle_id:
+        # Drift is a property of the model meeting new data: one open alert (one retrain call) per bundle,
+        # the other devices that see it are added to that alert instead of raising their own.
+        model_open = session.scalars(
+            select(Alert).where(Alert.kind == DRIFT, Alert.bundle_id == window.bundle_id, Alert.cleared_at.is_(None))
+            .order_by(Alert.at.desc(), Alert.id.desc()).limit(1)
+        ).first()
+        if model_open is not None and (at - utc(model_open.at)).total_seconds() < policy.repeat_s:
+            devices = list((model_open.details or {}).get("devices") or [model_open.device_id])
+            if window.device_id not in devices:
+                model_open.details = {**(model_open.details or {}), "devices": sorted([*devices, window.device_id])}
+                session.commit()
+            return None
 
     device = session.get(Device, window.device_id)
     bundle = session.get(Bundle, window.bundle_id) if window.bundle_id else None
@@ -127,6 +141,7 @@ def check_drift(session: Session, window: TelemetryWindow, policy: DriftAlertPol
         "window": {"id": window.id, "received_at": utc(window.received_at).isoformat(), "window_s": window.window_s,
                    "inferences": window.inferences},
         "repeat_of": latest_open.id if latest_open is not None else None,
+        "devices": [window.device_id],
     }
     alert = Alert(at=at, kind=DRIFT, device_id=window.device_id, bundle_id=window.bundle_id, details=details,
                   delivered=False, attempts=0)

@@ -93,6 +93,7 @@ class Scenario(_Strict):
     baseline_version: str = "1.0.0"
     rollout: RolloutSpec | None = None
     duration_s: float = 20.0
+    telemetry_window_s: float = Field(default=1.0, gt=0, description="Agents' telemetry window (short: quick gate decisions).")
     faults: list[FaultSpec] = []
     expect: ExpectSpec = ExpectSpec()
 
@@ -190,7 +191,7 @@ class SimulatedFleet:
         self.candidate_ids = [client.upload(p)["id"] for p in candidate]
         token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
         agents = agent_configs(root, self.devices, profiles, fleet.url, mqtt_url, token, public,
-                               extra=_agent_extra())
+                               extra=_agent_extra(scenario.telemetry_window_s))
         stop = threading.Event()
         threads: list[threading.Thread] = []
         try:
@@ -399,14 +400,9 @@ def _fleet_has_alerts() -> bool:
     return True
 
 
-def _agent_extra() -> dict[str, Any]:
-    """Short telemetry windows so gates get data quickly, where the agent supports them."""
-    from device_agent.config import AgentConfig
-
-    extra: dict[str, Any] = {}
-    if "telemetry" in AgentConfig.model_fields:
-        extra["telemetry"] = {"window_s": 1.0}
-    return extra
+def _agent_extra(window_s: float) -> dict[str, Any]:
+    """Short telemetry windows so gates get data quickly."""
+    return {"telemetry": {"window_s": window_s}}
 
 
 def _rollout_summary(status: dict[str, Any] | None) -> dict[str, Any] | None:

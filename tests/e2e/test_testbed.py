@@ -1,0 +1,60 @@
+"""Issue 5 acceptance through the simulated fleet: real Mosquitto, fleet server and agents per scenario."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support import run_cli
+
+
+def _run(scenario: str, devices: int) -> dict:
+    result = run_cli("testbed", "run", scenario, "--devices", str(devices), "--json")
+    assert result.stdout, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert result.returncode == (0 if report["expectation_met"] else 1)
+    return report
+
+
+def test_latency_regression_on_rpi5_rolls_back_within_two_waves_naming_the_rpi5_cohort():
+    report = _run("latency-regression", 20)
+    rollout = report["rollout"]
+    assert rollout["status"] == "rolled_back", report["timeline"]
+    rolled = [i for i, w in enumerate(rollout["waves"]) if w["decision"] == "rollback"]
+    assert rolled and rolled[0] < 2
+    evidence = rollout["waves"][rolled[0]]["evidence"]
+    failing = [c for c in evidence["checks"] if c["metric"] == "p95_latency_ms" and not c["passed"] and c.get("outcome") == "fail"]
+    assert {c["profile"] for c in failing} == {"rpi5"}, evidence["checks"]
+    assert all(c["control"] and c["value"] > c["limit"] for c in failing)
+    assert report["converged"]
+
+
+def test_the_same_scenario_without_the_fault_reaches_100_percent():
+    report = _run("healthy", 20)
+    assert report["rollout"]["status"] == "succeeded", report["timeline"]
+    assert [w["percent"] for w in report["rollout"]["waves"]] == [10, 50, 100]
+    assert all(w["decision"] == "promote" for w in report["rollout"]["waves"])
+    assert report["converged"]
+
+
+def test_input_drift_raises_one_alert_and_one_webhook_call_without_a_rollout():
+    report = _run("input-drift", 6)
+    assert report["rollout"] is None
+    drift = [a for a in report["alerts"] if a["kind"] == "drift"]
+    assert len(drift) == 1 and report["webhook_calls"] == 1
+    assert drift[0]["details"]["drift_method"] == "psi" and drift[0]["details"]["score"] > 0.25
+
+
+@pytest.mark.parametrize("scenario", ["flaky-network", "offline-then-return"])
+def test_disconnects_and_offline_devices_still_complete_and_converge(scenario):
+    report = _run(scenario, 20)
+    assert report["rollout"]["status"] == "succeeded", report["timeline"]
+    assert report["converged"] and report["expectation_met"]
+
+
+def test_a_release_that_fails_its_self_test_is_rolled_back_in_the_first_wave():
+    report = _run("crash-on-install", 20)
+    assert report["rollout"]["status"] == "rolled_back"
+    assert report["rollout"]["waves"][0]["decision"] == "rollback"
+    assert report["converged"]

@@ -84,7 +84,9 @@ class RolloutController:
         publisher: DesiredStatePublisher,
         clock: Callable[[], float] = time.time,
         bundle_url: Callable[[Bundle], str] = default_bundle_url,
+        gate_settle_s: float = 0.0,
     ) -> None:
+        self.gate_settle_s = gate_settle_s
         self.session_factory = session_factory
         self.publisher = publisher
         self.clock = clock
@@ -155,7 +157,8 @@ class RolloutController:
 
     def evaluate_wave(self, session: Session, rollout: Rollout, now: float | None = None) -> WaveVerdict:
         """The gates' verdict on the rollout's current wave."""
-        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now)
+        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now,
+                              settle_s=self.gate_settle_s)
 
     # ------------------------------------------------------------ transitions
 

@@ -308,7 +308,8 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     dispatcher = AlertDispatcher(session_factory, webhook) if webhook else None
     bridge = MqttBridge(mqtt_url, session_factory, client_id=client_id, persistent_session=bool(configured_id),
                         drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None).start()
-    controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings))
+    controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
+                                   gate_settle_s=float(getattr(settings, "gate_settle_s", 0.0)))
     stop = threading.Event()
     threads = [controller.start_thread(stop, float(getattr(settings, "controller_interval_s", 1.0) or 1.0))]
     if dispatcher is not None:

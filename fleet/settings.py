@@ -47,6 +47,9 @@ class FleetSettings(BaseModel):
     drift_alert_threshold: float = Field(default=0.25, gt=0, allow_inf_nan=False,
                                          description="Drift score above which a device outside a rollout raises an alert.")
     alert_webhook_url: str | None = Field(default=None, description="URL alerts are POSTed to as JSON; None: none.")
+    gate_settle_s: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                 description="Seconds after a wave starts whose treatment telemetry the gates do not judge "
+                                             "(installs and cold models); 0 judges everything.")
     alert_repeat_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False,
                                   description="Seconds before an open alert for the same device, bundle and kind repeats.")
 
@@ -103,6 +106,7 @@ class FleetSettings(BaseModel):
             "drift_alert_threshold": "EDGEPACK_DRIFT_ALERT_THRESHOLD",
             "alert_webhook_url": "EDGEPACK_ALERT_WEBHOOK_URL",
             "alert_repeat_s": "EDGEPACK_ALERT_REPEAT_S",
+            "gate_settle_s": "EDGEPACK_GATE_SETTLE_S",
         }
         for field, name in mapping.items():
             if env.get(name):

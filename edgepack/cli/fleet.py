@@ -40,6 +40,7 @@ def serve(
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
     alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL alerts (drift outside a rollout) are POSTed to as JSON."),
+    gate_settle: Optional[float] = typer.Option(None, "--gate-settle-s", help="Seconds after a wave starts whose telemetry the gates do not judge (installs, cold models)."),
     drift_threshold: Optional[float] = typer.Option(None, "--drift-threshold", help="Drift score above which a device outside a rollout raises an alert (default 0.25)."),
 ) -> None:
     """Run the fleet server: API, rollout controller and MQTT bridge (with an embedded broker if no --mqtt-url)."""
@@ -67,7 +68,8 @@ def serve(
     if not public_url and not os.environ.get("EDGEPACK_PUBLIC_URL") and host not in ("0.0.0.0", "::", ""):
         public_url = f"http://{host}:{port}"  # on a wildcard address download URLs stay relative to the fleet URL
     for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url),
-                        ("alert_webhook_url", alert_webhook), ("drift_alert_threshold", drift_threshold)):
+                        ("alert_webhook_url", alert_webhook), ("drift_alert_threshold", drift_threshold),
+                        ("gate_settle_s", gate_settle)):
         if value not in (None, ""):
             overrides[name] = value
     if keys:

@@ -286,13 +286,15 @@ class ProfileCohort:
     control: list[tuple[RolloutMember, Device]]
     window_start: dt.datetime
     min_inferences: int = 1
+    settle_s: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def treatment_windows(self) -> list[TelemetryWindow]:
         """Telemetry of the treatment members running this rollout's bundle since the wave started."""
         if "treatment" not in self._cache:
             ids = [device.id for _, device in self.treatment]
-            self._cache["treatment"] = self._windows(ids, new_bundle=True, since=self.window_start)
+            since = self.window_start + dt.timedelta(seconds=self.settle_s)
+            self._cache["treatment"] = self._windows(ids, new_bundle=True, since=since)
         return self._cache["treatment"]
 
     def control_windows(self) -> tuple[str, list[TelemetryWindow]]:
@@ -706,13 +708,15 @@ def cohort_members(session: Session, rollout: Rollout) -> list[tuple[RolloutMemb
     ).all())
 
 
-def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: float | dt.datetime) -> WaveVerdict:
+def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: float | dt.datetime,
+                   settle_s: float = 0.0) -> WaveVerdict:
     """Decide promote, hold or rollback for a wave of `rollout` from the database as it is now.
 
     The cohort of wave i is cumulative: every member of waves 0..i; the control, the members of the waves
     after i. Gates are evaluated per hardware profile present in the cohort. A failing gate rolls back at
     once; promotion also needs the bake time since the wave started to have passed and at least
-    `min_reports` members (at most the cohort's size) to have finished installing.
+    `min_reports` members (at most the cohort's size) to have finished installing. Treatment telemetry of
+    the first `settle_s` seconds of the wave is not judged: it mixes the wave's installs with cold models.
     """
     now_dt = utc(now)
     specs = parse_gates(rollout.gates or DEFAULT_GATES)
@@ -733,7 +737,8 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
         control_by_profile[canonical_profile(device.profile)].append((member, device))
     cohorts = {
         profile: ProfileCohort(session, rollout, wave_index, profile, getattr(bundles.get(profile), "id", None),
-                               by_profile[profile], control_by_profile[profile], window_start, min_inferences)
+                               by_profile[profile], control_by_profile[profile], window_start, min_inferences,
+                               settle_s=settle_s)
         for profile in sorted(by_profile)
     }
 

@@ -9,7 +9,6 @@ never computes. NNCF validates with the same pin. An INT8 IR still runs its quan
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ sys.modules.setdefault("openvino_telemetry", None)
 
 import openvino as ov  # noqa: E402  (at the top on purpose: a missing OpenVINO fails get_adapter() as RuntimeUnavailable)
 
+from builder.latency import time_calls
 from builder.verify import Outputs
 from edgepack.errors import ModelError
 
@@ -72,21 +72,7 @@ class OpenVinoAdapter:
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         request = compile_ir(model_path, config).create_infer_request()
-        for _ in range(warmup):
-            request.infer(feed, share_inputs=True, share_outputs=True)
-        timings = np.empty(runs)
-        for index in range(runs):
-            start = time.perf_counter()
-            request.infer(feed, share_inputs=True, share_outputs=True)
-            timings[index] = time.perf_counter() - start
-        timings *= 1000.0
-        return {
-            "p50": round(float(np.percentile(timings, 50)), 4),
-            "p95": round(float(np.percentile(timings, 95)), 4),
-            "mean": round(float(timings.mean()), 4),
-            "runs": runs,
-            "threads": threads,
-        }
+        return time_calls(lambda: request.infer(feed, share_inputs=True, share_outputs=True), warmup, runs, threads)
 
     def versions(self) -> dict[str, str]:
         return {"openvino": ov.__version__}

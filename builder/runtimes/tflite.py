@@ -11,13 +11,13 @@ that file is mapped by position, with a channel-last input transposed where only
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter  # at the top on purpose: a missing LiteRT fails get_adapter() as RuntimeUnavailable
 
+from builder.latency import time_calls
 from builder.verify import Outputs
 
 IO_FILE = "tflite_io.json"
@@ -122,24 +122,12 @@ class LiteRtAdapter:
     def latency(self, model_path: Path, feed: dict[str, np.ndarray], warmup: int, runs: int, threads: int) -> dict[str, Any]:
         interpreter = _interpreter(model_path, threads)
         io = load_io(model_path, interpreter, feed)
-        for _ in range(warmup):
-            _set_inputs(interpreter, io, feed)
-            interpreter.invoke()
-        timings = np.empty(runs)
-        for index in range(runs):
-            start = time.perf_counter()
+        def call() -> None:
             _set_inputs(interpreter, io, feed)
             interpreter.invoke()
             _get_outputs(interpreter, io)
-            timings[index] = time.perf_counter() - start
-        timings *= 1000.0
-        return {
-            "p50": round(float(np.percentile(timings, 50)), 4),
-            "p95": round(float(np.percentile(timings, 95)), 4),
-            "mean": round(float(timings.mean()), 4),
-            "runs": runs,
-            "threads": threads,
-        }
+
+        return time_calls(call, warmup, runs, threads)
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version

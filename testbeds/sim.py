@@ -156,6 +156,7 @@ class SimulatedFleet:
     mqtt_url: str | None = None
     on_event: Callable[[float, str], None] | None = None
     timeline: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rollout_s: float | None = None
 
     def _event(self, text: str) -> None:
         elapsed = round(time.monotonic() - self._t0, 2)
@@ -217,6 +218,7 @@ class SimulatedFleet:
                 self._observe_alerts(client, scenario.duration_s)
             expected = self.candidate_ids if rollout and rollout["status"] == "succeeded" else self.baseline_ids
             converged = self._wait_converged(client, agents, expected)
+            messages = _message_counts(fleet.url)
             alerts = client.request("GET", "/alerts") if _fleet_has_alerts() else []
         finally:
             stop.set()
@@ -236,6 +238,8 @@ class SimulatedFleet:
             "alerts": alerts,
             "webhook_calls": len(webhook.calls),
             "converged": converged,
+            "messages": messages,
+            "rollout_s": self.rollout_s,
             "duration_s": round(time.monotonic() - self._t0, 2),
             "timeline": self.timeline,
         }
@@ -353,6 +357,7 @@ class SimulatedFleet:
             "gates": spec.gates, "bake_s": spec.bake_s, "min_reports": spec.min_reports, "install_timeout_s": spec.install_timeout_s})
         self._event(f"rollout {started['id'][:8]} of {spec.version} started: waves {','.join(f'{w:g}' for w in spec.waves)}, "
                     f"gates {'; '.join(spec.gates)}")
+        rollout_started = time.monotonic()
         seen_decisions = 0
         seen_wave = -1
         deadline = time.monotonic() + 900
@@ -368,7 +373,8 @@ class SimulatedFleet:
                     self._event(f"wave {decision['wave'] + 1}: {decision['decision']} — {reason}")
                 seen_decisions += 1
             if status["status"] in FINAL:
-                self._event(f"rollout {status['status']}")
+                self.rollout_s = round(time.monotonic() - rollout_started, 2)
+                self._event(f"rollout {status['status']} after {self.rollout_s} s")
                 return status
             time.sleep(0.5)
         raise TimeoutError("the rollout did not finish within 900 s")
@@ -401,6 +407,22 @@ def _fleet_has_alerts() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _message_counts(fleet_url: str) -> dict[str, float]:
+    """MQTT messages the fleet handled and published, from its Prometheus endpoint."""
+    import re
+
+    import httpx
+
+    text = httpx.get(fleet_url + "/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for kind in ("status", "telemetry"):
+        match = re.search(rf'^edgepack_mqtt_messages_total{{kind="{kind}"}}\s+([0-9.e+]+)$', text, re.M)
+        counts[kind] = float(match.group(1)) if match else 0.0
+    match = re.search(r"^edgepack_desired_states_published_total\s+([0-9.e+]+)$", text, re.M)
+    counts["desired"] = float(match.group(1)) if match else 0.0
+    return counts
 
 
 def _agent_extra(window_s: float) -> dict[str, Any]:

@@ -51,6 +51,11 @@ def run(
                       + " ".join(f"{w['percent']:g}%→{w['decision'] or '—'}" for w in rollout["waves"]))
     if result["alerts"]:
         console.print(f"alerts: {len(result['alerts'])}; webhook calls: {result['webhook_calls']}")
+    messages = result.get("messages") or {}
+    if messages and result["duration_s"]:
+        total = sum(messages.values())
+        console.print(f"fleet MQTT messages: {messages.get('status', 0):.0f} status, {messages.get('telemetry', 0):.0f} telemetry, "
+                      f"{messages.get('desired', 0):.0f} desired = {total / result['duration_s']:.0f} msg/s over the run")
     console.print(f"converged: {result['converged']}; expectation met: {result['expectation_met']}; {result['duration_s']} s")
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")

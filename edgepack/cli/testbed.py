@@ -38,6 +38,7 @@ def run(
     from testbeds.sim import SimulatedFleet, load_scenario
 
     logging.basicConfig(level=logging.ERROR)
+    _raise_open_file_limit()
     spec = load_scenario(scenario)
     count = devices or spec.devices.count
     folder = work_dir or Path(tempfile.mkdtemp(prefix=f"edgepack-testbed-{spec.name}-"))
@@ -60,3 +61,13 @@ def run(
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     raise typer.Exit(0 if result["expectation_met"] else 1)
+
+
+def _raise_open_file_limit() -> None:
+    """Hundreds of agents in one process (and the broker it starts) hold thousands of sockets and files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

@@ -175,11 +175,12 @@ class SimAgent:
 
 
 def agent_configs(root: Path, count: int, profiles: list[str], fleet_url: str, mqtt_url: str, enrollment_token: str,
-                  trusted_key: Path, labels: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> list[SimAgent]:
+                  trusted_key: Path, labels: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                  start: int = 0) -> list[SimAgent]:
     from device_agent.config import AgentConfig
 
     agents = []
-    for index in range(count):
+    for index in range(start, start + count):
         profile = profiles[index % len(profiles)]
         device_id = f"dev-{index:03d}"
         config = AgentConfig.from_mapping({

@@ -41,6 +41,9 @@ SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 DEVICE_LATENCY_MS = {"rpi5": 60.0, "rpi4": 90.0, "x86-avx2": 40.0, "x86-avx512-vnni": 35.0, "jetson-orin-nano": 40.0,
                      "jetson-nano": 70.0, "coral-devboard": 50.0, "intel-nuc": 40.0}
 FINAL = ("succeeded", "rolled_back", "aborted", "failed")
+# paho-mqtt waits on its sockets with select(), which takes descriptors below 1024 only: with ~3 per
+# client, one process holds about 300 agents. Larger fleets run the rest in worker processes.
+AGENTS_PER_PROCESS = 250
 # The whole fleet shares two cores here: installs of a wave slow every simulated device for a moment.
 GATE_SETTLE_S = 4.0
 
@@ -194,11 +197,20 @@ class SimulatedFleet:
         self.baseline_ids = [client.upload(p)["id"] for p in baseline]
         self.candidate_ids = [client.upload(p)["id"] for p in candidate]
         token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
-        agents = agent_configs(root, self.devices, profiles, fleet.url, mqtt_url, token, public,
+        local = min(self.devices, AGENTS_PER_PROCESS)
+        if local < self.devices and any(f.kind in ("offline", "input_drift") for f in scenario.faults):
+            raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {AGENTS_PER_PROCESS} devices")
+        agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public,
                                extra=_agent_extra(scenario.telemetry_window_s))
         stop = threading.Event()
         threads: list[threading.Thread] = []
+        workers: list[Any] = []
         try:
+            for start in range(local, self.devices, AGENTS_PER_PROCESS):
+                workers.append(_start_worker(scenario, root, start, min(AGENTS_PER_PROCESS, self.devices - start), profiles,
+                                             fleet.url, mqtt_url, token, public, self.baseline_ids, self.candidate_ids))
+            if workers:
+                self._event(f"{len(workers)} worker process(es) run devices {local}..{self.devices - 1}")
             for agent in agents:
                 agent.start()
                 self._hook(agent)
@@ -226,6 +238,13 @@ class SimulatedFleet:
                 thread.join(timeout=10)
             for agent in agents:
                 agent.stop()
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                try:
+                    worker.wait(timeout=60)
+                except Exception:  # noqa: BLE001 - a stuck worker must not keep the run alive
+                    worker.kill()
             fleet.stop()
             webhook.close()
             if broker:
@@ -407,6 +426,19 @@ def _fleet_has_alerts() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profiles: list[str], fleet_url: str, mqtt_url: str,
+                  token: str, public: Path, baseline_ids: list[str], candidate_ids: list[str]):
+    import subprocess
+    import sys
+
+    spec = {"scenario": scenario.model_dump(mode="json"), "root": str(root), "start": start, "count": count,
+            "profiles": profiles, "fleet_url": fleet_url, "mqtt_url": mqtt_url, "token": token, "public": str(public),
+            "baseline_ids": baseline_ids, "candidate_ids": candidate_ids}
+    log = open(root / f"worker-{start}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "testbeds.sim_worker", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=root)
 
 
 def _message_counts(fleet_url: str) -> dict[str, float]:

@@ -283,7 +283,9 @@ class SimulatedFleet:
 
     def _install_baseline(self, client) -> None:
         started = client.request("POST", "/rollouts", json={
-            "bundle_id": self.baseline_ids[0], "selector": {"sim": self.scenario.name}, "waves": [100],
+            # staged like a real install, so hundreds of devices do not all download and report at once
+            "bundle_id": self.baseline_ids[0], "selector": {"sim": self.scenario.name},
+            "waves": [100] if self.devices <= 50 else [10, 40, 100],
             "gates": ["install_failure_ratio<=0"], "bake_s": 0, "min_reports": 1, "install_timeout_s": 300})
         final = _wait(lambda: (s := client.request("GET", f"/rollouts/{started['id']}"))["status"] in FINAL and s, 600,
                       "the baseline install")

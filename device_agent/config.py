@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgepack.errors import ConfigError, ProtocolError
-from edgepack.protocol import validate_device_id
+from edgepack.errors import ConfigError
+from edgepack.protocol import DeviceId
 
 
 class ServeConfig(BaseModel):
@@ -98,7 +98,7 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device_id: str
+    device_id: DeviceId
     profile: str = Field(min_length=1)
     fleet_url: str
     mqtt_url: str
@@ -119,14 +119,6 @@ class AgentConfig(BaseModel):
     safety: SafetyConfig = SafetyConfig()
     report_status_over_http: bool = Field(default=False,
                                           description="Also POST every status to {fleet_url}/api/v1/devices/{id}/status.")
-
-    @field_validator("device_id")
-    @classmethod
-    def _device_id(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except ProtocolError as exc:
-            raise ValueError(exc.message) from None
 
     @field_validator("fleet_url")
     @classmethod

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgepack.errors import ProtocolError
 
@@ -36,6 +36,17 @@ def validate_device_id(device_id: str) -> str:
         raise ProtocolError(f"invalid device id {device_id!r}: use letters, digits, '.', '_' or '-' (no '/', '+', '#')",
                             device_id=device_id)
     return device_id
+
+
+def _device_id_field(value: str) -> str:
+    try:
+        return validate_device_id(value)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+
+
+# A device id as a pydantic field type: messages and configs validate it the same way.
+DeviceId = Annotated[str, AfterValidator(_device_id_field)]
 
 
 def desired_topic(device_id: str) -> str:
@@ -101,7 +112,7 @@ class DesiredState(_Message):
 class DeviceStatus(_Message):
     """A device's state; retained. The last will publishes `state: offline`."""
 
-    device_id: str
+    device_id: DeviceId
     state: Literal["online", "offline"] = "online"
     seq: int = Field(default=0, ge=0, description="The desired-state seq this status answers.")
     rollout_id: str | None = None
@@ -113,14 +124,6 @@ class DeviceStatus(_Message):
     error: str | None = None
     ts: float = 0.0
     agent_version: str | None = None
-
-    @field_validator("device_id")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except ProtocolError as exc:
-            raise ValueError(exc.message) from None
 
 
 class LatencySummary(BaseModel):
@@ -136,7 +139,7 @@ class LatencySummary(BaseModel):
 class Telemetry(_Message):
     """One window of a device's inference statistics (the fleet's telemetry gates read these)."""
 
-    device_id: str
+    device_id: DeviceId
     bundle_id: str | None = None
     window_s: float = Field(gt=0)
     inferences: int = Field(ge=0)
@@ -147,14 +150,6 @@ class Telemetry(_Message):
     shadow: dict[str, float] | None = None
     rss_bytes: int | None = None
     ts: float = 0.0
-
-    @field_validator("device_id")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except ProtocolError as exc:
-            raise ValueError(exc.message) from None
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from edgepack.bundle import open_bundle
 from edgepack.errors import BundleError, ConfigError, EdgepackError, NotFound, RangeNotSatisfiable
-from edgepack.protocol import BundleRef
 from fleet import metrics
 from fleet.models import Bundle
 from fleet.services import audit
@@ -149,16 +148,6 @@ def promote(session: Session, bundle_id: str, stage: str, *, actor: str) -> Bund
 
 def download_path(bundle_id: str) -> str:
     return f"{API_PREFIX}/bundles/{bundle_id}/download"
-
-
-def bundle_ref(bundle: Bundle, public_url: str | None = None) -> BundleRef:
-    """What a desired state carries so a device can fetch and check `bundle`; the URL is absolute when
-    the server knows its public URL, else relative to the fleet URL the agent was given."""
-    url = download_path(bundle.id)
-    if public_url:
-        url = public_url.rstrip("/") + url
-    return BundleRef(id=bundle.id, name=bundle.name, version=bundle.version, profile=bundle.profile,
-                     sha256=bundle.id, size=bundle.size_bytes, url=url)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -123,7 +123,13 @@ def test_rollout_succeeds_then_a_broken_release_rolls_back(tmp_path, db_url, rel
             assert "install_failure_ratio" in str(rollback["evidence"])
             touched = [m for m in final3["members"] if m["phase"] not in ("waiting", "skipped")]
             assert touched and all(m["wave"] == 0 for m in touched)
-            assert any(m["phase"] in ("failed", "rolled_back") for m in touched)
+            # every touched member is sent back; once it answers, it is rolled_back, and the self-test failure
+            # that tripped the gate stays on the member as its last error
+            touched_ids = {m["device_id"] for m in touched}
+            settled = wait_for(lambda: (r := _rollout(fleet, broken["id"])) and all(
+                m["phase"] == "rolled_back" for m in r["members"] if m["device_id"] in touched_ids) and r, 60,
+                what="every touched member to answer its rollback")
+            assert any("self-test" in (m["error"] or "") for m in settled["members"] if m["device_id"] in touched_ids)
             wait_for(lambda: all(x["current_bundle_id"] in v2 for x in _devices(fleet).values()), 60,
                      what="every device back on v2")
         finally:

@@ -194,8 +194,14 @@ def _bearer_secret(request: Request) -> str:
     return secret
 
 
-def current_principal(request: Request, session: SessionDep) -> Principal:
-    return authenticate(session, _bearer_secret(request))
+def current_principal(request: Request) -> Principal:
+    # Its own session, closed before the endpoint runs. With the request's session the connection would
+    # stay checked out while the request waits for a worker thread to run its endpoint; a burst of more
+    # requests than there are threads then deadlocks the server: every thread waits in authentication for
+    # a connection, and every connection belongs to a request waiting for a thread.
+    secret = _bearer_secret(request)
+    with request.app.state.session_factory() as session:
+        return authenticate(session, secret)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

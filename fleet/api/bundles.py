@@ -100,6 +100,10 @@ def download_bundle(bundle_id: str, request: Request, principal: ViewerOrDeviceD
     Content-Range, an unsatisfiable one 416; `If-Range` and `If-None-Match` take the ETag (the sha256)."""
     store = request.app.state.store
     bundle, size = bundles.open_download(session, store, bundle_id)
+    # The database is done with: give the connection back before the body streams. A download holding its
+    # connection for the whole transfer exhausts the pool when hundreds of devices fetch one wave's bundle,
+    # and the requests waiting for a connection then hold every worker thread the streams need (a hang).
+    session.close()
     tag = bundles.etag(bundle.id)
     headers = {
         "ETag": tag,

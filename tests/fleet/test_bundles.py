@@ -213,3 +213,39 @@ def test_downloading_an_unknown_bundle_is_404(fleet: Fleet) -> None:
     viewer = fleet.client(fleet.token("viewer"))
     assert viewer.get(f"/api/v1/bundles/{'1' * 64}/download").status_code == 404
     assert viewer.get("/api/v1/bundles/..%2f..%2fetc%2fpasswd/download").status_code == 404
+
+
+def test_a_wave_of_concurrent_downloads_neither_exhausts_the_pool_nor_stalls_the_api(fleet: Fleet, stored: tuple[str, bytes]) -> None:
+    """Far more downloads at once than the database pool has connections (5 + 10 on SQLite) and the server
+    has worker threads (40): authentication and each stream give their connection back before the next
+    step, so every download completes and the API keeps answering. (Holding them deadlocked the server:
+    every thread waited for a connection, every connection belonged to a request waiting for a thread.)"""
+    import threading
+
+    import httpx
+
+    bundle_id, data = stored
+    token = fleet.token("viewer")
+    url = f"{fleet.url}/api/v1/bundles/{bundle_id}/download"
+    results: list[object] = []
+    start = threading.Barrier(121)
+
+    def download() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+            start.wait()
+            try:
+                response = client.get(url)
+                results.append((response.status_code, hashlib.sha256(response.content).hexdigest()))
+            except httpx.HTTPError as exc:
+                results.append(exc)
+
+    threads = [threading.Thread(target=download) for _ in range(120)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    during = fleet.client(token).get("/api/v1/bundles")
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert during.status_code == 200, during.text
+    assert results.count((200, bundle_id)) == 120, [r for r in results if r != (200, bundle_id)][:3]

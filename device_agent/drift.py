@@ -15,8 +15,11 @@ shift. The usual reading, which the fleet's drift gate and retrain alert use as 
     0.1 ≤ PSI < 0.25   moderate drift: worth watching
     PSI ≥ 0.25         major drift: the model sees data unlike what it was validated on
 
-A name is scored only when the window counted at least `min_values` of its values (default 100), since
-PSI over a handful of values is noise (its expected value on unchanged data is about (bins − 1)/n).
+A name is scored only when the window counted at least `min_values` of its values (default 100) from at
+least `min_requests` requests (default 5), since PSI over a handful of values is noise (its expected
+value on unchanged data is about (bins − 1)/n), and the values of one request are not independent (the
+pixels of one image): on the digits validation data the input's PSI over 1 random image reaches 0.28 at
+the 99th percentile (above the 0.25 alert threshold), over 2 images 0.15, over 5 images 0.044.
 
 Cost: values are binned with one `searchsorted` per tensor against the reference's edges (about 8 us
 for the digits model's two tensors). A tensor with more than `max_values` elements (default 4096) is
@@ -69,6 +72,7 @@ class _Bins:
     inner_edges: np.ndarray  # the edges between bins; the first and last bins are open-ended
     expected: np.ndarray
     counts: np.ndarray
+    requests: int = 0  # requests that added values this window
 
 
 class DriftMonitor:
@@ -77,9 +81,10 @@ class DriftMonitor:
     method = METHOD
 
     def __init__(self, reference_stats: Mapping[str, Any], *, max_values: int = 4096, min_values: int = 100,
-                 min_interval_s: float = 0.0, seed: int | None = None) -> None:
+                 min_requests: int = 5, min_interval_s: float = 0.0, seed: int | None = None) -> None:
         self.max_values = int(max_values)
         self.min_values = int(min_values)
+        self.min_requests = int(min_requests)
         self.min_interval_s = float(min_interval_s)
         self.skipped_requests = 0  # left out by min_interval_s (this window; approximate under threads)
         self._rng = np.random.default_rng(seed)
@@ -140,6 +145,7 @@ class DriftMonitor:
             with self._lock:
                 for bins, counts in binned:
                     bins.counts += counts
+                    bins.requests += 1
         return True
 
     def _count(self, bins: _Bins, value: Any) -> np.ndarray | None:
@@ -162,16 +168,17 @@ class DriftMonitor:
             return {name: bins.counts.copy() for name, bins in self._bins.items()}
 
     def scores(self, reset: bool = True) -> dict[str, float]:
-        """PSI per name with at least `min_values` values this window; `reset` starts the next window."""
+        """PSI per name with at least `min_values` values from `min_requests` requests this window; `reset` starts the next window."""
         with self._lock:
-            snapshot = {name: bins.counts.copy() for name, bins in self._bins.items()}
+            snapshot = {name: (bins.counts.copy(), bins.requests) for name, bins in self._bins.items()}
             if reset:
                 for bins in self._bins.values():
                     bins.counts[:] = 0
+                    bins.requests = 0
                 self.skipped_requests = 0
         result = {}
-        for name, counts in snapshot.items():
-            if counts.sum() < max(self.min_values, 1):
+        for name, (counts, requests) in snapshot.items():
+            if counts.sum() < max(self.min_values, 1) or requests < self.min_requests:
                 continue
             score = population_stability_index(counts, self._bins[name].expected)
             result[name] = round(score, 6) if math.isfinite(score) else score

@@ -64,13 +64,33 @@ def test_data_like_the_reference_scores_near_zero_and_shifted_data_scores_major(
 
 
 def test_scores_need_enough_values_and_reset_per_window(bundles):
-    monitor = DriftMonitor(reference_of(bundles.v1), min_values=100)
+    monitor = DriftMonitor(reference_of(bundles.v1), min_values=100, min_requests=1)
     logits = {"logits": np.zeros((1, 10), np.float32)}
     monitor.observe({"input": VAL_INPUTS[0][None]}, logits)
     assert monitor.scores(reset=False) == {}  # 64 pixels and 10 logits: too few to score
     monitor.observe({"input": VAL_INPUTS[1][None]}, logits)
     assert set(monitor.scores()) == {"input"}  # 128 pixels; still only 20 logits
     assert monitor.scores() == {} and all(c.sum() == 0 for c in monitor.counts().values())
+
+
+def test_a_window_of_too_few_requests_is_not_scored_even_with_enough_values(bundles):
+    """One image's 64 pixels are not 64 independent draws: PSI over one or two images of unchanged data
+    can exceed the alert threshold, so a window needs `min_requests` requests before it is scored."""
+    reference = reference_of(bundles.v1)
+    rng = np.random.default_rng(0)
+    one_image = []
+    for _ in range(200):
+        monitor = DriftMonitor(reference, min_values=1, min_requests=1)
+        monitor.observe({"input": VAL_INPUTS[rng.integers(len(VAL_INPUTS))][None]})
+        one_image.append(monitor.scores()["input"])
+    assert max(one_image) > MODERATE  # the noise the minimum guards against
+
+    monitor = DriftMonitor(reference)  # defaults: 100 values from 5 requests
+    for index in range(4):
+        monitor.observe({"input": VAL_INPUTS[index:index + 2]})  # 128 values per request: enough values
+    assert "input" not in monitor.scores(reset=False)
+    monitor.observe({"input": VAL_INPUTS[4:6]})
+    assert monitor.scores()["input"] < MODERATE
 
 
 def test_big_tensors_are_subsampled_and_odd_values_ignored(bundles):

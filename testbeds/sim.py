@@ -124,6 +124,52 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ConfigError(f"scenario {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
+class _BrokerCounters:
+    """The broker's own count of PUBLISH messages, from Mosquitto's `$SYS/broker/publish/messages/{received,sent}`
+    (updated every `sys_interval`; the testbed's broker uses 1 s). `snapshot()` is None on a broker that
+    does not publish them (or denies `$SYS` to this client)."""
+
+    TOPIC = "$SYS/broker/publish/messages/+"
+
+    def __init__(self, mqtt_url: str) -> None:
+        import os
+
+        import paho.mqtt.client as mqtt
+
+        host, port = mqtt_url.split("://", 1)[1].rsplit(":", 1)
+        self._values: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"testbed-sys-{os.getpid()}-{time.time_ns()}")
+        self.client.on_connect = lambda client, *_: client.subscribe(self.TOPIC)
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            value = float(message.payload)
+        except ValueError:
+            return
+        with self._lock:
+            self._values[message.topic.rsplit("/", 1)[1]] = value
+
+    def snapshot(self) -> dict[str, float] | None:
+        with self._lock:
+            values = dict(self._values)
+        return values if {"received", "sent"} <= set(values) else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _rates(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float | None) -> dict[str, float] | None:
+    """Messages per second between two counter snapshots."""
+    if not before or not after or not seconds:
+        return None
+    return {key: round((after[key] - before[key]) / seconds, 1) for key in after if key in before}
+
+
 class _Webhook:
     """The retrain trigger's receiving end: counts the alerts the fleet POSTs."""
 
@@ -160,6 +206,7 @@ class SimulatedFleet:
     on_event: Callable[[float, str], None] | None = None
     timeline: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rollout_s: float | None = None
+    per_process: int = AGENTS_PER_PROCESS  # devices beyond this run in worker processes of this many each
 
     def _event(self, text: str) -> None:
         elapsed = round(time.monotonic() - self._t0, 2)
@@ -187,34 +234,39 @@ class SimulatedFleet:
         if scenario.rollout:
             candidate = build_release(root, private, scenario.rollout.version, profiles, cache_dir=cache,
                                       break_selftest=bool(scenario.faults_of("broken_selftest")))
-        broker = MosquittoBroker().start() if not self.mqtt_url else None
+        broker = MosquittoBroker(extra_config="sys_interval 1\n").start() if not self.mqtt_url else None
         mqtt_url = self.mqtt_url or broker.url
+        self._broker_counters = _BrokerCounters(mqtt_url)
+        self.broker_rates: dict[str, float] | None = None
+        self.fleet_rates: dict[str, float] | None = None
         webhook = _Webhook()
         fleet = FleetProcess(root, mqtt_url, trusted_key=public,
                              extra_args=["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]).start()
         self._event(f"fleet at {fleet.url}, broker at {mqtt_url}")
+        self._fleet_url = fleet.url
         client = fleet.client()
         self.baseline_ids = [client.upload(p)["id"] for p in baseline]
         self.candidate_ids = [client.upload(p)["id"] for p in candidate]
         token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
-        local = min(self.devices, AGENTS_PER_PROCESS)
+        local = min(self.devices, self.per_process)
         if local < self.devices and any(f.kind in ("offline", "input_drift") for f in scenario.faults):
-            raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {AGENTS_PER_PROCESS} devices")
+            raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {self.per_process} devices")
         agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public,
                                extra=_agent_extra(scenario.telemetry_window_s))
         stop = threading.Event()
         threads: list[threading.Thread] = []
         workers: list[Any] = []
         try:
-            for start in range(local, self.devices, AGENTS_PER_PROCESS):
-                workers.append(_start_worker(scenario, root, start, min(AGENTS_PER_PROCESS, self.devices - start), profiles,
+            for start in range(local, self.devices, self.per_process):
+                workers.append(_start_worker(scenario, root, start, min(self.per_process, self.devices - start), profiles,
                                              fleet.url, mqtt_url, token, public, self.baseline_ids, self.candidate_ids))
             if workers:
                 self._event(f"{len(workers)} worker process(es) run devices {local}..{self.devices - 1}")
             for agent in agents:
                 agent.start()
                 self._hook(agent)
-            _wait(lambda: len(client.request("GET", "/devices")) == self.devices, 300, "every device to enroll")
+            _wait(lambda: _workers_alive(workers, root) and len(client.request("GET", "/devices")) == self.devices, 300,
+                  "every device to enroll")
             self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {sum(a.profile == p for a in agents)}' for p in profiles)})")
             self._install_baseline(client)
             threads.append(self._start_workload(agents, stop))
@@ -247,6 +299,7 @@ class SimulatedFleet:
                     worker.kill()
             fleet.stop()
             webhook.close()
+            self._broker_counters.close()
             if broker:
                 broker.stop()
         result = {
@@ -259,6 +312,9 @@ class SimulatedFleet:
             "converged": converged,
             "messages": messages,
             "rollout_s": self.rollout_s,
+            # PUBLISH messages per second while the rollout ran: the broker's own counts, and the fleet's
+            "broker_msg_per_s": self.broker_rates,
+            "fleet_msg_per_s": self.fleet_rates,
             "duration_s": round(time.monotonic() - self._t0, 2),
             "timeline": self.timeline,
         }
@@ -379,6 +435,7 @@ class SimulatedFleet:
         self._event(f"rollout {started['id'][:8]} of {spec.version} started: waves {','.join(f'{w:g}' for w in spec.waves)}, "
                     f"gates {'; '.join(spec.gates)}")
         rollout_started = time.monotonic()
+        broker_before, fleet_before = self._broker_counters.snapshot(), _message_counts(self._fleet_url)
         seen_decisions = 0
         seen_wave = -1
         deadline = time.monotonic() + 900
@@ -395,6 +452,8 @@ class SimulatedFleet:
                 seen_decisions += 1
             if status["status"] in FINAL:
                 self.rollout_s = round(time.monotonic() - rollout_started, 2)
+                self.broker_rates = _rates(broker_before, self._broker_counters.snapshot(), self.rollout_s)
+                self.fleet_rates = _rates(fleet_before, _message_counts(self._fleet_url), self.rollout_s)
                 self._event(f"rollout {status['status']} after {self.rollout_s} s")
                 return status
             time.sleep(0.5)
@@ -441,6 +500,16 @@ def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profil
     log = open(root / f"worker-{start}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "testbeds.sim_worker", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=root)
+
+
+def _workers_alive(workers: list[Any], root: Path) -> bool:
+    """True while every worker process runs; a RuntimeError with its log's tail when one has exited."""
+    for worker in workers:
+        if worker.poll() is not None:
+            logs = sorted(root.glob("worker-*.log"))
+            tail = "".join(path.read_text(errors="replace")[-1500:] for path in logs)
+            raise RuntimeError(f"a testbed worker process exited with {worker.returncode}:\n{tail}")
+    return True
 
 
 def _message_counts(fleet_url: str) -> dict[str, float]:

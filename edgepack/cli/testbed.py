@@ -31,6 +31,9 @@ def run(
     mqtt_url: Optional[str] = typer.Option(None, "--mqtt-url", help="Use this broker instead of starting Mosquitto."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep state here (default: a temporary folder)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
+    per_process: int = typer.Option(250, "--per-process", min=1,
+                                    help="Devices per process; larger fleets run the rest in worker processes "
+                                         "(paho-mqtt's select() loop holds about 300 clients per process)."),
 ) -> None:
     """Run a scenario: build releases, start a broker, a fleet and N agents, roll out, inject faults, report."""
     import logging
@@ -43,7 +46,7 @@ def run(
     count = devices or spec.devices.count
     folder = work_dir or Path(tempfile.mkdtemp(prefix=f"edgepack-testbed-{spec.name}-"))
     console.print(f"[bold]{spec.name}[/bold] with {count} devices: {spec.description}")
-    fleet = SimulatedFleet(spec, count, folder, mqtt_url=mqtt_url,
+    fleet = SimulatedFleet(spec, count, folder, mqtt_url=mqtt_url, per_process=per_process,
                            on_event=lambda t, text: console.print(f"[dim]{t:7.1f}s[/dim]  {text}"))
     result = fleet.run()
     rollout = result["rollout"]
@@ -57,6 +60,10 @@ def run(
         total = sum(messages.values())
         console.print(f"fleet MQTT messages: {messages.get('status', 0):.0f} status, {messages.get('telemetry', 0):.0f} telemetry, "
                       f"{messages.get('desired', 0):.0f} desired = {total / result['duration_s']:.0f} msg/s over the run")
+    if result.get("broker_msg_per_s"):
+        rates = result["broker_msg_per_s"]
+        console.print(f"broker during the rollout ({result['rollout_s']} s): {rates.get('received', 0):g} msg/s received, "
+                      f"{rates.get('sent', 0):g} msg/s sent")
     console.print(f"converged: {result['converged']}; expectation met: {result['expectation_met']}; {result['duration_s']} s")
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")

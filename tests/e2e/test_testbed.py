@@ -9,8 +9,8 @@ import pytest
 from tests.support import run_cli
 
 
-def _run(scenario: str, devices: int) -> dict:
-    result = run_cli("testbed", "run", scenario, "--devices", str(devices), "--json")
+def _run(scenario: str, devices: int, *options: str) -> dict:
+    result = run_cli("testbed", "run", scenario, "--devices", str(devices), "--json", *options)
     assert result.stdout, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert result.returncode == (0 if report["expectation_met"] else 1)
@@ -31,11 +31,17 @@ def test_latency_regression_on_rpi5_rolls_back_within_two_waves_naming_the_rpi5_
 
 
 def test_the_same_scenario_without_the_fault_reaches_100_percent():
-    report = _run("healthy", 20)
+    # 8 of the 20 devices run in a worker process, the way fleets of hundreds are split
+    report = _run("healthy", 20, "--per-process", "12")
     assert report["rollout"]["status"] == "succeeded", report["timeline"]
+    assert any("worker process" in e["event"] for e in report["timeline"])
     assert [w["percent"] for w in report["rollout"]["waves"]] == [10, 50, 100]
     assert all(w["decision"] == "promote" for w in report["rollout"]["waves"])
     assert report["converged"]
+    assert report["alerts"] == [] and report["webhook_calls"] == 0  # unchanged inputs raise no drift alert
+    # the broker's own PUBLISH counts while the rollout ran: at least the fleet's desired states and statuses
+    assert report["broker_msg_per_s"]["received"] > 0 and report["broker_msg_per_s"]["sent"] > 0
+    assert report["fleet_msg_per_s"]["status"] > 0
 
 
 def test_input_drift_raises_one_alert_and_one_webhook_call_without_a_rollout():

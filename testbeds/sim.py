@@ -267,7 +267,9 @@ class SimulatedFleet:
                 self._hook(agent)
             _wait(lambda: _workers_alive(workers, root) and len(client.request("GET", "/devices")) == self.devices, 300,
                   "every device to enroll")
-            self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {sum(a.profile == p for a in agents)}' for p in profiles)})")
+            enrolled = client.request("GET", "/devices")
+            per_profile = {p: sum(d["profile"] == p for d in enrolled) for p in profiles}
+            self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {n}' for p, n in per_profile.items())})")
             self._install_baseline(client)
             threads.append(self._start_workload(agents, stop))
             for fault in scenario.faults_of("broker_restart"):

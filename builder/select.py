@@ -104,5 +104,5 @@ def select_variant(variants: list[dict[str, Any]], metric: str, runtime_order: l
     if others:
         why += f"; other passing variants: {others}"
     if dominated:
-        why += f"; never selected because another variant beats them on latency, size and accuracy: {', '.join(sorted(dominated))}"
+        why += f"; never selected because another variant is faster and smaller and no less accurate: {', '.join(sorted(dominated))}"
     return chosen["name"], why

@@ -104,6 +104,14 @@ class TensorSpec:
             return None
         return self.shape  # type: ignore[return-value]
 
+    @property
+    def batch_tail(self) -> tuple[int, ...] | None:
+        """The fixed dimensions after a dynamic first (batch) one, when that is the only dynamic one, else None."""
+        if not self.shape or self.shape[0] is not None:
+            return None
+        tail = self.shape[1:]
+        return None if any(d is None for d in tail) else tail  # type: ignore[return-value]
+
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> "TensorSpec":
         try:
@@ -154,11 +162,12 @@ class LoadedModel:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     loaded_at: float = 0.0
-    # (name, dtype, exact shape, spec) per input, precomputed for the per-request checks
-    checks: tuple[tuple[str, Any, Any, TensorSpec], ...] = field(init=False, repr=False, compare=False)
+    # (name, dtype, exact shape, batch-free tail shape, spec) per input, precomputed for the per-request checks
+    checks: tuple[tuple[str, Any, Any, Any, TensorSpec], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checks", tuple((spec.name, spec.dtype, spec.exact_shape, spec) for spec in self.inputs))
+        object.__setattr__(self, "checks", tuple((spec.name, spec.dtype, spec.exact_shape, spec.batch_tail, spec)
+                                                 for spec in self.inputs))
 
     @property
     def runtime(self) -> str:
@@ -374,11 +383,13 @@ class InferenceEngine:
 def _check_inputs(model: LoadedModel, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     """The feeds for `model`: a new dict of checked arrays, or InvalidInput naming what is wrong."""
     if type(inputs) is dict and len(inputs) == len(model.inputs):
-        # Fast path: arrays of the declared dtype and fully fixed shape pass with two comparisons.
+        # Fast path: arrays of the declared dtype and fully fixed shape (or any batch size in front of fixed
+        # dimensions) pass with a few comparisons.
         feeds = {}
-        for name, dtype, exact_shape, spec in model.checks:
+        for name, dtype, exact_shape, tail, spec in model.checks:
             value = inputs.get(name)
-            if type(value) is np.ndarray and value.dtype == dtype and value.shape == exact_shape:
+            if type(value) is np.ndarray and value.dtype == dtype and (
+                    value.shape == exact_shape or (tail is not None and value.shape[1:] == tail and value.ndim == len(tail) + 1)):
                 feeds[name] = value
             elif value is None and name not in inputs:
                 break  # a missing name: the slow path words the error

@@ -153,6 +153,30 @@ def test_bad_inputs_are_refused_before_the_runtime_with_a_clear_message(engine, 
     assert caught.value.http_status == 400 and isinstance(caught.value, InferenceError)
 
 
+def test_an_input_with_a_dynamic_batch_takes_any_batch_and_still_checks_every_fixed_dimension(tmp_path):
+    # the example model as exported (batch dimension left dynamic), in a slot whose manifest says so
+    slot = tmp_path / "slot"
+    (slot / "model").mkdir(parents=True)
+    (slot / "model" / "model.onnx").write_bytes((Path(__file__).resolve().parents[2] / "examples/digits/model.onnx").read_bytes())
+    manifest = {"name": "digits", "version": "dyn", "runtime": "onnxruntime", "model": "model/model.onnx",
+                "files": {"model/model.onnx": {}},
+                "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
+                       "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]}}
+    engine = InferenceEngine()
+    engine.swap(slot, manifest)
+    try:
+        batch = np.random.default_rng(1).random((5, 1, 8, 8), dtype=np.float32)
+        assert engine.infer({"input": batch})["logits"].shape == (5, 10)
+        np.testing.assert_allclose(engine.infer({"input": batch[2:3]})["logits"], engine.infer({"input": batch})["logits"][2:3],
+                                   rtol=1e-5, atol=1e-6)
+        for wrong in [(5, 1, 8, 9), (5, 8, 8), (5, 1, 8, 8, 1), (5, 2, 8, 8)]:
+            with pytest.raises(InvalidInput) as caught:
+                engine.infer({"input": np.zeros(wrong, np.float32)})
+            assert f"shape {list(wrong)}, expected [batch, 1, 8, 8]" in caught.value.message
+    finally:
+        engine.close()
+
+
 def test_numbers_of_another_kind_that_cast_safely_are_accepted(engine):
     as_float64 = engine.infer({"input": SAMPLE.astype(np.float64)})["logits"]
     as_ints = engine.infer({"input": np.ones((1, 1, 8, 8), np.int64)})["logits"]

@@ -194,20 +194,40 @@ def agent_configs(root: Path, count: int, profiles: list[str], fleet_url: str, m
     return agents
 
 
-class DesiredMonitor:
+class TopicListener:
+    """A plain MQTT client of its own that subscribes to one topic filter; subclasses handle `_on_message`.
+
+    Subclasses set up the state `_on_message` touches before calling `super().__init__`: messages can
+    arrive as soon as it returns.
+    """
+
+    def __init__(self, mqtt_url: str, topic: str, *, qos: int = 0, name: str = "listener") -> None:
+        import paho.mqtt.client as mqtt
+
+        from fleet.mqtt_bridge import parse_mqtt_url
+
+        address = parse_mqtt_url(mqtt_url)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}-{time.time_ns()}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=qos)
+        self.client.connect(address["host"], address["port"])
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class DesiredMonitor(TopicListener):
     """Records every desired state the broker delivers, to check that no device got conflicting ones."""
 
     def __init__(self, mqtt_url: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        host, port = mqtt_url.split("://", 1)[1].rsplit(":", 1)
         self.messages: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"monitor-{os.getpid()}-{time.time_ns()}")
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda client, *_: client.subscribe("edgepack/v1/devices/+/desired", qos=1)
-        self.client.connect(host, int(port))
-        self.client.loop_start()
+        super().__init__(mqtt_url, "edgepack/v1/devices/+/desired", qos=1, name="monitor")
 
     def _on_message(self, client, userdata, message) -> None:
         if not message.payload:
@@ -222,10 +242,6 @@ class DesiredMonitor:
             for device_id, payload in self.messages:
                 out.setdefault(device_id, []).append(payload)
         return out
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):

@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgepack.errors import ConfigError
+from testbeds.fleet_harness import TopicListener
 
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 # Simulated per-request compute time on each board (ms), added to the host's real inference time.
@@ -124,26 +125,15 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ConfigError(f"scenario {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-class _BrokerCounters:
+class _BrokerCounters(TopicListener):
     """The broker's own count of PUBLISH messages, from Mosquitto's `$SYS/broker/publish/messages/{received,sent}`
     (updated every `sys_interval`; the testbed's broker uses 1 s). `snapshot()` is None on a broker that
     does not publish them (or denies `$SYS` to this client)."""
 
-    TOPIC = "$SYS/broker/publish/messages/+"
-
     def __init__(self, mqtt_url: str) -> None:
-        import os
-
-        import paho.mqtt.client as mqtt
-
-        host, port = mqtt_url.split("://", 1)[1].rsplit(":", 1)
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"testbed-sys-{os.getpid()}-{time.time_ns()}")
-        self.client.on_connect = lambda client, *_: client.subscribe(self.TOPIC)
-        self.client.on_message = self._on_message
-        self.client.connect(host, int(port))
-        self.client.loop_start()
+        super().__init__(mqtt_url, "$SYS/broker/publish/messages/+", name="testbed-sys")
 
     def _on_message(self, client, userdata, message) -> None:
         try:
@@ -157,10 +147,6 @@ class _BrokerCounters:
         with self._lock:
             values = dict(self._values)
         return values if {"received", "sent"} <= set(values) else None
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _rates(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float | None) -> dict[str, float] | None:
@@ -265,9 +251,8 @@ class SimulatedFleet:
             for agent in agents:
                 agent.start()
                 self._hook(agent)
-            _wait(lambda: _workers_alive(workers, root) and len(client.request("GET", "/devices")) == self.devices, 300,
-                  "every device to enroll")
-            enrolled = client.request("GET", "/devices")
+            enrolled = _wait(lambda: _workers_alive(workers, root) and _all_or_none(client.request("GET", "/devices"), self.devices),
+                             300, "every device to enroll")
             per_profile = {p: sum(d["profile"] == p for d in enrolled) for p in profiles}
             self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {n}' for p, n in per_profile.items())})")
             self._install_baseline(client)
@@ -502,6 +487,11 @@ def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profil
     log = open(root / f"worker-{start}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "testbeds.sim_worker", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=root)
+
+
+def _all_or_none(devices: list[dict], count: int) -> list[dict] | None:
+    """`devices` once the fleet lists all `count` of them (for `_wait`, which returns the first truthy value)."""
+    return devices if len(devices) == count else None
 
 
 def _workers_alive(workers: list[Any], root: Path) -> bool:

@@ -192,6 +192,8 @@ class SimulatedFleet:
     on_event: Callable[[float, str], None] | None = None
     timeline: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rollout_s: float | None = None
+    broker_rates: dict[str, float] | None = None  # PUBLISH messages/s while the rollout ran, from $SYS
+    fleet_rates: dict[str, float] | None = None  # the fleet's handled messages/s over the same span
     per_process: int = AGENTS_PER_PROCESS  # devices beyond this run in worker processes of this many each
 
     def _event(self, text: str) -> None:
@@ -223,8 +225,6 @@ class SimulatedFleet:
         broker = MosquittoBroker(extra_config="sys_interval 1\n").start() if not self.mqtt_url else None
         mqtt_url = self.mqtt_url or broker.url
         self._broker_counters = _BrokerCounters(mqtt_url)
-        self.broker_rates: dict[str, float] | None = None
-        self.fleet_rates: dict[str, float] | None = None
         webhook = _Webhook()
         fleet = FleetProcess(root, mqtt_url, trusted_key=public,
                              extra_args=["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]).start()

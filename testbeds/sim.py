@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgepack.errors import ConfigError
-from testbeds.fleet_harness import TopicListener
+from testbeds.fleet_harness import TopicListener, wait_for
 
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 # Simulated per-request compute time on each board (ms), added to the host's real inference time.
@@ -251,8 +251,8 @@ class SimulatedFleet:
             for agent in agents:
                 agent.start()
                 self._hook(agent)
-            enrolled = _wait(lambda: _workers_alive(workers, root) and _all_or_none(client.request("GET", "/devices"), self.devices),
-                             300, "every device to enroll")
+            enrolled = wait_for(lambda: _workers_alive(workers, root) and _all_or_none(client.request("GET", "/devices"), self.devices),
+                                300, 0.3, "every device to enroll")
             per_profile = {p: sum(d["profile"] == p for d in enrolled) for p in profiles}
             self._event(f"{self.devices} devices enrolled ({', '.join(f'{p}: {n}' for p, n in per_profile.items())})")
             self._install_baseline(client)
@@ -321,7 +321,7 @@ class SimulatedFleet:
                     factor *= fault.factor
             time.sleep(base_s * factor)
 
-        engine = _wait(lambda: getattr(agent.agent, "engine", None), 30, f"{agent.device_id}'s inference engine")
+        engine = wait_for(lambda: getattr(agent.agent, "engine", None), 30, 0.3, f"{agent.device_id}'s inference engine")
         engine.pre_infer = pre_infer
 
     def _install_baseline(self, client) -> None:
@@ -330,8 +330,8 @@ class SimulatedFleet:
             "bundle_id": self.baseline_ids[0], "selector": {"sim": self.scenario.name},
             "waves": [100] if self.devices <= 50 else [10, 40, 100],
             "gates": ["install_failure_ratio<=0"], "bake_s": 0, "min_reports": 1, "install_timeout_s": 300})
-        final = _wait(lambda: (s := client.request("GET", f"/rollouts/{started['id']}"))["status"] in FINAL and s, 600,
-                      "the baseline install")
+        final = wait_for(lambda: (s := client.request("GET", f"/rollouts/{started['id']}"))["status"] in FINAL and s, 600, 0.3,
+                         "the baseline install")
         if final["status"] != "succeeded":
             raise RuntimeError(f"baseline install ended {final['status']}: {final['decisions'][-1:]}")
         self._event(f"baseline {self.scenario.baseline_version} active on every device")
@@ -459,8 +459,8 @@ class SimulatedFleet:
 
     def _wait_converged(self, client, agents, expected_ids: list[str]) -> bool:
         try:
-            _wait(lambda: all(d["current_bundle_id"] in expected_ids and d["phase"] in ("active", "rolled_back")
-                              for d in client.request("GET", "/devices")), 180, "every device to converge")
+            wait_for(lambda: all(d["current_bundle_id"] in expected_ids and d["phase"] in ("active", "rolled_back")
+                                 for d in client.request("GET", "/devices")), 180, 0.3, "every device to converge")
         except TimeoutError:
             self._event("not every device converged within 180 s")
             return False
@@ -490,7 +490,7 @@ def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profil
 
 
 def _all_or_none(devices: list[dict], count: int) -> list[dict] | None:
-    """`devices` once the fleet lists all `count` of them (for `_wait`, which returns the first truthy value)."""
+    """`devices` once the fleet lists all `count` of them (for `wait_for`, which returns the first truthy value)."""
     return devices if len(devices) == count else None
 
 
@@ -552,13 +552,3 @@ def _check(expect: ExpectSpec, result: dict[str, Any]) -> bool:
     if expect.webhook_calls is not None:
         ok &= result["webhook_calls"] == expect.webhook_calls
     return bool(ok)
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")

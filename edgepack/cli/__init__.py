@@ -41,7 +41,8 @@ def _root(
 
 def _register() -> None:
     # Imported here so each command module stays independent; none imports heavy backends at import time.
-    from edgepack.cli import agent, build, bundle, devices, fleet, keys, profiles, rollout, testbed
+    from builder import cli as build
+    from edgepack.cli import agent, bundle, devices, fleet, keys, profiles, rollout, testbed
 
     app.command("build")(build.build)
     app.add_typer(profiles.app, name="profiles")

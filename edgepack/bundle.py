@@ -32,6 +32,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError, UnsafeMemberError
+from edgepack.files import file_sha256_size, fsync_dir
 from edgepack.signing import sign_manifest, verify_manifest_signature
 
 BUNDLE_FORMAT = "edgepack-bundle/1"
@@ -193,16 +194,6 @@ class _HashingReader:
         return data
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def write_bundle(
     path: Path,
     members: Mapping[str, bytes | Path],
@@ -231,7 +222,7 @@ def write_bundle(
             files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         elif isinstance(content, Path):
             try:
-                digest, size = _file_sha256(content)
+                digest, size = file_sha256_size(content)
             except OSError as exc:
                 raise ConfigError(f"{name}: cannot read {content}: {exc.strerror or exc}", member=name) from exc
             files[name] = {"sha256": digest, "size": size}
@@ -276,11 +267,12 @@ def write_bundle(
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp_path, 0o644)
-        bundle_sha256, size_bytes = _file_sha256(temp_path)
+        bundle_sha256, size_bytes = file_sha256_size(temp_path)
         os.replace(temp_path, path)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return BundleInfo(path=path, sha256=bundle_sha256, size_bytes=size_bytes, manifest=signed_manifest)
 
 
@@ -618,7 +610,7 @@ def inspect_bundle(path: Path) -> dict:
                     "status": "not in manifest",
                 }
             )
-    bundle_sha256, size_bytes = _file_sha256(scan.path)
+    bundle_sha256, size_bytes = file_sha256_size(scan.path)
     return {
         "manifest": manifest,
         "signature": signature,

@@ -53,11 +53,11 @@ def fsync_dir(directory: Path) -> None:
 
 @contextmanager
 def atomic_writer(path: Path, *, mode: int = 0o644,
-                  before_replace: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
+                  before_replace: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """A binary handle on a temp file beside `path`; on a clean exit it replaces `path`, else vanishes.
 
-    `before_replace` runs after the data is durable and before the rename (a fault-injection point for
-    crash tests; raising there leaves `path` as it was)."""
+    `before_replace(temp_path)` runs after the data is durable and before the rename (a fault-injection
+    point for crash tests, or a last look at the bytes; raising there leaves `path` as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -68,7 +68,7 @@ def atomic_writer(path: Path, *, mode: int = 0o644,
             handle.flush()
             os.fsync(handle.fileno())
         if before_replace is not None:
-            before_replace()
+            before_replace(Path(temp_name))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -77,7 +77,7 @@ def atomic_writer(path: Path, *, mode: int = 0o644,
 
 
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644,
-                 before_replace: Callable[[], None] | None = None) -> None:
+                 before_replace: Callable[[Path], None] | None = None) -> None:
     """Replace `path` with `data` (a str is written as UTF-8) so a reader sees old or new, never a mix."""
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     with atomic_writer(path, mode=mode, before_replace=before_replace) as handle:

@@ -43,7 +43,8 @@ def test_a_failure_before_the_rename_leaves_the_old_file_and_no_temp(tmp_path: P
     path = tmp_path / "state.json"
     atomic_write(path, b"old")
 
-    def crash() -> None:
+    def crash(temp: Path) -> None:
+        assert temp.parent == tmp_path and temp.read_bytes() == b"new"
         raise RuntimeError("injected")
 
     with pytest.raises(RuntimeError, match="injected"):

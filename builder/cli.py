@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+# The extras this command needs; the root CLI names them when one of their modules is missing.
+EXTRAS = ("builder",)
 
 
 class _RichProgress:

@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(help="Run the device agent that installs what the fleet asks for.", no_args_is_help=True)
+# The extras these commands need; the root CLI names them when one of their modules is missing.
+EXTRAS = ("agent",)
 
 _CONFIG_OPTION = typer.Option(Path("agent.yaml"), "--config", "-c", help="The agent's config file (agent.yaml).")
 

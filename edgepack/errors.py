@@ -2,7 +2,8 @@
 
     EdgepackError                 base; carries an exit code and an HTTP status for the edges
     ├── ConfigError               a config, profile or command-line value is invalid (exit 2)
-    │   └── ProfileError          a hardware profile cannot be found or does not validate
+    │   ├── ProfileError          a hardware profile cannot be found or does not validate
+    │   └── MissingExtra          a command needs an extra (`pip install 'edgepack[fleet]'`) that is not installed
     ├── DataError                 calibration/validation data is missing or does not match the model
     ├── ModelError                the model cannot be loaded, checked or converted (exit 2)
     │   └── UnsupportedOpError    an op the target runtime cannot run; names the op and node
@@ -50,6 +51,10 @@ class ConfigError(EdgepackError):
 
 class ProfileError(ConfigError):
     """A hardware profile cannot be found or does not validate."""
+
+
+class MissingExtra(ConfigError):
+    """A command needs an optional extra that is not installed (attributes: command, extras, module)."""
 
 
 class DataError(EdgepackError):

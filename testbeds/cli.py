@@ -13,6 +13,8 @@ from rich.console import Console
 
 app = typer.Typer(help="Simulated fleets that exercise rollouts, gates and faults end to end.", no_args_is_help=True)
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+# A testbed builds releases, serves a fleet and runs agents: it needs all three extras.
+EXTRAS = ("builder", "fleet", "agent")
 
 
 @app.command("list")

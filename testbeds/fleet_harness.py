@@ -93,7 +93,7 @@ class FleetProcess:
                 self.kill()
 
     def client(self):
-        from edgepack.cli._client import FleetClient
+        from fleet.client import FleetClient
 
         return FleetClient(self.url, self.admin_token)
 

@@ -1,4 +1,14 @@
-"""The `edgepack` command line.
+"""The `edgepack` command line: the root that mounts each component's commands.
+
+    edgepack build                      builder/cli.py        needs the builder extra
+    edgepack fleet|devices|rollout …    fleet/cli/            needs the fleet extra
+    edgepack agent run|status           device_agent/cli.py   needs the agent extra
+    edgepack testbed list|run           testbeds/cli.py       needs builder, fleet and agent
+    edgepack profiles|keys|bundle|schema  edgepack/cli/       the shared contracts: core install only
+
+A component's CLI module imports only typer, rich and edgepack's core, and declares the extras its
+commands need (`EXTRAS`); its heavy imports happen inside the commands. So `edgepack --help` lists
+every command whatever is installed, and a command whose extra is missing ends in one line naming it.
 
 Errors are translated here and nowhere else: an `EdgepackError` becomes one red line on stderr and
 the error's exit code (2 bad input, 1 gate or verification failed); `--debug` shows the traceback.
@@ -6,12 +16,15 @@ the error's exit code (2 bad input, 1 gate or verification failed); `--debug` sh
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass
 
 import typer
 from rich.console import Console
 
 from edgepack import __version__
+from edgepack.cli.extras import missing_extra
 from edgepack.errors import EdgepackError
 
 app = typer.Typer(
@@ -39,23 +52,79 @@ def _root(
     _state["debug"] = debug
 
 
-def _register() -> None:
-    # Imported here so each command module stays independent; none imports heavy backends at import time.
-    from builder import cli as build
-    from edgepack.cli import agent, bundle, devices, fleet, keys, profiles, rollout, testbed
+@dataclass(frozen=True)
+class Mount:
+    """One name under `edgepack`: a component's Typer app (a group) or a single command function."""
 
-    app.command("build")(build.build)
-    app.add_typer(profiles.app, name="profiles")
-    app.add_typer(keys.app, name="keys")
-    app.add_typer(bundle.app, name="bundle")
-    app.add_typer(fleet.app, name="fleet")
-    app.add_typer(devices.app, name="devices")
-    app.add_typer(rollout.app, name="rollout")
-    app.add_typer(agent.app, name="agent")
-    app.add_typer(testbed.app, name="testbed")
+    name: str
+    module: str
+    attribute: str = "app"
+
+
+MOUNTS = (
+    Mount("build", "builder.cli", "build"),
+    Mount("profiles", "edgepack.cli.profiles"),
+    Mount("keys", "edgepack.cli.keys"),
+    Mount("bundle", "edgepack.cli.bundle"),
+    Mount("fleet", "fleet.cli.server"),
+    Mount("devices", "fleet.cli.devices"),
+    Mount("rollout", "fleet.cli.rollout"),
+    Mount("agent", "device_agent.cli"),
+    Mount("testbed", "testbeds.cli"),
+)
+# Name under `edgepack` → the extras its commands need (the component's EXTRAS; none for the shared contracts).
+_extras: dict[str, tuple[str, ...]] = {}
+
+
+def _component_extras(module_name: str) -> tuple[str, ...]:
+    """A component module's EXTRAS, or its package's (fleet/cli/__init__.py declares them for all three)."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, "EXTRAS"):
+        return tuple(module.EXTRAS)
+    package = importlib.import_module(module_name.rpartition(".")[0]) if "." in module_name else None
+    return tuple(getattr(package, "EXTRAS", ()))
+
+
+def _register() -> None:
+    for mount in MOUNTS:
+        target = getattr(importlib.import_module(mount.module), mount.attribute)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=mount.name)
+        else:
+            app.command(mount.name)(target)
+        _extras[mount.name] = _component_extras(mount.module)
 
 
 _register()
+
+
+def _command_path(args: list[str]) -> list[str]:
+    """The command names in `args` (['fleet', 'serve'] for `fleet serve --port 1`), walking the mounted groups."""
+    import typer.main
+
+    command = typer.main.get_command(app)
+    path: list[str] = []
+    for arg in args:
+        if arg.startswith("-"):
+            continue  # the groups' own options are flags (--debug, --json): none takes a value
+        commands = getattr(command, "commands", None)
+        if not commands or arg not in commands:
+            break
+        command = commands[arg]
+        path.append(arg)
+    return path
+
+
+def _print_error(error: EdgepackError) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {error.message}", highlight=False, soft_wrap=True)
+    sys.exit(error.exit_code)
+
+
+def _internal_error(exc: BaseException) -> None:
+    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
+                      highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,15 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     except EdgepackError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _print_error(exc)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as exc:  # a bug or an unexpected failure: still one line unless --debug
         if debug:
             raise
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
-        sys.exit(1)
+        path = _command_path(args)
+        extra = missing_extra(exc, " ".join(["edgepack", *path]), _extras.get(path[0], ()) if path else ()) \
+            if isinstance(exc, ImportError) else None
+        if extra is not None:
+            _print_error(extra)  # the command's extra is not installed: say which to install
+        _internal_error(exc)

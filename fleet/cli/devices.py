@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgepack.cli.fleet import TOKEN, URL
+from fleet.cli.options import TOKEN, URL
 from edgepack.errors import ConfigError
 
 app = typer.Typer(help="Enrolled devices and enrollment tokens.", no_args_is_help=True)
@@ -36,7 +36,7 @@ def list_devices(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Devices with their profile, labels, active bundle and last status."""
-    from edgepack.cli._client import FleetClient
+    from fleet.client import FleetClient
 
     params = {k: v for k, v in (("selector", selector), ("profile", profile)) if v}
     devices = FleetClient(fleet_url, token).request("GET", "/devices", params=params)
@@ -63,7 +63,7 @@ def enroll_token(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Create an enrollment token; an agent presents it once and gets its own device credential."""
-    from edgepack.cli._client import FleetClient
+    from fleet.client import FleetClient
 
     created = FleetClient(fleet_url, token).request(
         "POST", "/devices/enrollment-tokens", json={"labels": parse_labels(labels), "uses": uses, "ttl_s": ttl})

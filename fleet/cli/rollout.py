@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from edgepack.cli.fleet import TOKEN, URL
+from fleet.cli.options import TOKEN, URL
 from edgepack.errors import ConfigError
 
 app = typer.Typer(help="Roll a bundle out in percentage waves; follow, pause, abort or roll back.", no_args_is_help=True)
@@ -78,8 +78,8 @@ def start(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Start a rollout of a bundle (its release: same name and version for each profile) to matching devices."""
-    from edgepack.cli._client import FleetClient
-    from edgepack.cli.devices import parse_labels
+    from fleet.client import FleetClient
+    from fleet.cli.devices import parse_labels
 
     client = FleetClient(fleet_url, token)
     bundle_id = bundle
@@ -105,7 +105,7 @@ def status(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Waves, members and decisions with their evidence."""
-    from edgepack.cli._client import FleetClient
+    from fleet.client import FleetClient
 
     client = FleetClient(fleet_url, token)
     current = client.request("GET", f"/rollouts/{rollout_id}")
@@ -132,7 +132,7 @@ def list_rollouts(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Every rollout, newest first."""
-    from edgepack.cli._client import FleetClient
+    from fleet.client import FleetClient
 
     rollouts = FleetClient(fleet_url, token).request("GET", "/rollouts")
     if json_output:
@@ -156,7 +156,7 @@ def _action(name: str):
         fleet_url: Optional[str] = URL,
         token: Optional[str] = TOKEN,
     ) -> None:
-        from edgepack.cli._client import FleetClient
+        from fleet.client import FleetClient
 
         result = FleetClient(fleet_url, token).request("POST", f"/rollouts/{rollout_id}/{name}")
         if json_output:

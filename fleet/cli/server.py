@@ -13,12 +13,11 @@ import typer
 from rich.console import Console
 
 from edgepack.errors import ConfigError
+from fleet.cli.options import TOKEN, URL
 
 app = typer.Typer(help="Run the fleet server; upload bundles to it.", no_args_is_help=True)
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-URL = typer.Option(None, "--fleet-url", help="Fleet URL (default $EDGEPACK_FLEET_URL or http://127.0.0.1:8080).")
-TOKEN = typer.Option(None, "--token", help="API token (default $EDGEPACK_TOKEN).")
 
 
 def _default_trusted_keys() -> list[Path]:
@@ -105,7 +104,7 @@ def push(
     token: Optional[str] = TOKEN,
 ) -> None:
     """Upload a bundle; the fleet verifies its signature, hashes and members before storing it."""
-    from edgepack.cli._client import FleetClient
+    from fleet.client import FleetClient
 
     client = FleetClient(fleet_url, token)
     stored = client.upload(bundle)

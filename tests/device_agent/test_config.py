@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from device_agent.config import AgentConfig
-from edgepack.cli.agent import app
+from device_agent.cli import app
 from edgepack.errors import ConfigError
 
 GOOD = {

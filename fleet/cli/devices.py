@@ -10,21 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgepack.selectors import parse_selector
 from fleet.cli.options import TOKEN, URL
-from edgepack.errors import ConfigError
 
 app = typer.Typer(help="Enrolled devices and enrollment tokens.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
-
-
-def parse_labels(text: str | None) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"labels must look like k=v,k2=v2, got {part!r}")
-        labels[key.strip()] = value.strip()
-    return labels
 
 
 @app.command("list")
@@ -66,7 +56,7 @@ def enroll_token(
     from fleet.client import FleetClient
 
     created = FleetClient(fleet_url, token).request(
-        "POST", "/devices/enrollment-tokens", json={"labels": parse_labels(labels), "uses": uses, "ttl_s": ttl})
+        "POST", "/devices/enrollment-tokens", json={"labels": parse_selector(labels), "uses": uses, "ttl_s": ttl})
     if json_output:
         sys.stdout.write(json.dumps(created, indent=2) + "\n")
     else:

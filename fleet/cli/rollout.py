@@ -14,8 +14,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from fleet.cli.options import TOKEN, URL
 from edgepack.errors import ConfigError
+from edgepack.selectors import parse_selector
+from fleet.cli.options import TOKEN, URL
 
 app = typer.Typer(help="Roll a bundle out in percentage waves; follow, pause, abort or roll back.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -79,13 +80,12 @@ def start(
 ) -> None:
     """Start a rollout of a bundle (its release: same name and version for each profile) to matching devices."""
     from fleet.client import FleetClient
-    from fleet.cli.devices import parse_labels
 
     client = FleetClient(fleet_url, token)
     bundle_id = bundle
     if bundle.endswith(".edgepack") or Path(bundle).is_file():
         bundle_id = client.upload(Path(bundle))["id"]
-    body = {"bundle_id": bundle_id, "selector": parse_labels(selector), "waves": parse_waves(waves), "gates": list(gate or []),
+    body = {"bundle_id": bundle_id, "selector": parse_selector(selector), "waves": parse_waves(waves), "gates": list(gate or []),
             "bake_s": parse_duration(bake), "min_reports": min_reports, "install_timeout_s": parse_duration(install_timeout)}
     status = client.request("POST", "/rollouts", json=body)
     if json_output:

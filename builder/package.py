@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from builder.onnx_utils import io_signature, load_model, sha256_file
+from builder.onnx_utils import io_signature, load_model
 from builder.sbom import make_sbom
 from edgepack.bundle import canonical_json, write_bundle
 

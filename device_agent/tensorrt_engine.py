@@ -27,10 +27,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgepack.errors import BundleError, ModelError
+from edgepack.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +199,6 @@ def fallback_execution_providers() -> list[str]:
     return [p for p in _ONNXRUNTIME_PROVIDERS if p in available]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_engine(onnx_path: Path, spec: EngineSpec, cache_dir: Path) -> EngineResult | None:
     """Build (or reuse from `cache_dir`) the serialized TensorRT engine of `onnx_path`.
 
@@ -223,7 +214,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, cache_dir: Path) -> EngineRe
     import tensorrt as trt
 
     device_name = gpu_name()
-    key = engine_cache_key(_sha256_file(onnx_path), trt.__version__, device_name, build_flags=spec.build_flags)
+    key = engine_cache_key(file_sha256(onnx_path), trt.__version__, device_name, build_flags=spec.build_flags)
     cache_dir = Path(cache_dir)
     engine_path = cache_dir / f"{key}{ENGINE_SUFFIX}"
     if engine_path.is_file() and engine_path.stat().st_size > 0:
@@ -233,8 +224,8 @@ def build_engine(onnx_path: Path, spec: EngineSpec, cache_dir: Path) -> EngineRe
     started = time.perf_counter()
     serialized = _build_serialized(trt, onnx_path, spec)
     build_seconds = time.perf_counter() - started
-    _write_atomic(engine_path, serialized)
-    _write_atomic(engine_path.with_suffix(".json"), json.dumps(
+    atomic_write(engine_path, serialized)
+    atomic_write(engine_path.with_suffix(".json"), json.dumps(
         {"onnx": onnx_path.name, "trt_version": trt.__version__, "device": device_name, "flags": list(spec.build_flags),
          "trtexec": spec.trtexec, "build_seconds": round(build_seconds, 3)}, sort_keys=True).encode())
     log.info("TensorRT %s built the engine for %s on %s in %.1f s: %s", trt.__version__, onnx_path.name, device_name,
@@ -290,17 +281,3 @@ def _parser_error(parser: Any, onnx_path: Path) -> ModelError:
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return ModelError(f"TensorRT's ONNX parser rejected {onnx_path.name} at {node}: {first.desc()}{more}",
                       runtime="tensorrt", node_name=where, op_type=op)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

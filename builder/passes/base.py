@@ -92,11 +92,12 @@ class Pass:
     @classmethod
     def code_sha256(cls) -> str:
         """Hash of the pass's source file: a changed pass never reuses results of the old code."""
-        import hashlib
         import inspect
 
+        from edgepack.files import file_sha256
+
         source = inspect.getsourcefile(cls)
-        return hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else ""
+        return file_sha256(Path(source)) if source else ""
 
     def run(self, input_model: Path, ctx: PassContext) -> PassOutput:  # pragma: no cover - abstract
         raise NotImplementedError

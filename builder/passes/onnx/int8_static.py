@@ -15,9 +15,9 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from builder.int8_scheme import choose_int8_scheme
-from builder.onnx_utils import sha256_file
 from builder.passes.base import Pass, PassConfig, PassContext, PassOutput
 from edgepack.errors import DataError, PassError
+from edgepack.files import file_sha256
 
 # Compute ops plus the ops onnxruntime keeps in INT8 between them (QLinear fusions), so activations
 # stay quantized along a chain. Element-wise ops outside this list (HardSigmoid, Mul, Div in squeeze-
@@ -97,7 +97,7 @@ class Int8Static(Pass):
         # Calibration ranges depend on the model, the data and the method only: share them between runs.
         range_key = hashlib.sha256(
             "|".join(
-                [sha256_file(input_model), ctx.data.calibration.sha256, self.config.calibration_method,
+                [file_sha256(input_model), ctx.data.calibration.sha256, self.config.calibration_method,
                  str(self.config.percentile), str(len(feeds)), str(scheme["symmetric_activations"]),
                  ",".join(sorted(self.config.op_types or DEFAULT_OP_TYPES))]
             ).encode()

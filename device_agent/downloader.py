@@ -4,7 +4,8 @@ The `.part` file only ever holds a prefix of the bundle, so after a dropped conn
 an agent restart the next try asks for `Range: bytes=<size of .part>-` and appends. A 206 whose
 Content-Range does not start where the file ends, or a 200 (the server ignored Range), restarts from
 zero. At the end the size and sha256 must equal the BundleRef's; only then is the file renamed to
-`<id>.edgepack`. Failures that made no progress are retried `retries` times with exponential backoff;
+`<id>.edgepack`. Failures that made no progress are retried `retries` times with exponential backoff
+and full jitter (`edgepack.retry`: devices cut off by the same outage do not come back in lockstep);
 any progress resets that count, so a slow, flaky link still gets there.
 
 Errors: `DownloadError` (retryable: the network or the server is at fault) and
@@ -13,10 +14,10 @@ Errors: `DownloadError` (retryable: the network or the server is at fault) and
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
+import random
 import socket
 import time
 import urllib.error
@@ -26,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.errors import EdgepackError
+from edgepack.files import file_sha256_size
 from edgepack.protocol import BundleRef
+from edgepack.retry import RetryPolicy
 
 from device_agent.fleet_api import FleetClient
 
@@ -66,12 +69,15 @@ class Downloader:
     """Downloads bundles for one device into `downloads_dir`."""
 
     def __init__(self, downloads_dir: Path, client: FleetClient, settings: DownloadSettings = DownloadSettings(), *,
-                 should_stop: Callable[[], bool] = lambda: False, sleep: Callable[[float], None] = time.sleep) -> None:
+                 should_stop: Callable[[], bool] = lambda: False, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
         self.downloads_dir = Path(downloads_dir)
         self.client = client
         self.settings = settings
         self.should_stop = should_stop
         self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._policy = RetryPolicy(base_s=settings.backoff_s, max_s=max(settings.max_backoff_s, settings.backoff_s))
 
     def part_path(self, ref: BundleRef) -> Path:
         return self.downloads_dir / f"{ref.id}.part"
@@ -82,7 +88,7 @@ class Downloader:
     def fetch(self, ref: BundleRef, progress: Callable[[int, int], None] | None = None) -> DownloadResult:
         """Return the complete, hash-checked bundle file for `ref`, downloading what is missing."""
         final = self.final_path(ref)
-        if final.is_file() and _file_digest(final) == (ref.size, ref.sha256):
+        if final.is_file() and file_sha256_size(final) == (ref.sha256, ref.size):
             return DownloadResult(final, 0, ref.size, 0)
         final.unlink(missing_ok=True)
 
@@ -90,8 +96,8 @@ class Downloader:
         part = self.part_path(ref)
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         started_size = part.stat().st_size if part.exists() else 0
-        fetched = requests = failures = mismatches = 0
-        delay = self.settings.backoff_s
+        fetched = requests = mismatches = 0
+        backoff = self._policy.backoff(self._rng)
         while True:
             if self.should_stop():
                 raise DownloadError(f"download of bundle {ref.id[:12]} interrupted: agent stopping", bundle_id=ref.id)
@@ -101,7 +107,7 @@ class Downloader:
                 part.unlink()
                 have = 0
             if have == ref.size:
-                if _file_digest(part) == (ref.size, ref.sha256):
+                if file_sha256_size(part) == (ref.sha256, ref.size):
                     os.replace(part, final)
                     return DownloadResult(final, fetched, started_size, requests)
                 part.unlink()
@@ -120,18 +126,17 @@ class Downloader:
                 gained = part.stat().st_size - have if part.exists() else 0
                 fetched += max(gained, 0)
                 if gained > 0:
-                    failures, delay = 0, self.settings.backoff_s
-                failures += 1
-                if failures > self.settings.retries:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                if backoff.failures > self.settings.retries:
                     raise DownloadError(f"download of bundle {ref.id[:12]} from {url} failed: {_reason(exc)} "
-                                        f"({failures} tries without progress)", bundle_id=ref.id) from None
+                                        f"({backoff.failures} tries without progress)", bundle_id=ref.id) from None
                 log.info("download of %s interrupted at %d/%d bytes (%s); retrying in %.1f s",
                          ref.id[:12], have + max(gained, 0), ref.size, _reason(exc), delay)
                 self._sleep(delay)
-                delay = min(max(delay * 2, 0.05), self.settings.max_backoff_s)
                 continue
             fetched += gained
-            failures, delay = 0, self.settings.backoff_s
+            backoff.reset()
 
     def _fetch_range(self, url: str, part: Path, have: int, ref: BundleRef,
                      progress: Callable[[int, int], None] | None) -> int:
@@ -199,16 +204,6 @@ def _content_range_start(value: str | None) -> int | None:
         return int(value[len(_CONTENT_RANGE_PREFIX):].split("-", 1)[0])
     except ValueError:
         return None
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import random
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from edgepack import __version__
 from edgepack.errors import ConfigError, EdgepackError
+from edgepack.retry import RetryPolicy, RetryStopped, retry_call, stoppable_sleep
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +107,20 @@ class FleetClient:
 
 
 def enroll_until_done(client: FleetClient, *, profile: str, labels: dict[str, str], token: str,
-                      should_stop: Callable[[], bool], backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> str | None:
-    """Retry enrollment while the fleet is unreachable; None when stopped first. Refusals raise."""
-    delay = backoff_s
-    while not should_stop():
-        try:
-            return client.enroll(profile=profile, labels=labels, token=token)
-        except EnrollmentError as exc:
-            log.warning("%s; retrying in %.1f s", exc, delay)
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline and not should_stop():
-                time.sleep(min(0.1, delay))
-            delay = min(max(delay * 2, 0.1), max_backoff_s)
-    return None
+                      should_stop: Callable[[], bool], backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                      rng: random.Random | None = None) -> str | None:
+    """Retry enrollment while the fleet is unreachable; None when stopped first. Refusals raise.
+
+    Waits are jittered (`edgepack.retry`), so a fleet coming back from an outage is not met by every
+    waiting device at the same instant."""
+    policy = RetryPolicy(base_s=backoff_s, max_s=max(max_backoff_s, backoff_s))
+    try:
+        return retry_call(lambda: client.enroll(profile=profile, labels=labels, token=token), policy=policy,
+                          retry_on=(EnrollmentError,), sleep=stoppable_sleep(should_stop), rng=rng,
+                          should_stop=should_stop,
+                          on_retry=lambda exc, delay: log.warning("%s; retrying in %.1f s", exc, delay))
+    except RetryStopped:
+        return None
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

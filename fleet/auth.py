@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgepack.errors import ConfigError, NotAuthenticated, PermissionDenied
+from edgepack.files import atomic_write
 from fleet.models import ApiToken, Device
 from fleet.settings import FleetSettings
 
@@ -146,29 +146,10 @@ def bootstrap_admin_token(session: Session, settings: FleetSettings) -> str | No
     plain = new_secret(API_TOKEN_PREFIX)
     session.add(ApiToken(name=BOOTSTRAP_TOKEN_NAME, role="admin", token_hash=hash_secret(plain)))
     session.flush()
-    _write_private(token_file, plain + "\n")
+    atomic_write(token_file, plain + "\n", mode=0o600)
     session.commit()
     log.info("created an admin token; it is in %s", token_file)
     return plain
-
-
-def _write_private(path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            fd = -1
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        temp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ never sees a partial bundle and a crash leaves at most a stray file in `.incomin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,18 +19,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from edgepack.errors import NotFound
+from edgepack.files import file_sha256, fsync_dir
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1024 * 1024
 INCOMING = ".incoming"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_sha256(sha256: str) -> str:
@@ -107,6 +98,7 @@ class FileBundleStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o644)
             os.replace(path, target)
+            fsync_dir(target.parent)
             return sha256
         except BaseException:
             path.unlink(missing_ok=True)
@@ -140,4 +132,4 @@ class FileBundleStore:
         return sorted(p for p in self.root.rglob("*") if p.is_file())
 
 
-__all__ = ["BundleStore", "FileBundleStore", "check_sha256", "file_sha256"]
+__all__ = ["BundleStore", "FileBundleStore", "check_sha256"]

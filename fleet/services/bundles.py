@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session
 
 from edgepack.bundle import open_bundle
 from edgepack.errors import BundleError, ConfigError, EdgepackError, NotFound, RangeNotSatisfiable
+from edgepack.files import file_sha256
 from fleet import metrics
 from fleet.models import Bundle
 from fleet.services import audit
-from fleet.store import BundleStore, file_sha256
+from fleet.store import BundleStore
 
 STAGES: tuple[str, ...] = ("staging", "production")
 API_PREFIX = "/api/v1"

@@ -205,3 +205,27 @@ def test_the_command_path_skips_flags_and_stops_at_arguments():
     assert _command_path(["build", "--profile", "jetson"]) == ["build"]
     assert _command_path(["rollout", "status", "fleet"]) == ["rollout", "status"]
     assert _command_path(["nonsense"]) == []
+
+
+def test_help_imports_no_component_s_heavy_dependency(tmp_path):
+    """`edgepack --help` stays fast because the component CLIs import their backends inside the commands."""
+    heavy = sorted({*MODULE_EXTRAS, "numpy"})
+    probe = ("import sys; from edgepack.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "[]"
+
+
+def test_each_mounted_name_carries_its_component_s_extras():
+    from edgepack.cli import _extras
+
+    components = {"build": ("builder",), "fleet": ("fleet",), "devices": ("fleet",), "rollout": ("fleet",),
+                  "agent": ("agent",), "testbed": ("builder", "fleet", "agent")}
+    shared_contracts = {name: extras for name, extras in _extras.items() if name not in components}
+
+    assert {name: _extras[name] for name in components} == components
+    assert set(shared_contracts) >= {"profiles", "keys", "bundle"}
+    assert set(shared_contracts.values()) == {()}  # keys, bundle, profiles, schema need the core install only

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from edgepack import __version__
+from edgepack.clock import SYSTEM_CLOCK, Clock
 from edgepack.errors import ConfigError, EdgepackError, ProtocolError
 from edgepack.protocol import DesiredState, DeviceStatus, decode, desired_topic, encode, status_topic
 
@@ -66,8 +67,9 @@ ActiveListener = Callable[[ActiveBundle | None], None]
 class Agent:
     """One device: its state folder, its fleet credential, its MQTT session and its install worker."""
 
-    def __init__(self, config: AgentConfig, *, fault: FaultHook | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, fault: FaultHook | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self.clock = clock  # telemetry windows and the safety watch; MQTT, downloads and retries run on real time
         self.device_id = config.device_id
         self.state = AgentState(config.state_dir, config.load_trusted_keys(), fault=fault)
         self.fleet = FleetClient(config.fleet_url, config.device_id, timeout_s=config.download.timeout_s)
@@ -108,8 +110,8 @@ class Agent:
                                  max_pending=config.shadow.max_pending)
         self.telemetry = TelemetryPublisher(
             self.device_id, self, DiskBuffer(self.state.root / BUFFER_NAME, config.telemetry.buffer_max_bytes),
-            window_s=config.telemetry.window_s, shadow_summary=self.shadow.summary)
-        self.safety = SafetyMonitor(self.state.root, config.safety, switch_back=self.switch_back)
+            window_s=config.telemetry.window_s, shadow_summary=self.shadow.summary, clock=clock)
+        self.safety = SafetyMonitor(self.state.root, config.safety, switch_back=self.switch_back, clock=clock)
         for observer in (self.telemetry.observe, self.safety.observe, self.shadow.observe):
             self.engine.add_observer(observer)
         self._listeners += [self.telemetry.set_active, self.shadow.on_active_change]

@@ -37,13 +37,14 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgepack.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class DriftMonitor:
     method = METHOD
 
     def __init__(self, reference_stats: Mapping[str, Any], *, max_values: int = 4096, min_values: int = 100,
-                 min_requests: int = 5, min_interval_s: float = 0.0, seed: int | None = None) -> None:
+                 min_requests: int = 5, min_interval_s: float = 0.0, seed: int | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self.max_values = int(max_values)
         self.min_values = int(min_values)
         self.min_requests = int(min_requests)
@@ -125,7 +128,7 @@ class DriftMonitor:
     def observe(self, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any] | None = None) -> bool:
         """Count one request's values; False when `min_interval_s` skipped it."""
         if self.min_interval_s:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             if now < self._next_allowed:
                 self.skipped_requests += 1
                 return False

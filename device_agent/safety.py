@@ -38,13 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent.state import write_atomic
+from edgepack.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from device_agent.config import SafetyConfig
@@ -61,7 +61,9 @@ SwitchBack = Callable[[str, str], "InstallOutcome | None"]
 
 
 @dataclass
-class _Watch:
+class SwitchWatch:
+    """The watch over one install's first `safety.window_s` seconds (`SafetyMonitor.watch` gives a copy)."""
+
     bundle_id: str
     previous_bundle_id: str
     threshold: float
@@ -69,24 +71,30 @@ class _Watch:
     started: float
     requests: int = 0
     errors: int = 0
-    done: bool = False
+    done: bool = False  # the window passed, or the watch triggered
+    triggered: bool = False  # decided to roll back (the rollback itself runs on its own thread)
 
 
 class SafetyMonitor:
     """Watches switches for an error-rate jump, and starts for crash loops. Thread-safe."""
 
     def __init__(self, state_dir: Path, settings: "SafetyConfig", *, switch_back: SwitchBack,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.record_path = Path(state_dir) / RECORD_NAME
         self.settings = settings
         self.switch_back = switch_back
-        self._clock = clock
-        self._monotonic = monotonic
+        self._clock = clock  # monotonic() for the watch window; time() for switches recorded across restarts
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}  # bundle id → [requests, errors], halved past the cap
-        self._watch: _Watch | None = None
+        self._watch: SwitchWatch | None = None
         self._condemned: set[str] = set()  # bundles rolled back from here: never rolled back to
         self.rollbacks: list[str] = []  # the reasons, for tests and logs
+
+    @property
+    def watch(self) -> SwitchWatch | None:
+        """A copy of the current switch watch (None when the last switch is not watched)."""
+        with self._lock:
+            return replace(self._watch) if self._watch is not None else None
 
     # -- (a) the error rate after a switch -----------------------------------------------------------
 
@@ -113,7 +121,7 @@ class SafetyMonitor:
         with self._lock:  # the watch itself counts exactly
             if watch.done:
                 return
-            if self._monotonic() - watch.started > self.settings.window_s:
+            if self._clock.monotonic() - watch.started > self.settings.window_s:
                 watch.done = True
                 log.info("bundle %s passed its first %g s without an error-rate jump (%d/%d failed)",
                          watch.bundle_id[:12], self.settings.window_s, watch.errors, watch.requests)
@@ -121,7 +129,7 @@ class SafetyMonitor:
             watch.requests += 1
             watch.errors += failed
             if watch.requests >= self.settings.min_requests and watch.errors / watch.requests > watch.threshold:
-                watch.done = True
+                watch.done = watch.triggered = True
                 trigger = watch
         if trigger is not None:
             rate = trigger.errors / trigger.requests
@@ -140,14 +148,14 @@ class SafetyMonitor:
             with self._lock:
                 self._condemned.add(bundle_id)
             self._write_record({"bundle_id": outcome.current_bundle, "previous_bundle_id": bundle_id,
-                                "switched_at": self._clock(), "cause": "safety", "running": True, "restarts": []})
+                                "switched_at": self._clock.time(), "cause": "safety", "running": True, "restarts": []})
 
     def after_switch(self, outcome: "InstallOutcome", cause: str) -> None:
         """Call after every install or rollback the agent applies: record a switch; watch one made by an install."""
         if not outcome.switched or outcome.current_bundle is None:
             return
         new, previous = outcome.current_bundle, outcome.previous_bundle
-        self._write_record({"bundle_id": new, "previous_bundle_id": previous, "switched_at": self._clock(),
+        self._write_record({"bundle_id": new, "previous_bundle_id": previous, "switched_at": self._clock.time(),
                             "cause": cause, "running": True, "restarts": []})
         with self._lock:
             if cause != "install" or previous is None or previous in self._condemned:
@@ -156,8 +164,8 @@ class SafetyMonitor:
             requests, errors = self._counts.get(previous, (0, 0))
             previous_rate = errors / requests if requests else 0.0
             threshold = max(self.settings.max_error_rate, self.settings.error_rate_factor * previous_rate)
-            self._watch = _Watch(bundle_id=new, previous_bundle_id=previous, threshold=threshold,
-                                 previous_rate=previous_rate, started=self._monotonic())
+            self._watch = SwitchWatch(bundle_id=new, previous_bundle_id=previous, threshold=threshold,
+                                      previous_rate=previous_rate, started=self._clock.monotonic())
 
     def watching(self, handler: Callable[..., "InstallOutcome"], cause: str) -> Callable[..., "InstallOutcome"]:
         """Wrap one of the agent's action handlers (install, rollback) so the switches it makes are seen."""
@@ -172,7 +180,7 @@ class SafetyMonitor:
     def check_at_start(self, active_bundle_id: str | None, previous_bundle_id: str | None, *,
                        active_installed_at: float | None = None) -> str | None:
         """Count this start; the reason to roll back before serving, or None. Marks the process running."""
-        now = self._clock()
+        now = self._clock.time()
         record = self._read_record()
         settings = self.settings
         if active_bundle_id is None:
@@ -205,7 +213,7 @@ class SafetyMonitor:
             with self._lock:
                 self._condemned.add(from_bundle_id)
             self._write_record({"bundle_id": outcome.current_bundle, "previous_bundle_id": from_bundle_id,
-                                "switched_at": self._clock(), "cause": "safety", "running": True, "restarts": []})
+                                "switched_at": self._clock.time(), "cause": "safety", "running": True, "restarts": []})
 
     def mark_clean_stop(self) -> None:
         """The agent stopped on purpose: the next start is not a crash restart."""

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgepack.clock import SYSTEM_CLOCK, Clock
 from edgepack.protocol import LatencySummary, Telemetry, encode, telemetry_topic
 
 from device_agent.buffer import DiskBuffer
@@ -136,7 +137,7 @@ class TelemetryWindow:
     """The open window of the active bundle: request and error counts and the latency histogram."""
 
     def __init__(self, bundle_id: str | None = None, *, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._bounds = bounds
         self._lock = threading.Lock()
@@ -144,7 +145,7 @@ class TelemetryWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self._started = self._clock()
+        self._started = self._clock.monotonic()
         self._errors = 0
         self._ignored = 0
         self._histogram = LatencyHistogram(self._bounds)
@@ -180,7 +181,7 @@ class TelemetryWindow:
     def close(self, next_bundle_id: Any = ...) -> WindowStats:
         """The window so far; the next one starts now (for `next_bundle_id`, default the same bundle)."""
         with self._lock:
-            now = self._clock()
+            now = self._clock.monotonic()
             stats = WindowStats(bundle_id=self._bundle_id, duration_s=max(now - self._started, 1e-3),
                                 inferences=self._histogram.total, errors=self._errors,
                                 latency_ms=self._histogram.summary(), ignored_events=self._ignored)
@@ -221,7 +222,8 @@ class TelemetryPublisher:
     """Closes a window every `window_s` and sends it; buffers on disk while the broker is unreachable."""
 
     def __init__(self, device_id: str, link: MessageLink, buffer: DiskBuffer, *, window_s: float = 10.0,
-                 shadow_summary: ShadowSummary | None = None, drift_requests_per_window: int = 256) -> None:
+                 shadow_summary: ShadowSummary | None = None, drift_requests_per_window: int = 256,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.device_id = device_id
@@ -231,7 +233,8 @@ class TelemetryPublisher:
         self.window_s = float(window_s)
         self.shadow_summary = shadow_summary
         self.drift_requests_per_window = drift_requests_per_window
-        self.window = TelemetryWindow()
+        self.clock = clock  # windows, their cadence and their ts; acknowledgement waits are real I/O, on real time
+        self.window = TelemetryWindow(clock=clock)
         self._drift: DriftMonitor | None = None
         self._outbox: deque[Telemetry] = deque()
         self._inflight: deque[tuple[int, Any]] = deque()  # (buffer seq, message info) handed to the client, unacknowledged
@@ -262,7 +265,8 @@ class TelemetryPublisher:
         drift = None
         if active is not None:
             drift = DriftMonitor.from_bundle(active.path, active.manifest,
-                                             min_interval_s=self.window_s / self.drift_requests_per_window)
+                                             min_interval_s=self.window_s / self.drift_requests_per_window,
+                                             clock=self.clock)
         with self._window_lock:
             old_drift, self._drift = self._drift, None
             stats = self.window.close(next_bundle_id=bundle_id)
@@ -289,7 +293,7 @@ class TelemetryPublisher:
         message = Telemetry(device_id=self.device_id, bundle_id=stats.bundle_id, window_s=round(stats.duration_s, 3),
                             inferences=stats.inferences, errors=stats.errors, latency_ms=stats.latency_ms, drift=scores,
                             drift_method=DRIFT_METHOD if drift is not None else None, shadow=shadow,
-                            rss_bytes=process_rss_bytes(), ts=time.time())
+                            rss_bytes=process_rss_bytes(), ts=self.clock.time())
         self._outbox.append(message)
         self._wake.set()
         return message
@@ -316,18 +320,22 @@ class TelemetryPublisher:
             self._send_outbox(final=True)
 
     def _run(self) -> None:
-        next_close = time.monotonic() + self.window_s
+        clock = self.clock
+        next_close = clock.monotonic() + self.window_s
         while not self._stop.is_set():
-            remaining = next_close - time.monotonic()
+            remaining = next_close - clock.monotonic()
             if remaining <= 0:
                 self.flush_window()
                 next_close += self.window_s
-                if next_close <= time.monotonic():  # the thread was starved: restart the cadence from now
-                    next_close = time.monotonic() + self.window_s
+                if next_close <= clock.monotonic():  # the thread was starved: restart the cadence from now
+                    next_close = clock.monotonic() + self.window_s
                 continue
-            # Idle until the window closes; with a backlog, look for the link coming back every second.
-            backlog = bool(self._inflight) or len(self.buffer) > 0
-            self._wake.wait(min(remaining, _BACKLOG_POLL_S) if backlog else remaining)
+            # Idle until the window closes; with a backlog, look for the link coming back every second
+            # (of real time: the link coming back is the world's doing, not the clock's).
+            if self._inflight or len(self.buffer) > 0:
+                self._wake.wait(min(remaining, _BACKLOG_POLL_S))
+            else:
+                clock.wait(self._wake, remaining)
             self._wake.clear()
             try:
                 with self._send_lock:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
+from edgepack.clock import SYSTEM_CLOCK, Clock
 from edgepack.protocol import BundleRef, DesiredState, Telemetry, decode, encode, telemetry_topic
 from tests.device_agent.conftest import DIGITS_CONFIG, BuiltBundle, StatusWatcher, agent_config, publish_desired
 
@@ -67,13 +68,16 @@ class TelemetryWatcher:
 
 @pytest.fixture
 def agents(tmp_path, bundles, bundle_server, mosquitto, request):
-    """start(**config overrides) → (agent, status watcher, telemetry watcher); every bundle is on the server."""
+    """start(**config overrides, clock=…) → (agent, status watcher, telemetry watcher); every bundle is on the server.
+
+    With `clock=FakeClock()` the agent's telemetry windows and safety watch move only when the test advances it."""
     for bundle in bundles.all():
         bundle_server.add(bundle)
     started: list[Agent] = []
     closers = []
 
-    def start(device_id: str | None = None, **overrides) -> tuple[Agent, StatusWatcher, TelemetryWatcher]:
+    def start(device_id: str | None = None, *, clock: Clock = SYSTEM_CLOCK,
+              **overrides) -> tuple[Agent, StatusWatcher, TelemetryWatcher]:
         device_id = device_id or f"{request.node.name[5:36].replace('_', '-')}-{secrets.token_hex(2)}"
         token = f"et_{secrets.token_hex(4)}"
         bundle_server.enrollment_tokens.add(token)
@@ -84,7 +88,7 @@ def agents(tmp_path, bundles, bundle_server, mosquitto, request):
         statuses = StatusWatcher(mosquitto.url, device_id)
         telemetry = TelemetryWatcher(mosquitto.url, device_id)
         closers.extend([statuses.close, telemetry.close])
-        agent = Agent(config)
+        agent = Agent(config, clock=clock)
         started.append(agent)
         agent.start()
         assert agent.wait_connected(10)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import tarfile
-import time
 
 import numpy as np
 import onnxruntime
 import pytest
 
 from device_agent.drift import MAJOR, MODERATE, DriftMonitor, population_stability_index
+from edgepack.clock import FakeClock
 from tests.device_agent.agent_harness import VAL_INPUTS, agents, install  # noqa: F401 - agents is a fixture
 from tests.device_agent.conftest import DIGITS_CONFIG
 
@@ -106,29 +106,36 @@ def test_big_tensors_are_subsampled_and_odd_values_ignored(bundles):
 
 
 def test_a_busy_device_bins_requests_spread_over_time_instead_of_all(bundles):
-    monitor = DriftMonitor(reference_of(bundles.v1), min_interval_s=0.05)
+    clock = FakeClock()
+    monitor = DriftMonitor(reference_of(bundles.v1), min_interval_s=0.05, clock=clock)
     request = {"input": VAL_INPUTS[:1]}
-    taken = sum(monitor.observe(request) for _ in range(2000))  # a burst far faster than one per 50 ms
+    taken = sum(monitor.observe(request) for _ in range(2000))  # a burst: no time passes between them
     assert taken == 1 and monitor.skipped_requests == 1999
-    time.sleep(0.06)
+    clock.advance(0.049)
+    assert not monitor.observe(request)  # still inside the interval
+    clock.advance(0.002)
     assert monitor.observe(request)  # the next request after the interval is binned again
+    assert monitor.counts()["input"].sum() == 2 * VAL_INPUTS[:1].size
 
 
 def test_the_agent_reports_drift_of_live_traffic_per_window(agents, mosquitto, bundles):
-    agent, statuses, telemetry = agents(telemetry={"window_s": 1.0})
+    clock = FakeClock()  # windows close here, with flush_window, never on their own in the middle of serve()
+    agent, statuses, telemetry = agents(telemetry={"window_s": 1.0}, clock=clock)
     install(mosquitto.url, agent, statuses, 1, bundles.onnx)
+    spacing = 1.05 / 256  # drift bins at most one request per window_s / 256: space them out (200 of them: 0.82 s)
 
     def serve(inputs: np.ndarray) -> None:
         for sample in inputs:
             agent.infer({"input": sample[None]})
-            time.sleep(0.002)  # drift bins at most one request per window_s / 256: space them out
+            clock.advance(spacing)
 
     agent.telemetry.flush_window()
-    serve(VAL_INPUTS[:120])
+    serve(VAL_INPUTS[:100])
     normal = agent.telemetry.flush_window()
-    serve(np.clip(VAL_INPUTS[:120] * 0.6 + 0.35, 0, 1))
+    serve(np.clip(VAL_INPUTS[:100] * 0.6 + 0.35, 0, 1))
     drifted = agent.telemetry.flush_window()
 
+    assert normal.inferences == drifted.inferences == 100 and agent.telemetry.window_s == 1.0
     assert normal.drift_method == drifted.drift_method == "psi"
     assert normal.drift["input"] < MODERATE and drifted.drift["input"] > MAJOR, (normal.drift, drifted.drift)
     published = telemetry.wait_for(lambda m: m.ts == drifted.ts)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -16,20 +15,11 @@ from device_agent.config import SafetyConfig
 from device_agent.inference import InferenceEvent
 from device_agent.installer import InstallOutcome
 from device_agent.safety import SafetyMonitor
+from edgepack.clock import FakeClock
 from tests.device_agent.agent_harness import agents, desire, install, samples, wait_until  # noqa: F401 - agents is a fixture
 from edgepack.protocol import DesiredState, encode
 from tests.device_agent.conftest import StatusWatcher, agent_config, publish_desired
 from tests.support import REPO
-
-
-class Clock:
-    """A hand-driven clock for the monitor's time seams."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def switched(new: str, previous: str | None) -> InstallOutcome:
@@ -46,7 +36,7 @@ def requests(monitor: SafetyMonitor, bundle_id: str, total: int, failed: int) ->
 @pytest.fixture
 def monitor(tmp_path):
     calls: list[tuple[str, str]] = []
-    clock = Clock()
+    clock = FakeClock()
 
     def switch_back(bundle_id: str, reason: str) -> InstallOutcome:
         calls.append((bundle_id, reason))
@@ -54,7 +44,7 @@ def monitor(tmp_path):
 
     settings = SafetyConfig(min_requests=20, window_s=60, max_error_rate=0.5, error_rate_factor=2.0,
                             crash_loop_restarts=2, crash_loop_window_s=300)
-    safety = SafetyMonitor(tmp_path, settings, switch_back=switch_back, clock=clock, monotonic=clock)
+    safety = SafetyMonitor(tmp_path, settings, switch_back=switch_back, clock=clock)
     safety.calls = calls
     safety.clock = clock
     return safety
@@ -80,8 +70,9 @@ def test_the_threshold_is_k_times_a_bad_previous_bundles_rate(monitor):
     requests(monitor, "old", 100, failed=30)  # the old bundle already failed 30 %: threshold 60 %
     monitor.after_switch(switched("new", "old"), "install")
     requests(monitor, "new", 100, failed=55)
-    time.sleep(0.05)
-    assert monitor.calls == []
+    watch = monitor.watch
+    assert (watch.requests, watch.errors, watch.threshold, watch.triggered) == (100, 55, pytest.approx(0.6), False)
+    assert monitor.calls == []  # no rollback decided, so none started
     requests(monitor, "new", 100, failed=100)  # 155 of 200 = 77 %
     wait_until(lambda: monitor.calls)
     assert "exceeds 60%" in monitor.calls[0][1]
@@ -90,11 +81,14 @@ def test_the_threshold_is_k_times_a_bad_previous_bundles_rate(monitor):
 def test_only_the_first_window_after_an_install_is_watched(monitor):
     monitor.after_switch(switched("new", "old"), "install")
     requests(monitor, "new", 30, failed=0)
-    monitor.clock.now += 61
+    monitor.clock.advance(61)
     requests(monitor, "new", 100, failed=100)  # later failures are the fleet's gates' business
+    watch = monitor.watch
+    assert watch.done and not watch.triggered and (watch.requests, watch.errors) == (30, 0)
     monitor.after_switch(switched("old", "new"), "rollback")  # the fleet rolled back: never undone locally
     requests(monitor, "old", 100, failed=100)
-    time.sleep(0.05)
+    assert monitor.watch is None
+    # The decision to roll back is taken on the request's thread, so none was started: nothing to wait for.
     assert monitor.calls == []
 
 
@@ -105,7 +99,7 @@ def test_more_crash_restarts_than_allowed_within_the_window_roll_back_at_start(m
     monitor.after_switch(switched("new", "old"), "install")  # the agent runs the new bundle...
     reasons = []
     for _ in range(3):  # ...and dies without stopping, three times
-        monitor.clock.now += 20
+        monitor.clock.advance(20)
         reasons.append(monitor.check_at_start("new", "old"))
 
     assert reasons[:2] == [None, None]
@@ -117,10 +111,10 @@ def test_more_crash_restarts_than_allowed_within_the_window_roll_back_at_start(m
 def test_clean_stops_and_restarts_long_after_the_switch_do_not_count(monitor):
     monitor.after_switch(switched("new", "old"), "install")
     for _ in range(5):
-        monitor.clock.now += 10
+        monitor.clock.advance(10)
         monitor.mark_clean_stop()  # SIGTERM: an upgrade, a reboot
         assert monitor.check_at_start("new", "old") is None
-    monitor.clock.now += 400  # past crash_loop_window_s
+    monitor.clock.advance(400)  # past crash_loop_window_s
     for _ in range(5):
         assert monitor.check_at_start("new", "old") is None
     assert json.loads(monitor.record_path.read_text())["restarts"] == []
@@ -129,10 +123,10 @@ def test_clean_stops_and_restarts_long_after_the_switch_do_not_count(monitor):
 def test_a_switch_the_record_missed_is_dated_by_the_slot_install_time(monitor):
     # The process died between the pointer switch and the safety record: the record still names "old".
     monitor.after_switch(switched("old", None), "install")
-    installed_at = monitor.clock.now + 5
+    installed_at = monitor.clock.time() + 5
     reasons = []
     for _ in range(3):
-        monitor.clock.now += 10
+        monitor.clock.advance(10)
         reasons.append(monitor.check_at_start("new", "old", active_installed_at=installed_at))
     assert reasons[:2] == [None, None] and "crash loop" in reasons[2]
 

@@ -2,7 +2,8 @@
 
 A key covers the input model's bytes, the pass and its config, the profile, the data it reads and
 the tool versions, so an unchanged rebuild is served from here and any change misses. Entries are
-written to a temporary name and renamed, so a killed build never leaves a half entry behind.
+written to a temporary name, fsync'd and renamed (`edgepack.files`), so a killed build or a power cut
+never leaves a half entry behind; a failed write removes its temporary files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from edgepack.files import CHUNK_BYTES, atomic_write, atomic_writer, fsync_dir
 
 
 def default_cache_dir() -> Path:
@@ -68,17 +71,22 @@ class BuildCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         sidecars = list(sidecars or [])
+        stored = {**info, "_model_file": name, "_sidecars": [s.name for s in sidecars]}
         try:
-            shutil.copyfile(model_path, staging / name)
-            for sidecar in sidecars:
-                shutil.copyfile(sidecar, staging / sidecar.name)
-            stored = {**info, "_model_file": name, "_sidecars": [s.name for s in sidecars]}
-            (staging / "info.json").write_text(json.dumps(stored, sort_keys=True, default=str))
+            for source, member in [(model_path, name), *((sidecar, sidecar.name) for sidecar in sidecars)]:
+                with open(source, "rb") as reader, atomic_writer(staging / member) as writer:
+                    shutil.copyfileobj(reader, writer, CHUNK_BYTES)
+            atomic_write(staging / "info.json", json.dumps(stored, sort_keys=True, default=str))
             os.replace(staging, final)
+            fsync_dir(final.parent)
         except OSError:
+            # Unwritable cache, or another build renamed the same entry in first: use what exists.
             shutil.rmtree(staging, ignore_errors=True)
             if not final.is_dir():
                 return model_path
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return final / name
 
     def get_result(self, key: str) -> dict[str, Any] | None:
@@ -96,9 +104,4 @@ class BuildCache:
     def put_result(self, key: str, result: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        path = self.root / "results" / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(result, handle, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write(self.root / "results" / f"{key}.json", json.dumps(result, sort_keys=True))

@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import deque
 from pathlib import Path
+
+from edgepack.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +154,7 @@ class DiskBuffer:
         if not self._entries:
             self.path.unlink(missing_ok=True)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(b"".join(line for _, line in self._entries))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, self.path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, b"".join(line for _, line in self._entries))
 
 
 def _payload_of(line: bytes) -> bytes:

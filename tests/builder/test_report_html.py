@@ -136,7 +136,7 @@ def test_sample_report_is_well_formed_and_complete():
     assert_finite_points(checker)
     for text in ("digits-cnn", "jetson-orin-nano", "PASS", "smallest and fastest", "size 0.18 MB &gt; 0.15 MB",
                  "Bubble area = size", "dist/digits-cnn-1.0.0-jetson-orin-nano.edgepack", "e" * 64, "1.18.0",
-                 "avx512_vnni", "the target&#x27;s tensor cores", "Latency on the target is estimated"):
+                 "avx512_vnni", "the target&#39;s tensor cores", "Latency on the target is estimated"):
         assert text in page
     assert "−0.30" in page  # accuracy delta in points, not in fraction units
 

@@ -15,7 +15,7 @@ failure. Latency goes into a fixed histogram whose bucket upper bounds (`LATENCY
 log-spaced from 0.05 ms to 10 s, about 21 % apart, plus an overflow bucket) are the same on every
 device, so the fleet can add histograms across devices and windows. p50/p95/p99 are interpolated
 linearly inside the bucket that holds the rank, with the window's smallest and largest latency
-narrowing the first and last buckets. Each window also carries the drift of the bundle's inputs and
+narrowing the first and last buckets (`edgepack.histogram`, the fleet's gates use the same code). Each window also carries the drift of the bundle's inputs and
 outputs (`device_agent.drift`, PSI, from up to about 256 requests per window spread over it), the shadow candidate's comparison when shadow mode is on, and
 the process's resident memory.
 
@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgepack.clock import SYSTEM_CLOCK, Clock
+from edgepack.histogram import LATENCY_BOUNDS_MS, LatencyHistogram
 from edgepack.protocol import LatencySummary, Telemetry, encode, telemetry_topic
 
 from device_agent.buffer import DiskBuffer
@@ -61,64 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def _bounds(low: float, high: float, count: int) -> tuple[float, ...]:
-    ratio = (high / low) ** (1.0 / (count - 1))
-    return tuple(float(f"{low * ratio ** i:.4g}") for i in range(count))
-
-
-LATENCY_BOUNDS_MS: tuple[float, ...] = _bounds(0.05, 10_000.0, 64)
-"""Upper bounds of the latency buckets in ms; the same on every device (the fleet merges histograms)."""
-
 BUFFER_NAME = "telemetry.buffer"
 _DRAIN_BATCH = 32
 _ACK_WAIT_S = 5.0
 _BACKLOG_POLL_S = 1.0
-
-
-class LatencyHistogram:
-    """Counts of latencies in fixed buckets, and the smallest and largest seen. Not locked: its owner locks."""
-
-    __slots__ = ("bounds", "counts", "min", "max", "total")
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.min = float("inf")
-        self.max = float("-inf")
-        self.total = 0
-
-    def add(self, latency_ms: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, latency_ms)] += 1
-        self.total += 1
-        if latency_ms < self.min:
-            self.min = latency_ms
-        if latency_ms > self.max:
-            self.max = latency_ms
-
-    def percentile(self, q: float) -> float | None:
-        """The q-quantile (0 ≤ q ≤ 1), interpolated inside its bucket; None when empty."""
-        if self.total == 0:
-            return None
-        rank = q * self.total
-        seen = 0
-        for index, count in enumerate(self.counts):
-            if count and seen + count >= rank:
-                lower = self.bounds[index - 1] if index > 0 else 0.0
-                upper = self.bounds[index] if index < len(self.bounds) else self.max
-                lower, upper = max(lower, self.min), min(upper, self.max)
-                if upper < lower:
-                    upper = lower
-                return lower + (upper - lower) * max(rank - seen, 0.0) / count
-            seen += count
-        return self.max
-
-    def summary(self) -> LatencySummary:
-        def rounded(value: float | None) -> float | None:
-            return None if value is None else round(value, 4)
-
-        return LatencySummary(p50=rounded(self.percentile(0.50)), p95=rounded(self.percentile(0.95)),
-                              p99=rounded(self.percentile(0.99)), bounds_ms=list(self.bounds), counts=list(self.counts))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgepack.errors import ConfigError
+from edgepack.histogram import from_wire, merge_counts
+from edgepack.histogram import quantile as histogram_quantile
 from fleet.models import Bundle, Device, Rollout, RolloutMember, TelemetryWindow
 
 Decision = Literal["promote", "hold", "rollback"]
@@ -467,42 +469,9 @@ def _reporting(windows: Sequence[TelemetryWindow]) -> int:
 
 
 def _histogram(window: TelemetryWindow) -> tuple[tuple[float, ...], list[int]] | None:
-    """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None
-    when it has none or an unusable one (bounds not increasing, counts not matching, negative counts)."""
+    """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None."""
     latency = (window.payload or {}).get("latency_ms") or {}
-    raw_bounds, raw_counts = latency.get("bounds_ms") or [], latency.get("counts") or []
-    if not raw_bounds:
-        return None
-    try:
-        bounds = tuple(float(bound) for bound in raw_bounds)
-        counts = [int(count) for count in raw_counts]
-    except (TypeError, ValueError):
-        return None
-    if len(counts) == len(bounds):
-        counts.append(0)  # sent without the overflow bucket
-    if (len(counts) != len(bounds) + 1 or any(count < 0 for count in counts)
-            or not all(math.isfinite(bound) for bound in bounds)
-            or any(after <= before for before, after in zip(bounds, bounds[1:]))):
-        return None
-    return bounds, counts
-
-
-def _quantile_of(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
-    """The q-quantile of a histogram, linear within its bucket (the first bucket starts at 0 ms); None when
-    it is empty, `math.inf` when it falls in the overflow bucket (above the last bound)."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(counts):
-        if count and seen + count >= rank:
-            if index == len(bounds):
-                return math.inf
-            lower = 0.0 if index == 0 else bounds[index - 1]
-            return lower + (bounds[index] - lower) * max(0.0, rank - seen) / count
-        seen += count
-    return math.inf
+    return from_wire(latency.get("bounds_ms"), latency.get("counts"))
 
 
 def latency_quantile(windows: Sequence[TelemetryWindow], q: float, column: str) -> tuple[float | None, dict[str, Any]]:
@@ -524,8 +493,8 @@ def latency_quantile(windows: Sequence[TelemetryWindow], q: float, column: str) 
         why = "windows use different histogram buckets"
     else:
         bounds = histograms[0][0]
-        merged = [sum(column_counts) for column_counts in zip(*(counts for _, counts in histograms))]
-        value = _quantile_of(bounds, merged, q)
+        merged = merge_counts(counts for _, counts in histograms)
+        value = histogram_quantile(bounds, merged, q)
         if value is None:
             why = "the latency histograms are empty"
         elif math.isinf(value):

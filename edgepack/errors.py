@@ -23,9 +23,15 @@
         └── RangeNotSatisfiable   a download Range that lies outside the file (HTTP 416)
 
 Only the edges (CLI, API) translate these into exit codes, status codes or log lines.
+`first_validation_error` turns a pydantic ValidationError into the one line those edges print.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic is only needed by callers that already hold a ValidationError
+    from pydantic import ValidationError
 
 
 class EdgepackError(Exception):
@@ -144,3 +150,45 @@ class RangeNotSatisfiable(ApiError):
     """A download Range that lies outside the file (attribute: size)."""
 
     http_status = 416
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# one line for a validation error
+
+_MAX_SHOWN_INPUT = 60
+
+
+def validation_error_field(exc: ValidationError) -> str:
+    """Where the first problem of `exc` is, as a dotted path with list indices in brackets: `io.inputs[0].shape`."""
+    text = ""
+    for part in exc.errors()[0]["loc"]:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<root>"
+
+
+def first_validation_error(exc: ValidationError, source: str, *, count_others: bool = False) -> str:
+    """The first problem of a pydantic ValidationError as one line naming the field.
+
+    `manifest.json: field 'io.inputs' is missing`, `edgepack.yaml: unknown field 'gates.max_size'`,
+    `agent.yaml: field 'port': Input should be a valid integer (got 'x')`. With `count_others` a
+    `(+2 more problems)` suffix says the fix may not be the last one.
+    """
+    errors = exc.errors()
+    first = errors[0]
+    where = validation_error_field(exc)
+    if first["type"] == "missing":
+        line = f"{source}: field '{where}' is missing"
+    elif first["type"] == "extra_forbidden":
+        line = f"{source}: unknown field '{where}'"
+    else:
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        shown = first.get("input")
+        if shown is not None and not isinstance(shown, (dict, list)):
+            text = repr(shown)
+            problem += f" (got {text if len(text) <= _MAX_SHOWN_INPUT else text[:_MAX_SHOWN_INPUT] + '…'})"
+        line = f"{source}: field '{where}': {problem}"
+    more = len(errors) - 1
+    if count_others and more:
+        line += f" (+{more} more problem{'s' if more > 1 else ''})"
+    return line.replace("\n", " ")

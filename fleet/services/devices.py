@@ -6,8 +6,8 @@ devices racing for the last use cannot both win, on SQLite or PostgreSQL. The de
 token's labels overlaid by the labels the device asks for. Enrolling an id that exists needs a token too
 and rotates the device's credential (the old one stops working).
 
-Label selectors are `k=v,k2=v2` (every pair must match); `parse_selector` and `matches` are shared with
-the rollout engine so both read a selector the same way.
+Label selectors are `k=v,k2=v2` (every pair must match); `parse_selector` and `matches` come from
+`edgepack.selectors`, so the CLI, this API and the rollout engine read a selector the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from edgepack.errors import ConfigError, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from edgepack.protocol import validate_device_id
+from edgepack.selectors import format_selector, matches, parse_selector, validate_labels
 from fleet import metrics
 from fleet.auth import DEVICE_CREDENTIAL_PREFIX, ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
 from fleet.models import Device, EnrollmentToken, utcnow
@@ -30,65 +31,13 @@ from fleet.services import audit
 
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 MAX_TOKEN_USES = 1_000_000
-MAX_LABELS = 64
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._:-]{0,63}$")
 _PROFILE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def validate_labels(labels: Mapping[str, Any] | None) -> dict[str, str]:
-    """Labels as {key: value} strings a selector can name: keys of letters, digits, '.', '_', '/', '-';
-    values of letters, digits, '.', '_', ':', '-' (no ',' or '=', which a selector uses)."""
-    if labels is None:
-        return {}
-    if not isinstance(labels, Mapping):
-        raise ConfigError("labels must be an object of key → value strings")
-    if len(labels) > MAX_LABELS:
-        raise ConfigError(f"at most {MAX_LABELS} labels")
-    result: dict[str, str] = {}
-    for key, value in labels.items():
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
-            raise ConfigError(f"invalid label key {key!r}", label=key)
-        if not isinstance(value, str) or not _LABEL_VALUE.match(value):
-            raise ConfigError(f"invalid value {value!r} for label {key!r}", label=key)
-        result[key] = value
-    return result
 
 
 def validate_profile(profile: str) -> str:
     if not isinstance(profile, str) or not _PROFILE.match(profile):
         raise ConfigError(f"invalid hardware profile name {profile!r}", profile=profile)
     return profile
-
-
-def parse_selector(selector: str | Mapping[str, Any] | None) -> dict[str, str]:
-    """`"k=v,k2=v2"` (or a dict, or None/"" for every device) as a validated {key: value}."""
-    if selector is None:
-        return {}
-    if isinstance(selector, Mapping):
-        return validate_labels(selector)
-    pairs: dict[str, str] = {}
-    for part in selector.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError(f"selector term {part!r} is not k=v", selector=selector)
-        key, value = key.strip(), value.strip()
-        if key in pairs and pairs[key] != value:
-            raise ConfigError(f"selector names {key} twice with different values", selector=selector)
-        pairs[key] = value
-    return validate_labels(pairs)
-
-
-def format_selector(selector: Mapping[str, str]) -> str:
-    return ",".join(f"{key}={selector[key]}" for key in sorted(selector))
-
-
-def matches(labels: Mapping[str, Any] | None, selector: Mapping[str, str]) -> bool:
-    labels = labels or {}
-    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _as_utc(value: dt.datetime | None) -> dt.datetime | None:

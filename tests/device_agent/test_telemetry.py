@@ -13,6 +13,7 @@ import pytest
 from device_agent.buffer import DiskBuffer
 from device_agent.inference import InferenceEvent
 from device_agent.telemetry import LATENCY_BOUNDS_MS, LatencyHistogram, TelemetryWindow, process_rss_bytes
+from edgepack.clock import FakeClock
 from edgepack.protocol import Telemetry, decode
 from tests.device_agent.agent_harness import agents, install, samples, wait_until  # noqa: F401 - agents is a fixture
 
@@ -142,30 +143,35 @@ def test_a_torn_last_line_from_a_crash_is_dropped_when_the_buffer_opens(tmp_path
 
 
 def test_windows_are_published_and_decode_as_protocol_telemetry(agents, mosquitto, bundles):
-    agent, statuses, telemetry = agents(telemetry={"window_s": 0.5})
+    clock = FakeClock()
+    agent, statuses, telemetry = agents(telemetry={"window_s": 0.5}, clock=clock)
     install(mosquitto.url, agent, statuses, 1, bundles.onnx)
+    spacing = 1.05 * 0.5 / 256  # drift bins at most one request per window_s / 256: space them out
     for request in samples(40):
         agent.infer(request)
-        time.sleep(0.002)  # drift bins at most one request per window_s / 256: space them out
+        clock.advance(spacing)
     with pytest.raises(Exception):
         agent.infer({"input": np.zeros((1, 2, 3), np.float32)})  # a bad request counts as an inference and an error
 
+    clock.wait_for_waiters(1)  # the publisher is idle until its first window closes...
+    clock.advance(0.5)  # ...which it does now, on its own thread
     wait_until(lambda: sum(m.inferences for m in telemetry.messages) >= 41, timeout=5)
-    windows = [m for m in telemetry.messages if m.inferences]
-    message = max(windows, key=lambda m: m.inferences)  # the requests may straddle two windows
+    [message] = [m for m in telemetry.messages if m.inferences]  # no time passed between the requests but the clock's
 
     assert isinstance(message, Telemetry) and message.device_id == agent.device_id
-    assert {m.bundle_id for m in windows} == {bundles.onnx.ref.id}
-    assert sum(m.inferences for m in telemetry.messages) == 41 and sum(m.errors for m in telemetry.messages) == 1
+    assert message.bundle_id == bundles.onnx.ref.id and (message.inferences, message.errors) == (41, 1)
     assert message.latency_ms.bounds_ms == list(LATENCY_BOUNDS_MS) and sum(message.latency_ms.counts) == message.inferences
     assert 0 < message.latency_ms.p50 <= message.latency_ms.p95 <= message.latency_ms.p99
-    assert message.drift_method == "psi" and set().union(*(m.drift for m in windows)) == {"input", "logits"}
-    assert message.rss_bytes > 0 and 0.2 < message.window_s < 2.0 and message.shadow is None
+    assert message.drift_method == "psi" and set(message.drift) == {"input", "logits"}
+    # The window ran from the switch to the bundle until the clock passed the first close.
+    assert message.window_s == pytest.approx(40 * spacing + 0.5, abs=1e-3) and message.ts == clock.time()
+    assert message.rss_bytes > 0 and message.shadow is None
     assert decode(Telemetry, message.model_dump_json()) == message
 
 
 def test_windows_closed_while_the_broker_is_down_are_buffered_on_disk_and_delivered_in_order(agents, mosquitto, bundles):
-    agent, statuses, telemetry = agents(telemetry={"window_s": 0.3})
+    clock = FakeClock()
+    agent, statuses, telemetry = agents(telemetry={"window_s": 0.3}, clock=clock)
     install(mosquitto.url, agent, statuses, 1, bundles.onnx)
     telemetry.close()
     statuses.close()
@@ -177,6 +183,7 @@ def test_windows_closed_while_the_broker_is_down_are_buffered_on_disk_and_delive
         window_closed = len(agent.telemetry.buffer)
         for request in samples(count):
             agent.infer(request)
+        clock.advance(0.3)  # the window closes on the publisher's thread, and goes to the disk buffer
         wait_until(lambda: len(agent.telemetry.buffer) > window_closed, timeout=5)
     buffer_path = agent.telemetry.buffer.path
     on_disk = [json.loads(line)["payload"] for line in buffer_path.read_bytes().splitlines()]

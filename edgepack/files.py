@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
+TEMP_SUFFIX = ".tmp"
+"""Temp files are `.<name>.<random>.tmp` beside their target; a recovery step may glob and remove them."""
 
 
 def file_sha256_size(path: Path) -> tuple[str, int]:
@@ -60,7 +62,7 @@ def atomic_writer(path: Path, *, mode: int = 0o644,
     point for crash tests, or a last look at the bytes; raising there leaves `path` as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), mode)
@@ -84,4 +86,4 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644,
         handle.write(payload)
 
 
-__all__ = ["CHUNK_BYTES", "atomic_write", "atomic_writer", "file_sha256", "file_sha256_size", "fsync_dir"]
+__all__ = ["CHUNK_BYTES", "TEMP_SUFFIX", "atomic_write", "atomic_writer", "file_sha256", "file_sha256_size", "fsync_dir"]

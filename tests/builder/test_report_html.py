@@ -1,15 +1,19 @@
-"""The HTML build report: well-formed, self-contained, escaped, and robust to partial reports."""
+"""The HTML build report and matrix pages: well-formed, self-contained, escaped, and robust to partial reports."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from html.parser import HTMLParser
 
 import pytest
 
+from builder.pages import render_matrix_html
 from builder.report_html import render_report_html, write_report_html
+from edgepack.report import BuildMatrix, BuildReport
+from tests.builder.report_samples import sample_matrix, sample_report, variant
 
 VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -69,60 +73,6 @@ def assert_finite_points(checker: PageChecker) -> None:
         for attribute in ("cx", "cy", "r"):
             assert math.isfinite(float(point[attribute])), point
         assert float(point["r"]) > 0
-
-
-def variant(name: str, **overrides: object) -> dict:
-    base = {
-        "name": name, "precision": name, "format": "onnx", "runtime": "onnxruntime", "size_bytes": 180_000,
-        "size_ratio": 1.0, "metric": "top1", "accuracy": 0.983, "accuracy_delta": 0.0, "agreement": 1.0,
-        "cosine": 1.0, "max_abs_error": 0.0, "latency_ms": {"p50": 0.21, "p95": 0.26, "mean": 0.22},
-        "latency_ratio": 1.0, "estimated_target_latency_ms": 0.09, "target_latency_ms": 0.09,
-        "target_latency_source": "estimate", "fallback_nodes": [], "sparsity": None, "quantization": None,
-        "passed": True, "failed_gates": [], "notes": [], "cached": False,
-    }
-    base.update(overrides)
-    return base
-
-
-def sample_report() -> dict:
-    """A realistic report: three variants, int8 selected, one variant failing a gate."""
-    return {
-        "schema_version": 1, "name": "digits-cnn", "version": "1.0.0", "profile": "jetson-orin-nano",
-        "profile_description": "NVIDIA Jetson Orin Nano 8 GB, Ampere GPU with 32 tensor cores, 6-core Cortex-A78AE",
-        "runtime": "onnxruntime", "created_by": "edgepack 0.1.0", "duration_s": 12.3,
-        "host": {"machine": "x86_64", "cpu": "AMD EPYC 7763 64-Core Processor", "cpu_features": ["avx2", "fma", "avx512f", "avx512_vnni"],
-                 "is_target": False, "reason": "profile targets aarch64; host is x86_64"},
-        "metric": "top1", "selected": "int8",
-        "selection_reason": "int8: smallest and fastest on target among 2 passing variants (0.28× the size of fp32, "
-                            "accuracy −0.30 pt within the 0.50 pt budget).",
-        "gates": {"max_accuracy_drop": 0.005, "max_p95_latency_ms": None, "max_size_mb": 0.15, "min_agreement": None, "passed": True},
-        "reference": {"name": "fp32", "accuracy": 0.983, "size_bytes": 180_400},
-        "variants": [
-            variant("fp32", size_bytes=180_400, failed_gates=[{"gate": "max_size_mb", "value": 0.1804, "threshold": 0.15,
-                                                                "message": "size 0.18 MB > 0.15 MB"}], passed=False, cached=True),
-            variant("fp16", size_bytes=92_300, size_ratio=0.51, accuracy=0.983, accuracy_delta=0.0, agreement=1.0, cosine=0.99999,
-                    max_abs_error=0.0021, latency_ms={"p50": 0.34, "p95": 0.41, "mean": 0.35}, latency_ratio=1.62,
-                    estimated_target_latency_ms=0.05, target_latency_ms=0.05,
-                    notes=["fp16 runs through casts on this host CPU; the target has native fp16"]),
-            variant("int8", size_bytes=50_100, size_ratio=0.28, accuracy=0.98, accuracy_delta=-0.003, agreement=0.995,
-                    cosine=0.9991, max_abs_error=0.2, latency_ms={"p50": 0.5, "p95": 0.62, "mean": 0.52}, latency_ratio=2.4,
-                    estimated_target_latency_ms=0.012, target_latency_ms=0.012, fallback_nodes=["conv1"],
-                    quantization={"activation_type": "int8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
-                                  "calibration": "minmax", "symmetric_activations": True,
-                                  "reason": "the target's tensor cores run symmetric int8 activations"},
-                    notes=["INT8 is 2.4x slower and 1.24x larger than fp32 on this host"]),
-        ],
-        "notes": ["Latency on the target is estimated: the build host is not the target.",
-                  "fp32 kept as the reference; it fails max_size_mb."],
-        "passes": [{"name": "check", "seconds": 0.1, "cached": False}, {"name": "fp16", "seconds": 0.8, "cached": True},
-                   {"name": "quantize_int8", "seconds": 3.9, "cached": False}, {"name": "verify", "seconds": 5.2, "cached": False},
-                   {"name": "benchmark", "seconds": 2.1, "cached": False}],
-        "sensitivity": {"int8": [{"node": "fc2", "op_type": "Gemm", "score": 0.0008}, {"node": "conv1", "op_type": "Conv", "score": 0.012},
-                                 {"node": "conv2", "op_type": "Conv", "score": 0.004}]},
-        "lineage": {"source_model_sha256": "a" * 64, "calibration_sha256": "b" * 64, "validation_sha256": "c" * 64,
-                    "config_sha256": "d" * 64, "tools": {"onnxruntime": "1.18.0", "onnx": "1.16.1"}},
-        "bundle": {"path": "dist/digits-cnn-1.0.0-jetson-orin-nano.edgepack", "sha256": "e" * 64, "size_bytes": 61_234},
-    }
 
 
 def test_sample_report_is_well_formed_and_complete():
@@ -265,3 +215,100 @@ def test_write_report_html(tmp_path):
     write_report_html(sample_report(), path)
 
     assert check_page(path.read_text(encoding="utf-8")).svg_count == 1
+
+
+def test_typed_report_renders_the_page_its_json_file_renders():
+    report = BuildReport.model_validate(sample_report())
+
+    page = render_report_html(report)
+
+    assert page == render_report_html(json.loads(report.to_json()))
+    assert "★ selected" in page and "size 0.18 MB &gt; 0.15 MB" in page
+
+
+def test_cached_latency_is_tagged():
+    report = sample_report()  # fp32's latency came from the cache
+
+    page = render_report_html(report)
+
+    fp32_row = page[page.index('data-variant="fp32"'):page.index('data-variant="fp16"')]
+    assert "latency reused from the build cache" in fp32_row
+    assert page.count("latency reused from the build cache") == 1
+
+
+class MatrixChecker(PageChecker):
+    """Also collects the matrix rows (profile, variant, class) and the links to the profiles' reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matrix_rows: list[dict[str, str]] = []
+        self.links: list[str] = []
+
+    def _record(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        super()._record(tag, attrs)
+        attributes = {k: v or "" for k, v in attrs}
+        if tag == "tr" and "data-profile" in attributes:
+            self.matrix_rows.append(attributes)
+        if tag == "a":
+            self.links.append(attributes["href"])
+
+
+def check_matrix(page: str) -> MatrixChecker:
+    checker = MatrixChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.errors == [] and checker.stack == []
+    assert page.startswith("<!DOCTYPE html>")
+    return checker
+
+
+def test_matrix_has_a_row_per_profile_and_variant():
+    page = render_matrix_html(sample_matrix())
+
+    checker = check_matrix(page)
+    rows = [(r["data-profile"], r.get("data-variant")) for r in checker.matrix_rows]
+    assert rows == [("jetson-orin-nano", "fp32"), ("jetson-orin-nano", "fp16"), ("jetson-orin-nano", "int8"),
+                    ("rpi4", "tflite-fp32"), ("rpi4", "tflite-dynamic-int8"), ("rpi4", "int8"), ("coral-devboard", None)]
+    selected = [(r["data-profile"], r["data-variant"]) for r in checker.matrix_rows if "selected" in r["class"].split()]
+    assert selected == [("jetson-orin-nano", "int8"), ("rpi4", "tflite-dynamic-int8")]
+    failed = [r["data-variant"] for r in checker.matrix_rows if "fail" in r["class"].split()]
+    assert failed == ["int8"]
+    for text in ("-0.28", "+0.00", "79.9", "0.033", "0.137", "est.", "accuracy drop 1.25 pt &gt; 0.50 pt",
+                 "error (exit 2): op Softmax is not supported by the Edge TPU compiler", "FAIL"):
+        assert text in page
+
+
+def test_matrix_links_each_built_profile_to_its_report():
+    checker = check_matrix(render_matrix_html(sample_matrix()))
+
+    assert checker.links == ["digits-cnn-1.0.0-jetson-orin-nano.report.html", "digits-cnn-1.0.0-rpi4.report.html"]
+
+
+def test_typed_matrix_renders_the_page_its_json_file_renders():
+    matrix = BuildMatrix.model_validate(sample_matrix())
+
+    assert render_matrix_html(matrix) == render_matrix_html(json.loads(matrix.to_json()))
+
+
+def test_matrix_escapes_every_string():
+    matrix = sample_matrix()
+    evil = "<script>alert('x')</script>"
+    matrix["name"] = evil
+    matrix["profiles"][0]["profile"] = evil
+    matrix["profiles"][0]["variants"][0]["name"] = evil
+    matrix["profiles"][1]["variants"][2]["why_not"] = evil
+    matrix["profiles"][2]["error"] = evil
+
+    page = render_matrix_html(matrix)
+
+    assert "<script" not in page.lower() and "&lt;script&gt;" in page
+    check_matrix(page)
+
+
+@pytest.mark.parametrize("matrix", [{}, {"profiles": "not a list"}, {"profiles": [None, 3]},
+                                    {"profiles": [{"profile": "x", "variants": [None, {"accuracy_delta": float("nan")}]}]}])
+def test_malformed_matrices_still_render(matrix):
+    page = render_matrix_html(copy.deepcopy(matrix))
+
+    check_matrix(page)
+    assert "build matrix" in page

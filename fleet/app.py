@@ -21,10 +21,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import compile_path
 
-from edgepack.errors import EdgepackError, RangeNotSatisfiable
+from edgepack.errors import ConfigError, EdgepackError, RangeNotSatisfiable
 from edgepack.signing import load_public_key
 from fleet import metrics
 from fleet.api import api_router, system_router
@@ -38,10 +39,23 @@ log = logging.getLogger(__name__)
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 
 
+def check_database(engine: Engine) -> None:
+    """Refuse to start against a database that does not answer: one ConfigError naming the URL without its
+    password (SQLAlchemy's error is a traceback-sized message)."""
+    try:
+        with engine.connect():
+            return
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    safe = engine.url.render_as_string(hide_password=True)
+    raise ConfigError(f"database {safe} is unreachable: {reason} (check --db-url)", url=safe) from None
+
+
 def prepare(settings: FleetSettings, engine: Engine) -> str | None:
-    """Create the data folder, migrate the database, ensure an admin token; returns a newly created admin
-    token (for the CLI to print once) or None. Safe to call again: startup calls it too."""
+    """Create the data folder, check the database answers, migrate it, ensure an admin token; returns a newly
+    created admin token (for the CLI to print once) or None. Safe to call again: startup calls it too."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_database(engine)
     migrate(engine)
     with make_session_factory(engine)() as session:
         return bootstrap_admin_token(session, settings)
@@ -143,4 +157,4 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: 
     return app
 
 
-__all__ = ["LifespanHook", "RequestMetricsMiddleware", "create_app", "prepare"]
+__all__ = ["LifespanHook", "RequestMetricsMiddleware", "check_database", "create_app", "prepare"]

@@ -4,9 +4,12 @@ needs nothing installed. Production uses Mosquitto (or any MQTT 3.1.1 broker) by
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
+
+from edgepack.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +31,13 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 10.0) -> "EmbeddedBroker":
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        self._check_port()
         self._thread = threading.Thread(target=self._run, name="embedded-mqtt", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout_s) or self._error:
-            raise RuntimeError(f"embedded MQTT broker did not start on {self.host}:{self.port}: {self._error}")
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"embedded MQTT broker did not start on {self.host}:{self.port} within {timeout_s} s")
+        if self._error is not None:
+            raise self._start_error(self._error)
         deadline = timeout_s
         while deadline > 0:
             try:
@@ -41,6 +47,28 @@ class EmbeddedBroker:
                 deadline -= 0.1
                 threading.Event().wait(0.1)
         raise RuntimeError(f"embedded MQTT broker is not accepting connections on {self.host}:{self.port}")
+
+    def _check_port(self) -> None:
+        """Bind the port once ourselves (as asyncio will: SO_REUSEADDR) so a taken one is found before amqtt
+        logs a traceback about it."""
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise self._start_error(exc) from None
+
+    def _start_error(self, error: BaseException) -> Exception:
+        """A taken or forbidden port is the user's to fix: one ConfigError naming it."""
+        cause = error
+        while not isinstance(cause, OSError) and cause.__cause__ is not None:
+            cause = cause.__cause__  # amqtt wraps the listener's OSError in its own exception
+        if isinstance(cause, OSError):
+            what = "already in use" if cause.errno == errno.EADDRINUSE else f"not available: {cause.strerror or cause}"
+            return ConfigError(f"embedded MQTT broker port {self.port} on {self.host} is {what} "
+                               "(choose another with --embedded-mqtt-port, or use a broker with --mqtt-url)",
+                               host=self.host, port=self.port)
+        return RuntimeError(f"embedded MQTT broker did not start on {self.host}:{self.port}: {error}")
 
     def _run(self) -> None:
         from amqtt.broker import Broker

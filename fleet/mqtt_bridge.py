@@ -6,7 +6,11 @@
     edgepack/v1/devices/{id}/desired  ← publish_desired() (retained, QoS 1, waits for the PUBACK)
 
 paho-mqtt 2 runs the network loop in its own thread and reconnects by itself (backoff 1 → 30 s);
-subscriptions are renewed on every connect. A message that is not a valid v1 message from the enrolled
+subscriptions are renewed on every connect. With a persistent session (`persistent_session`, the
+server's default: clean_session=False under a client id kept across restarts) the broker queues the QoS 1
+status and telemetry published while the server is down and delivers them after its CONNACK; paho hands
+them to `on_message`, set before connecting, and acknowledges each only after `handle_message` returned,
+so a window is stored at least once (a crash between the commit and the PUBACK redelivers it). A message that is not a valid v1 message from the enrolled
 device its topic names is dropped, counted in `bridge.malformed[reason]` (and in
 `fleet.metrics.MQTT_MALFORMED`), and logged in one line at most every `log_interval_s` per reason. No
 message can raise out of the callback.
@@ -21,8 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import secrets
 import socket
 import threading
 import time
@@ -41,6 +43,7 @@ from fleet.controller import RolloutController, count_metric, default_bundle_url
 from fleet.models import Alert
 from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy, check_drift
 from fleet.services.status import apply_status, record_telemetry
+from fleet.settings import FleetSettings, resolve_mqtt_client_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,28 @@ def parse_mqtt_url(url: str) -> dict[str, Any]:
     return {"host": parts.hostname, "port": port, "tls": tls,
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None}
+
+
+def redact_mqtt_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def check_broker(url: str, timeout_s: float = 5.0) -> None:
+    """Refuse to start against a broker nothing answers at: one ConfigError naming the URL (no password),
+    before anything else starts. A running bridge keeps retrying instead (a broker may restart under it)."""
+    endpoint = parse_mqtt_url(url)
+    try:
+        with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise ConfigError(f"MQTT broker {redact_mqtt_url(url)} is unreachable: {reason} (check --mqtt-url)",
+                      url=redact_mqtt_url(url)) from None
 
 
 def _malformed_reason(payload: bytes) -> str:
@@ -276,11 +301,10 @@ class MqttBridge:
         return True
 
 
-def _bundle_url_for(settings: Any) -> Callable[[Any], str]:
-    base = getattr(settings, "public_url", None)
-    if not base:
+def _bundle_url_for(settings: FleetSettings) -> Callable[[Any], str]:
+    if not settings.public_url:
         return default_bundle_url
-    base = str(base).rstrip("/")
+    base = settings.public_url.rstrip("/")
     return lambda bundle: base + default_bundle_url(bundle)
 
 
@@ -288,30 +312,27 @@ def _bundle_url_for(settings: Any) -> Callable[[Any], str]:
 async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     """Run the MQTT bridge and the rollout controller thread while the app runs.
 
-    Reads `app.state.settings` (`mqtt_url`; optional `public_url` for absolute download URLs,
-    `controller_interval_s`, `mqtt_client_id` — a fixed id gets a persistent broker session, without
-    one each server process gets its own id and a clean session —, `drift_alert_threshold`,
-    `alert_repeat_s` and `alert_webhook_url`) and `app.state.session_factory`; exposes
-    `app.state.mqtt_bridge`, `app.state.rollout_controller` and `app.state.alert_dispatcher` (None without
-    a webhook: alerts are still raised and listed, and go out once a server with a webhook runs).
+    Reads `app.state.settings` (a FleetSettings: `mqtt_url`, `mqtt_client_id` — None uses the id kept in
+    the data folder —, `mqtt_persistent_session`, `public_url` for absolute download URLs,
+    `controller_interval_s`, `gate_settle_s`, `drift_alert_threshold`, `alert_repeat_s`, `alert_webhook_url`)
+    and `app.state.session_factory`; exposes `app.state.mqtt_bridge`, `app.state.rollout_controller` and
+    `app.state.alert_dispatcher` (None without a webhook: alerts are still raised and listed, and go out once
+    a server with a webhook runs).
     """
-    settings = app.state.settings
+    settings: FleetSettings = app.state.settings
     session_factory = app.state.session_factory
-    mqtt_url = getattr(settings, "mqtt_url", None)
-    if not mqtt_url:
+    if not settings.mqtt_url:
         raise ConfigError("settings.mqtt_url is not set: the fleet server needs an MQTT broker")
-    configured_id = getattr(settings, "mqtt_client_id", None)
-    client_id = configured_id or f"edgepack-fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    policy = DriftAlertPolicy(threshold=float(getattr(settings, "drift_alert_threshold", None) or DriftAlertPolicy.threshold),
-                              repeat_s=float(getattr(settings, "alert_repeat_s", None) or DriftAlertPolicy.repeat_s))
-    webhook = getattr(settings, "alert_webhook_url", None)
+    policy = DriftAlertPolicy(threshold=settings.drift_alert_threshold, repeat_s=settings.alert_repeat_s)
+    webhook = settings.alert_webhook_url
     dispatcher = AlertDispatcher(session_factory, webhook) if webhook else None
-    bridge = MqttBridge(mqtt_url, session_factory, client_id=client_id, persistent_session=bool(configured_id),
+    bridge = MqttBridge(settings.mqtt_url, session_factory, client_id=resolve_mqtt_client_id(settings),
+                        persistent_session=settings.mqtt_persistent_session,
                         drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None).start()
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
-                                   gate_settle_s=float(getattr(settings, "gate_settle_s", 0.0)))
+                                   gate_settle_s=settings.gate_settle_s)
     stop = threading.Event()
-    threads = [controller.start_thread(stop, float(getattr(settings, "controller_interval_s", 1.0) or 1.0))]
+    threads = [controller.start_thread(stop, settings.controller_interval_s)]
     if dispatcher is not None:
         threads.append(dispatcher.start_thread(stop))
     app.state.mqtt_bridge = bridge
@@ -328,4 +349,4 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
         bridge.stop()
 
 
-__all__ = ["MALFORMED_REASONS", "MqttBridge", "lifespan_hook", "parse_mqtt_url"]
+__all__ = ["MALFORMED_REASONS", "MqttBridge", "check_broker", "lifespan_hook", "parse_mqtt_url", "redact_mqtt_url"]

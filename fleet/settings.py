@@ -1,12 +1,22 @@
 """What a fleet server is configured with; read from the environment only when asked (`from_env`).
 
-    data_dir       where the SQLite database, the bundle store and `admin.token` live
+Every setting the server reads is a field here, and every field names its environment variable
+(`EDGEPACK_…`, see `env_var`); `edgepack fleet serve` has an option for each (named as the field), whose
+value wins over the environment. `tests/fleet/test_settings.py` keeps the three in step.
+
+    data_dir       where the SQLite database, the bundle store, `admin.token` and `mqtt-client-id` live
     db_url         SQLAlchemy URL; None → SQLite at data_dir/fleet.db (`postgresql://…` uses psycopg 3)
-    mqtt_url       broker URL (`mqtt://host:port`); None → the server starts an embedded broker
+    mqtt_url       broker URL (`mqtt://host:port`); None → the server starts an embedded broker on
+                   `embedded_mqtt_port`
+    mqtt_client_id the bridge's MQTT client id; None → one generated on first start and kept in
+                   data_dir/mqtt-client-id, so a restarted server resumes its broker session
+    mqtt_persistent_session  True (default): clean_session=False, the broker queues QoS 1 telemetry for the
+                   server while it is down and delivers it when it comes back
     public_url     base URL devices reach the server at, for bundle download URLs; None → relative URLs
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
     admin_token    the admin bearer token (EDGEPACK_ADMIN_TOKEN); None → generated on first start
     host, port     where uvicorn listens
+    controller_interval_s   seconds between two passes of the rollout controller
     drift_alert_threshold   a device outside any rollout whose worst drift score in a telemetry window exceeds
                    this (default 0.25, PSI's "significant shift") raises a drift alert
     alert_webhook_url       where alerts are POSTed as JSON (the "retrain" trigger); None → only listed
@@ -17,17 +27,28 @@
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from edgepack.files import atomic_write
 from fleet.db import sqlite_url
 
 ENV_PREFIX = "EDGEPACK_"
 ADMIN_TOKEN_ENV = "EDGEPACK_ADMIN_TOKEN"
 ADMIN_TOKEN_FILE = "admin.token"
+MQTT_CLIENT_ID_FILE = "mqtt-client-id"
+# Fields holding a list are one environment variable split by os.pathsep (as PATH is).
+_LIST_FIELDS = ("trusted_keys",)
+
+
+def _field(default: Any = ..., *, env: str, description: str, **constraints: Any) -> Any:
+    """A settings field that names its environment variable (read by `FleetSettings.from_env`)."""
+    return Field(default, description=description, json_schema_extra={"env": env}, **constraints)
 
 
 class FleetSettings(BaseModel):
@@ -35,23 +56,36 @@ class FleetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data_dir: Path = Field(default=Path("fleet-data"), description="SQLite database, bundle store, admin.token.")
-    db_url: str | None = Field(default=None, description="Database URL; None means SQLite in data_dir.")
-    mqtt_url: str | None = Field(default=None, description="Broker URL; None means an embedded broker.")
-    public_url: str | None = Field(default=None, description="Base URL devices use for bundle downloads.")
-    trusted_keys: list[Path] = Field(default_factory=list, description="Public keys allowed to sign bundles.")
-    admin_token: SecretStr | None = Field(default=None, description="Admin bearer token; None generates one.")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    max_bundle_bytes: int = Field(default=4 * 1024**3, gt=0, description="Largest bundle upload accepted.")
-    drift_alert_threshold: float = Field(default=0.25, gt=0, allow_inf_nan=False,
-                                         description="Drift score above which a device outside a rollout raises an alert.")
-    alert_webhook_url: str | None = Field(default=None, description="URL alerts are POSTed to as JSON; None: none.")
-    gate_settle_s: float = Field(default=0.0, ge=0, allow_inf_nan=False,
-                                 description="Seconds after a wave starts whose treatment telemetry the gates do not judge "
-                                             "(installs and cold models); 0 judges everything.")
-    alert_repeat_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False,
-                                  description="Seconds before an open alert for the same device, bundle and kind repeats.")
+    data_dir: Path = _field(Path("fleet-data"), env="EDGEPACK_FLEET_DATA_DIR",
+                            description="SQLite database, bundle store, admin.token, mqtt-client-id.")
+    db_url: str | None = _field(None, env="EDGEPACK_DB_URL", description="Database URL; None means SQLite in data_dir.")
+    mqtt_url: str | None = _field(None, env="EDGEPACK_MQTT_URL", description="Broker URL; None means an embedded broker.")
+    embedded_mqtt_port: int = _field(1883, env="EDGEPACK_EMBEDDED_MQTT_PORT", ge=0, le=65535,
+                                     description="Port of the embedded broker (used only without mqtt_url).")
+    mqtt_client_id: str | None = _field(None, env="EDGEPACK_MQTT_CLIENT_ID", min_length=1, max_length=200,
+                                        description="The bridge's MQTT client id; None: generated once, kept in data_dir.")
+    mqtt_persistent_session: bool = _field(True, env="EDGEPACK_MQTT_PERSISTENT_SESSION",
+                                           description="Keep the broker session (and the QoS 1 messages queued in it) "
+                                                       "across restarts; False asks for a clean session.")
+    public_url: str | None = _field(None, env="EDGEPACK_PUBLIC_URL", description="Base URL devices use for bundle downloads.")
+    trusted_keys: list[Path] = _field([], env="EDGEPACK_TRUSTED_KEYS",
+                                      description="Public keys allowed to sign bundles (env: split by os.pathsep).")
+    admin_token: SecretStr | None = _field(None, env=ADMIN_TOKEN_ENV, description="Admin bearer token; None generates one.")
+    host: str = _field("127.0.0.1", env="EDGEPACK_FLEET_HOST", description="Address the HTTP API listens on.")
+    port: int = _field(8080, env="EDGEPACK_FLEET_PORT", ge=0, le=65535, description="HTTP port (0: any free one).")
+    max_bundle_bytes: int = _field(4 * 1024**3, env="EDGEPACK_MAX_BUNDLE_BYTES", gt=0,
+                                   description="Largest bundle upload accepted.")
+    controller_interval_s: float = _field(1.0, env="EDGEPACK_CONTROLLER_INTERVAL_S", gt=0, allow_inf_nan=False,
+                                          description="Seconds between two passes of the rollout controller.")
+    drift_alert_threshold: float = _field(0.25, env="EDGEPACK_DRIFT_ALERT_THRESHOLD", gt=0, allow_inf_nan=False,
+                                          description="Drift score above which a device outside a rollout raises an alert.")
+    alert_webhook_url: str | None = _field(None, env="EDGEPACK_ALERT_WEBHOOK_URL",
+                                           description="URL alerts are POSTed to as JSON; None: none.")
+    gate_settle_s: float = _field(0.0, env="EDGEPACK_GATE_SETTLE_S", ge=0, allow_inf_nan=False,
+                                  description="Seconds after a wave starts whose treatment telemetry the gates do not judge "
+                                              "(installs and cold models); 0 judges everything.")
+    alert_repeat_s: float = _field(3600.0, env="EDGEPACK_ALERT_REPEAT_S", gt=0, allow_inf_nan=False,
+                                   description="Seconds before an open alert for the same device, bundle and kind repeats.")
 
     @field_validator("public_url")
     @classmethod
@@ -87,34 +121,45 @@ class FleetSettings(BaseModel):
     def admin_token_file(self) -> Path:
         return self.data_dir / ADMIN_TOKEN_FILE
 
+    @property
+    def mqtt_client_id_file(self) -> Path:
+        return self.data_dir / MQTT_CLIENT_ID_FILE
+
+    @classmethod
+    def env_var(cls, field: str) -> str:
+        """The environment variable a field is read from."""
+        return cls.model_fields[field].json_schema_extra["env"]  # type: ignore[index]
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
-        """Settings from EDGEPACK_FLEET_DATA_DIR, EDGEPACK_DB_URL, EDGEPACK_MQTT_URL, EDGEPACK_PUBLIC_URL,
-        EDGEPACK_TRUSTED_KEYS (os.pathsep-separated), EDGEPACK_ADMIN_TOKEN, EDGEPACK_FLEET_HOST/PORT,
-        EDGEPACK_DRIFT_ALERT_THRESHOLD, EDGEPACK_ALERT_WEBHOOK_URL, EDGEPACK_ALERT_REPEAT_S; keyword overrides
-        that are not None win (the CLI passes its options this way)."""
+        """Settings from each field's environment variable (`env_var`; EDGEPACK_TRUSTED_KEYS is split by
+        os.pathsep); keyword overrides that are not None win (the CLI passes its options this way)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        mapping = {
-            "data_dir": "EDGEPACK_FLEET_DATA_DIR",
-            "db_url": "EDGEPACK_DB_URL",
-            "mqtt_url": "EDGEPACK_MQTT_URL",
-            "public_url": "EDGEPACK_PUBLIC_URL",
-            "admin_token": ADMIN_TOKEN_ENV,
-            "host": "EDGEPACK_FLEET_HOST",
-            "port": "EDGEPACK_FLEET_PORT",
-            "drift_alert_threshold": "EDGEPACK_DRIFT_ALERT_THRESHOLD",
-            "alert_webhook_url": "EDGEPACK_ALERT_WEBHOOK_URL",
-            "alert_repeat_s": "EDGEPACK_ALERT_REPEAT_S",
-            "gate_settle_s": "EDGEPACK_GATE_SETTLE_S",
-        }
-        for field, name in mapping.items():
-            if env.get(name):
-                values[field] = env[name]
-        if env.get("EDGEPACK_TRUSTED_KEYS"):
-            values["trusted_keys"] = [Path(p) for p in env["EDGEPACK_TRUSTED_KEYS"].split(os.pathsep) if p]
+        for field in cls.model_fields:
+            raw = env.get(cls.env_var(field))
+            if not raw:
+                continue
+            values[field] = [Path(p) for p in raw.split(os.pathsep) if p] if field in _LIST_FIELDS else raw
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
 
-__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE", "FleetSettings"]
+def resolve_mqtt_client_id(settings: FleetSettings) -> str:
+    """The configured client id, else the one this server generated on its first start (kept in the data
+    folder): the same id after a restart is what lets the broker hand the server its queued session."""
+    if settings.mqtt_client_id:
+        return settings.mqtt_client_id
+    path = settings.mqtt_client_id_file
+    if path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            return stored
+    # Host name plus randomness: two servers started from copies of one empty data folder still differ.
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_")[:40] or "host"
+    client_id = f"edgepack-fleet-{host}-{secrets.token_hex(4)}"
+    atomic_write(path, client_id + "\n")
+    return client_id
+
+
+__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE", "MQTT_CLIENT_ID_FILE", "FleetSettings", "resolve_mqtt_client_id"]

@@ -33,67 +33,83 @@ def _default_trusted_keys() -> list[Path]:
 
 @app.command("serve")
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-    port: int = typer.Option(8080, "--port", help="HTTP port."),
-    data_dir: Path = typer.Option(Path("fleet-data"), "--data-dir", help="SQLite database, bundle store, admin.token."),
+    # Each parameter is named as the FleetSettings field it sets (tests/fleet/test_settings.py checks that every
+    # field has one); None leaves the field to its environment variable, then to its default.
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default 8080; 0: any free port)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="SQLite database, bundle store, admin.token (default ./fleet-data)."),
     db_url: Optional[str] = typer.Option(None, "--db-url", help="Database URL (postgresql://…); default SQLite in the data dir."),
     mqtt_url: Optional[str] = typer.Option(None, "--mqtt-url", help="Broker URL (mqtt://host:1883); default an embedded broker."),
-    mqtt_port: int = typer.Option(1883, "--embedded-mqtt-port", help="Port of the embedded broker when no --mqtt-url."),
+    embedded_mqtt_port: Optional[int] = typer.Option(None, "--embedded-mqtt-port", help="Port of the embedded broker when no --mqtt-url (default 1883)."),
+    mqtt_client_id: Optional[str] = typer.Option(None, "--mqtt-client-id", help="The server's MQTT client id; default one generated once and kept in the data dir."),
+    mqtt_persistent_session: Optional[bool] = typer.Option(
+        None, "--mqtt-persistent-session/--mqtt-clean-session",
+        help="Keep the broker session across restarts, so telemetry sent while the server is down is stored when it is back (default on)."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
-    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
-    alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL alerts (drift outside a rollout) are POSTed to as JSON."),
-    gate_settle: Optional[float] = typer.Option(None, "--gate-settle-s", help="Seconds after a wave starts whose telemetry the gates do not judge (installs, cold models)."),
-    drift_threshold: Optional[float] = typer.Option(None, "--drift-threshold", help="Drift score above which a device outside a rollout raises an alert (default 0.25)."),
+    trusted_keys: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
+    max_bundle_bytes: Optional[int] = typer.Option(None, "--max-bundle-bytes", help="Largest bundle upload accepted (default 4 GiB)."),
+    controller_interval_s: Optional[float] = typer.Option(None, "--controller-interval-s", help="Seconds between two passes of the rollout controller (default 1)."),
+    alert_webhook_url: Optional[str] = typer.Option(None, "--alert-webhook", help="URL alerts (drift outside a rollout) are POSTed to as JSON."),
+    gate_settle_s: Optional[float] = typer.Option(None, "--gate-settle-s", help="Seconds after a wave starts whose telemetry the gates do not judge (installs, cold models)."),
+    drift_alert_threshold: Optional[float] = typer.Option(None, "--drift-threshold", help="Drift score above which a device outside a rollout raises an alert (default 0.25)."),
+    alert_repeat_s: Optional[float] = typer.Option(None, "--alert-repeat-s", help="Seconds before an open alert for the same device, bundle and kind is raised again (default 3600)."),
 ) -> None:
-    """Run the fleet server: API, rollout controller and MQTT bridge (with an embedded broker if no --mqtt-url)."""
+    """Run the fleet server: API, rollout controller and MQTT bridge (with an embedded broker if no --mqtt-url).
+
+    Every option also reads an environment variable (EDGEPACK_FLEET_HOST, EDGEPACK_MQTT_URL, …: see
+    fleet/settings.py); the admin token only from EDGEPACK_ADMIN_TOKEN (a command line is readable by
+    every user of the machine), else one is generated on first start."""
     import uvicorn
 
     from fleet.app import create_app, prepare
     from fleet.db import make_engine
     from fleet.embedded_broker import EmbeddedBroker
-    from fleet.mqtt_bridge import lifespan_hook
+    from fleet.mqtt_bridge import check_broker, lifespan_hook, redact_mqtt_url
     from fleet.settings import FleetSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = _trusted_keys(trusted_key)
-    embedded = not mqtt_url and not os.environ.get("EDGEPACK_MQTT_URL")
-    if embedded:
-        mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
-    # Everything is checked before anything starts: the settings, then the HTTP port, then the broker.
-    listener = _listen(host, port)
-    port = listener.getsockname()[1]  # the port --port 0 picked
-    overrides = {"host": host, "port": port, "data_dir": data_dir}
-    if not public_url and not os.environ.get("EDGEPACK_PUBLIC_URL") and host not in ("0.0.0.0", "::", ""):
-        public_url = f"http://{host}:{port}"  # on a wildcard address download URLs stay relative to the fleet URL
-    for name, value in (("db_url", db_url), ("mqtt_url", mqtt_url), ("public_url", public_url),
-                        ("alert_webhook_url", alert_webhook), ("drift_alert_threshold", drift_threshold),
-                        ("gate_settle_s", gate_settle)):
-        if value not in (None, ""):
-            overrides[name] = value
-    if keys:
-        overrides["trusted_keys"] = [key.resolve() for key in keys]
+    keys = _trusted_keys(trusted_keys)
+    options = {"host": host, "port": port, "data_dir": data_dir, "db_url": db_url or None, "mqtt_url": mqtt_url or None,
+               "embedded_mqtt_port": embedded_mqtt_port, "mqtt_client_id": mqtt_client_id,
+               "mqtt_persistent_session": mqtt_persistent_session, "public_url": public_url or None,
+               "trusted_keys": [key.resolve() for key in keys] or None, "max_bundle_bytes": max_bundle_bytes,
+               "controller_interval_s": controller_interval_s, "alert_webhook_url": alert_webhook_url or None,
+               "gate_settle_s": gate_settle_s, "drift_alert_threshold": drift_alert_threshold,
+               "alert_repeat_s": alert_repeat_s}
+    # Everything is checked before anything starts: the settings, the HTTP port, the broker, the database.
+    try:
+        settings = FleetSettings.from_env(**options)
+    except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    embedded = settings.mqtt_url is None
     with ExitStack() as started:
+        listener = _listen(settings.host, settings.port)
         started.callback(listener.close)
-        try:
-            settings = FleetSettings.from_env(**overrides)
-        except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
-            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-            raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        derived: dict[str, object] = {"port": listener.getsockname()[1]}  # the port --port 0 picked
+        if not settings.public_url and settings.host not in ("0.0.0.0", "::", ""):
+            # on a wildcard address download URLs stay relative to the fleet URL
+            derived["public_url"] = f"http://{settings.host}:{derived['port']}"
         if not settings.trusted_keys:
             console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
         if embedded:
-            broker = EmbeddedBroker(host="127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0", port=mqtt_port).start()
+            broker_host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
+            broker = EmbeddedBroker(host=broker_host, port=settings.embedded_mqtt_port).start()
             started.callback(broker.stop)
-            console.print(f"embedded MQTT broker on {broker.host}:{mqtt_port} (use --mqtt-url for Mosquitto)")
+            derived["mqtt_url"] = f"mqtt://127.0.0.1:{settings.embedded_mqtt_port}"
+            console.print(f"embedded MQTT broker on {broker.host}:{settings.embedded_mqtt_port} (use --mqtt-url for Mosquitto)")
+        else:
+            check_broker(settings.mqtt_url)
+        settings = settings.model_copy(update=derived)
         engine = make_engine(settings.database_url)
         started.callback(engine.dispose)
         new_token = prepare(settings, engine)
         if new_token:
             console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
-        console.print(f"fleet on http://{host}:{port}  database {settings.database_url.split('@')[-1]}  mqtt {settings.mqtt_url}  "
-                      f"trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
+        console.print(f"fleet on http://{settings.host}:{settings.port}  database {engine.url.render_as_string(hide_password=True)}  "
+                      f"mqtt {redact_mqtt_url(settings.mqtt_url or '')}  trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
         api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
-        uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level="warning")).run(sockets=[listener])
+        uvicorn.Server(uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")).run(sockets=[listener])
 
 
 def _trusted_keys(given: Optional[list[Path]]) -> list[Path]:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgepack.errors import ConfigError
+from edgepack.errors import ConfigError, first_validation_error, validation_error_field
 from edgepack.protocol import DeviceId
 
 
@@ -178,10 +178,7 @@ class AgentConfig(BaseModel):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "<root>"
-            message = first["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"{source}: {where}: {message}", field=where) from None
+            raise ConfigError(first_validation_error(exc, source), field=validation_error_field(exc)) from None
         if base_dir is not None:
             config = config.model_copy(update={
                 "state_dir": _resolve(base_dir, config.state_dir),

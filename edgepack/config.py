@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgepack.errors import ConfigError
+from edgepack.errors import ConfigError, first_validation_error, validation_error_field
 
 Precision = Literal["fp32", "fp16", "int8"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -151,15 +151,6 @@ class BuildConfig(_Strict):
         return self.resolve(self.data.validation)
 
 
-def _one_line(source: str, exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "<root>"
-    problem = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-    if first["type"] not in ("missing", "extra_forbidden") and "input" in first and not isinstance(first["input"], dict):
-        problem += f" (got {first['input']!r})"
-    return f"{source}: {location}: {problem}"
-
-
 def load_build_config(path: Path, overrides: dict | None = None) -> BuildConfig:
     """Read, validate and resolve `edgepack.yaml`. `overrides` replace top-level keys (e.g. model from --model)."""
     try:
@@ -183,4 +174,4 @@ def load_build_config(path: Path, overrides: dict | None = None) -> BuildConfig:
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(str(path), exc)) from None
+        raise ConfigError(first_validation_error(exc, str(path)), field=validation_error_field(exc)) from None

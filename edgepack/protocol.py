@@ -18,7 +18,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgepack.errors import ProtocolError
+from edgepack.errors import ProtocolError, first_validation_error
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgepack/v1/devices"
@@ -177,6 +177,4 @@ def decode(model: type[M], payload: bytes | str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from None
+        raise ProtocolError(first_validation_error(exc, f"invalid {model.__name__}")) from None

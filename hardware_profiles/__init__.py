@@ -12,26 +12,12 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from edgepack.errors import ProfileError
+from edgepack.errors import ProfileError, first_validation_error
 from hardware_profiles.schema import HardwareProfile
 
 PROFILES_DIR = Path(__file__).parent
 
 __all__ = ["HardwareProfile", "PROFILES_DIR", "list_profiles", "load_profile", "load_profile_file"]
-
-
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        problem = "unknown field"
-    else:
-        problem = first["msg"]
-        if "input" in first and first["type"] not in ("missing",):
-            problem += f" (got {first['input']!r})"
-    more = len(exc.errors()) - 1
-    suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"profile {source}: {location}: {problem}{suffix}"
 
 
 def load_profile_file(path: Path) -> HardwareProfile:
@@ -51,7 +37,7 @@ def load_profile_file(path: Path) -> HardwareProfile:
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(_format_validation_error(str(path), exc)) from None
+        raise ProfileError(first_validation_error(exc, f"profile {path}", count_others=True)) from None
 
 
 @lru_cache(maxsize=1)

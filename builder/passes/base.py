@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgepack.errors import ConfigError
+from edgepack.errors import ConfigError, first_validation_error
 
 PASS_REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -80,10 +80,7 @@ class Pass:
         try:
             config = cls.Config.model_validate(data or {})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "<root>"
-            problem = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ConfigError(f"pass {cls.name}: {where}: {problem}", pass_name=cls.name) from None
+            raise ConfigError(first_validation_error(exc, f"pass {cls.name}"), pass_name=cls.name) from None
         return cls(config)
 
     def config_json(self) -> str:

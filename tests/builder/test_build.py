@@ -201,7 +201,7 @@ def test_top1_without_labels_and_unknown_config_keys_are_exit_2(tmp_path, tiny_p
     _assert_clean_failure(result, out, "needs labels")
     write_config(tiny_project, optimise={"precisions": ["int8"]})
     result = run_cli("build", "--profile", "rpi5", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
-    _assert_clean_failure(result, out, "optimise: unknown field")
+    _assert_clean_failure(result, out, "unknown field 'optimise'")
 
 
 def test_unknown_profile_is_exit_2(tmp_path, tiny_project):

@@ -37,13 +37,13 @@ def test_a_good_config_loads_with_paths_relative_to_its_folder(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
-    ({"device_id": "a/b"}, "device_id: invalid device id 'a/b'"),
-    ({"mqtt_url": "http://x"}, "mqtt_url: must be an mqtt:// or mqtts:// URL"),
-    ({"fleet_url": "fleet.local"}, "fleet_url: must be an http:// or https:// URL"),
-    ({"download": {"retries": -1}}, "download.retries: Input should be greater than or equal to 0"),
-    ({"trusted_keys": []}, "trusted_keys: List should have at least 1 item"),
-    ({"serve": {"port": 70000}}, "serve.port: Input should be less than or equal to 65535"),
+    ({"colour": "red"}, "unknown field 'colour'"),
+    ({"device_id": "a/b"}, "field 'device_id': invalid device id 'a/b'"),
+    ({"mqtt_url": "http://x"}, "field 'mqtt_url': must be an mqtt:// or mqtts:// URL"),
+    ({"fleet_url": "fleet.local"}, "field 'fleet_url': must be an http:// or https:// URL"),
+    ({"download": {"retries": -1}}, "field 'download.retries': Input should be greater than or equal to 0"),
+    ({"trusted_keys": []}, "field 'trusted_keys': List should have at least 1 item"),
+    ({"serve": {"port": 70000}}, "field 'serve.port': Input should be less than or equal to 65535"),
 ])
 def test_a_bad_value_is_one_line_naming_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError) as caught:

@@ -83,7 +83,7 @@ def bench(label: str, config_path: Path, profile: str, runs: int, work: Path) ->
     warm = run_build(BuildRequest(config_path=config_path, profile=profile, out_dir=work / f"{label}-warm", cache_dir=cache))
     warm_s = time.perf_counter() - started
     report = cold.report
-    variants = {v["name"]: v for v in report["variants"]}
+    variants = {v.name: v for v in report.variants}
     (input_name, shape), = [(k, v) for k, v in (config.inputs or {}).items()] or [(None, None)]
     val = np.load(config.validation_path)
     calib = np.load(config.calibration_path)
@@ -94,22 +94,22 @@ def bench(label: str, config_path: Path, profile: str, runs: int, work: Path) ->
     plain = plain_quantize_static(model, {input_name: calib[input_name]}, tuple(shape), work / f"{label}-plain-int8.onnx")
     fp32_size = model.stat().st_size
     ours_path = next(Path(p) for p in (work / f"cache-{label}" / "passes").glob("*/model.onnx")
-                     if _sha(p) == variants["int8"]["model_sha256"])
+                     if _sha(p) == variants["int8"].model_sha256)
     fp32_p50 = p50_ms(model, feed, runs)
     ours_p50 = p50_ms(ours_path, feed, runs)
     plain_p50 = p50_ms(plain, feed, runs)
     fp32_acc = top1(model, inputs, labels, tuple(shape))
     return {
         "label": label,
-        "profile": report["profile"],
-        "selected": report["selected"],
+        "profile": report.profile,
+        "selected": report.selected,
         "fp32": {"size": fp32_size, "p50": fp32_p50, "acc": fp32_acc},
         "edgepack int8": {"size": ours_path.stat().st_size, "p50": ours_p50, "acc": top1(ours_path, inputs, labels, tuple(shape))},
         "plain quantize_static": {"size": plain.stat().st_size, "p50": plain_p50, "acc": top1(plain, inputs, labels, tuple(shape))},
         "cold_s": cold_s,
         "warm_s": warm_s,
-        "warm_cached_passes": sum(p["cached"] for p in warm.report["passes"]),
-        "passes": len(warm.report["passes"]),
+        "warm_cached_passes": sum(p.cached for p in warm.report.passes),
+        "passes": len(warm.report.passes),
     }
 
 

@@ -69,13 +69,13 @@ def main() -> None:
                 except EdgepackError as exc:
                     rows.append((label, runtime, None, None, f"build failed: {exc.message}"))
                     continue
-                variants = {v["name"]: v for v in result.report["variants"]}
+                variants = {v.name: v for v in result.report.variants}
                 missing = [n for n in (float_name, int8_name) if n not in variants]
                 if missing:
-                    notes = "; ".join(n for n in result.report["notes"] if runtime in n.lower() or "tflite" in n.lower() or "openvino" in n.lower())
+                    notes = "; ".join(n for n in result.report.notes if runtime in n.lower() or "tflite" in n.lower() or "openvino" in n.lower())
                     rows.append((label, runtime, None, None, f"no {', '.join(missing)} variant ({notes or 'see report'})"))
                     continue
-                rows.append((label, runtime, variants[float_name], variants[int8_name], result.report["selected"]))
+                rows.append((label, runtime, variants[float_name], variants[int8_name], result.report.selected))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -87,9 +87,9 @@ def main() -> None:
         if fp32 is None:
             print(f"{label:<10} {runtime:<12} {extra}")
             continue
-        ratio = int8["latency_ms"]["p50"] / fp32["latency_ms"]["p50"]
-        size = int8["size_bytes"] / fp32["size_bytes"]
-        delta = (int8["accuracy"] - fp32["accuracy"]) * 100
+        ratio = int8.latency_ms.p50 / fp32.latency_ms.p50
+        size = int8.size_bytes / fp32.size_bytes
+        delta = (int8.accuracy - fp32.accuracy) * 100
         print(f"{label:<10} {runtime:<12} {fp32['latency_ms']['p50']:>9.3f} {int8['latency_ms']['p50']:>9.3f} {ratio:>9.2f} "
               f"{fp32['size_bytes'] / 1024:>8.1f} {int8['size_bytes'] / 1024:>8.1f} {size:>6.2f} {delta:>+8.2f}  {extra}")
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from edgepack.report import BuildReport
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 # The extras this command needs; the root CLI names them when one of their modules is missing.
@@ -50,18 +52,18 @@ class _RichProgress:
             self._status = None
 
 
-def _summary(report: dict) -> Table:
-    table = Table(title=f"{report['name']} {report['version']} → {report['profile']} ({report['metric']}; ~ = estimated on the target)",
+def _summary(report: BuildReport) -> Table:
+    table = Table(title=f"{report.name} {report.version} → {report.profile} ({report.metric}; ~ = estimated on the target)",
                   title_justify="left")
     for column in ("variant", "KB", "accuracy", "Δ", "agree", "host p50 ms", "target ms", "gates"):
         table.add_column(column, justify="right" if column not in ("variant", "gates") else "left")
-    for v in report["variants"]:
-        marker = " ★" if v["name"] == report["selected"] else ""
-        target = ("~" if v["target_latency_source"] == "estimate" else "") + f"{v['target_latency_ms']:.3g}"
-        gates = "[green]pass[/green]" if v["passed"] else "[red]" + ", ".join(g["gate"] for g in v["failed_gates"]) + "[/red]"
+    for v in report.variants:
+        marker = " ★" if v.name == report.selected else ""
+        target = ("~" if v.target_latency_source == "estimate" else "") + f"{v.target_latency_ms:.3g}"
+        gates = "[green]pass[/green]" if v.passed else "[red]" + ", ".join(g.gate for g in v.failed_gates) + "[/red]"
         table.add_row(
-            v["name"] + marker, f"{v['size_bytes'] / 1024:.1f}", f"{v['accuracy']:.4f}", f"{v['accuracy_delta']:+.4f}",
-            f"{v['agreement']:.3f}", f"{v['latency_ms']['p50']:.3f}", target, gates,
+            v.name + marker, f"{v.size_bytes / 1024:.1f}", f"{v.accuracy:.4f}", f"{v.accuracy_delta:+.4f}",
+            f"{v.agreement:.3f}", f"{v.latency_ms.p50:.3f}", target, gates,
         )
     return table
 
@@ -115,7 +117,7 @@ def build(
             console.print(f"[bold red]error:[/bold red] {profile_name}: {exc.message}")
             entries.append(profile_entry(None, profile_name, exc.exit_code, exc.message))
             continue
-        name, version, metric = result.report["name"], result.report["version"], result.report["metric"]
+        name, version, metric = result.report.name, result.report.version, result.report.metric
         entries.append(profile_entry(result.report, profile_name, result.exit_code))
     if name is None:
         from edgepack.config import load_build_config
@@ -128,19 +130,19 @@ def build(
     for column in ("profile", "selected", "runtime", "Δ", "KB", "target ms", "exit"):
         table.add_column(column)
     for entry in entries:
-        chosen = next((v for v in entry["variants"] if v["name"] == entry["selected"]), None)
+        chosen = entry.selected_variant
         if chosen:
-            delta = chosen["accuracy_delta"]
-            table.add_row(entry["profile"], chosen["name"], chosen["runtime"], f"{delta:+.4f}" if delta is not None else "—",
-                          f"{chosen['size_bytes'] / 1024:.0f}", ("~" if chosen["target_latency_source"] == "estimate" else "") + f"{chosen['target_latency_ms']:.3g}",
-                          str(entry["exit_code"]))
+            delta = chosen.accuracy_delta
+            table.add_row(entry.profile, chosen.name, chosen.runtime, f"{delta:+.4f}" if delta is not None else "—",
+                          f"{chosen.size_bytes / 1024:.0f}", ("~" if chosen.target_latency_source == "estimate" else "") + f"{chosen.target_latency_ms:.3g}",
+                          str(entry.exit_code))
         else:
-            table.add_row(entry["profile"], "—", "—", "—", "—", "—", f"{entry['exit_code']} {entry['error'] or 'no variant passed'}")
+            table.add_row(entry.profile, "—", "—", "—", "—", "—", f"{entry.exit_code} {entry.error or 'no variant passed'}")
     console.print(table)
     console.print(f"matrix: {json_path} and {html_path}")
     if json_output:
-        sys.stdout.write(json.dumps(matrix, indent=2, default=str) + "\n")
-    raise typer.Exit(matrix["exit_code"])
+        sys.stdout.write(matrix.to_json())
+    raise typer.Exit(matrix.exit_code)
 
 
 def _build_one(request, quiet: bool, json_output: bool):
@@ -156,18 +158,18 @@ def _build_one(request, quiet: bool, json_output: bool):
         console.print(f"[yellow]signed with a development key[/yellow] {result.signing_key_path} "
                       "(create a real one with `edgepack keys generate keys/`)")
     if json_output:
-        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        sys.stdout.write(report.to_json())
     if not quiet:
         console.print(_summary(report))
-        for note in report["notes"]:
+        for note in report.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
-    for step in report.get("toolchain") or []:
-        console.print(f"toolchain {step['step']}: {step['status']}: {step['message']}")
-    if report["selected"]:
-        console.print(f"[bold green]selected {report['selected']}[/bold green]: {report['selection_reason']}")
-        console.print(f"bundle: {report['bundle']['path']}  sha256 {report['bundle']['sha256'][:16]}…")
+    for step in report.toolchain or []:
+        console.print(f"toolchain {step.step}: {step.status}: {step.message}")
+    if report.selected and report.bundle:
+        console.print(f"[bold green]selected {report.selected}[/bold green]: {report.selection_reason}")
+        console.print(f"bundle: {report.bundle.path}  sha256 {report.bundle.sha256[:16]}…")
     else:
-        console.print(f"[bold red]no variant passed[/bold red]: {report['selection_reason']}")
-    stem = f"{report['name']}-{report['version']}-{report['profile']}"
+        console.print(f"[bold red]no variant passed[/bold red]: {report.selection_reason}")
+    stem = f"{report.name}-{report.version}-{report.profile}"
     console.print(f"report: {request.out_dir / (stem + '.report.json')} and {request.out_dir / (stem + '.report.html')}")
     return result

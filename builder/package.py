@@ -15,6 +15,7 @@ import numpy as np
 from builder.onnx_utils import io_signature, load_model
 from builder.sbom import make_sbom
 from edgepack.bundle import canonical_json, write_bundle
+from edgepack.report import BuildReport, Variant
 
 # Relative tolerance of the self-test per precision: a device's kernels may round differently.
 SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 8e-2}
@@ -28,7 +29,7 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, variant: dict[str, Any], report: dict[str, Any], profile: Any,
+def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, variant: Variant, report: BuildReport, profile: Any,
                    runtime: Any, val_feeds: list[dict[str, np.ndarray]], outputs: Any, stats: dict[str, Any],
                    config: Any, tools: dict[str, str], private_key: Any):
     # The io signature is the ONNX one: every runtime adapter takes and returns these names and float
@@ -42,7 +43,7 @@ def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, varia
     members["reference/stats.json"] = canonical_json(stats)
 
     count = min(config.verify.selftest_samples, len(val_feeds))
-    rel = SELFTEST_TOLERANCE[variant["precision"]]
+    rel = SELFTEST_TOLERANCE[variant.precision]
     output_names = [o["name"] for o in signature["outputs"]]
     cases = []
     for index in range(count):
@@ -78,8 +79,8 @@ def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, varia
         "execution_providers": list(runtime.execution_providers) if runtime is not None else [],
         "delegates": list(runtime.delegates) if runtime is not None else [],
         "devices": list(runtime.devices) if runtime is not None else [],
-        "precision": variant["precision"],
-        "variant": variant["name"],
+        "precision": variant.precision,
+        "variant": variant.name,
         "model": candidate.model_member,
         "model_files": sorted(candidate.files),
         "model_format": candidate.format,
@@ -87,17 +88,18 @@ def package_bundle(*, bundle_path: Path, candidate: Any, base_model: Path, varia
         "selftest": "selftest/cases.json",
         "reference_stats": "reference/stats.json",
         "sbom": "sbom.cdx.json",
-        "lineage": report["lineage"],
-        "metrics": {key: variant.get(key) for key in MANIFEST_METRICS},
-        "reference_metrics": {"accuracy": report["reference"]["accuracy"], "size_bytes": report["reference"]["size_bytes"]},
-        "gates": {k: v for k, v in report["gates"].items() if k != "passed"},
+        "lineage": report.lineage.model_dump(mode="json"),
+        "metrics": {key: getattr(variant, key) for key in MANIFEST_METRICS},
+        "reference_metrics": {"accuracy": report.reference.accuracy, "size_bytes": report.reference.size_bytes},
+        "gates": report.gates.model_dump(exclude={"passed"}),
         "envelope": {
-            "estimated_target_latency_ms": variant["estimated_target_latency_ms"],
+            "estimated_target_latency_ms": variant.estimated_target_latency_ms,
             "latency_note": "estimate from the profile's performance model; fleet gates compare devices with a control cohort",
             "output_distribution": "reference/stats.json#outputs",
         },
-        "quantization": variant.get("quantization"),
-        **{key: variant[key] for key in ("tensorrt", "edgetpu", "io_quantization") if key in variant},
-        "created_by": report["created_by"],
+        "quantization": variant.quantization,
+        # Runtime sections only where the variant has them (a dump leaves out the absent ones).
+        **variant.model_dump(mode="json", include={"tensorrt", "edgetpu", "io_quantization"}),
+        "created_by": report.created_by,
     }
     return write_bundle(bundle_path, members, manifest, private_key)

@@ -1,61 +1,54 @@
-"""The build pipeline for onnxruntime targets.
+"""The build pipeline: validate everything, then run the stages in order.
 
-    validate everything (config, profile, data, pass configs, signing key)
-      → check → static shapes → opset upgrade → simplify           (the fp32 reference)
-      → variants: fp16 · int8 (static Q/DQ) · int8-dynamic · pruned
-      → verify each against fp32 on the validation set → INT8 accuracy fallback
-      → host latency + target estimate → gates → selection → bundle + report
+    validate  config, profile, data, pass configs, targets, model inputs, signing key   (nothing runs yet)
+    reference check → static shapes → opset upgrade → simplify: the fp32 model       → ReferenceModel
+    candidates  every target the profile lists builds its variants from it             → [Candidate]
+    evaluate  verify each against fp32 in its runtime, time it, estimate the target    → Evaluation
+    fallback  INT8 variants that miss the accuracy gate keep their most harmful nodes in float
+    select    gates → the fastest/smallest passing variant, a decision for every one   → Selection
+    package   vendor-toolchain steps, reference stats, the signed bundle               → BuildReport
+    publish   bundle, report JSON/HTML and artifacts into the output folder
 
-Nothing is written to the output folder until the end, and then file by file through atomic
-renames, so a failed build leaves the folder as it was.
+Stages take and return typed values; targets see only the `BuildContext` (builder.context). Nothing
+is written to the output folder until the end, and then file by file through atomic renames, so a
+failed build leaves the folder as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 
 from builder.cache import BuildCache, cache_key
-from builder.data import BuildData, load_build_data
+from builder.context import BuildContext, BuildPlan, ProgressSink, ReferenceModel, SilentProgress
+from builder.data import load_build_data
 from builder.estimate import ESTIMATE_LABEL, count_graph, estimate_latency_ms
 from builder.hostinfo import host_info, host_is_target
-from builder.latency import measure_latency
-from builder.onnx_utils import elem_type_to_numpy, graph_inputs, load_model, sha256_file, tool_versions, value_info_shape
-from builder.passes.base import Pass, PassContext, PassOutput, load_all_passes
-from builder.select import evaluate_gates, select_variant
+from builder.onnx_utils import elem_type_to_numpy, graph_inputs, load_model, tool_versions, value_info_shape
+from builder.passes.base import load_all_passes
 from builder.runtimes import RuntimeUnavailable, get_adapter
-from builder.targets import Candidate, get_target
-from builder.verify import Outputs, compare, load_metric
+from builder.select import evaluate_gates, select_variant
+from builder.targets import Candidate, get_target, target_class
+from builder.verify import compare, load_metric
 from edgepack import __version__
 from edgepack.config import BuildConfig, load_build_config
 from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError
+from edgepack.files import atomic_writer, file_sha256
+from edgepack.report import (
+    REPORT_SCHEMA_VERSION, BuildReport, BundleInfo, CacheStats, Gates, GateThresholds, HostInfo, Lineage, ReferenceSummary,
+    SensitivityEntry, SourceModel, ToolchainStep, Variant, VariantMeasurement,
+)
 
-REPORT_SCHEMA_VERSION = 1
+__all__ = ["REPORT_SCHEMA_VERSION", "BuildRequest", "BuildResult", "Builder", "ProgressSink", "run_build"]
 
-
-class ProgressSink(Protocol):
-    def start(self, task: str) -> None: ...
-    def finish(self, task: str, detail: str = "", cached: bool = False) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-class _SilentProgress:
-    def start(self, task: str) -> None:
-        pass
-
-    def finish(self, task: str, detail: str = "", cached: bool = False) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
+# The gates that decide a fallback: a variant missing only latency or size gains nothing from float nodes.
+ACCURACY_GATES = ("max_accuracy_drop", "min_agreement")
 
 
 @dataclasses.dataclass
@@ -73,603 +66,76 @@ class BuildRequest:
 
 @dataclasses.dataclass
 class BuildResult:
-    report: dict[str, Any]
+    report: BuildReport
     exit_code: int
     outputs: list[Path]
     signing_key_path: Path | None = None
     dev_key_created: bool = False
 
 
-@dataclasses.dataclass
-class _Plan:
-    """Every pass the build will run, validated before the first one starts."""
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """A candidate and what the build found about it."""
 
-    check: Pass
-    static_shapes: Pass | None
-    opset: Pass
-    simplify: Pass
-    fp16: Pass | None
-    int8: Pass | None
-    int8_dynamic_config: dict[str, Any] | None
-    prune: Pass | None
-    int8_config: dict[str, Any]
+    candidate: Candidate
+    variant: Variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    trials: list[Trial]
+    reference: VariantMeasurement  # the fp32 ONNX reference as measured (what deltas and ratios are against)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    selected: str | None
+    reason: str
+    trials: list[Trial]  # every variant with its decision
+
+    @property
+    def chosen(self) -> Trial | None:
+        return next((t for t in self.trials if t.variant.name == self.selected), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packaged:
+    report: BuildReport  # with the bundle and the toolchain steps
+    files: list[Path]  # staged, to publish
 
 
 class Builder:
     def __init__(self, request: BuildRequest, progress: ProgressSink | None = None) -> None:
         self.request = request
-        self.progress = progress or _SilentProgress()
-        self.pass_log: list[dict[str, Any]] = []
-        self.notes: list[str] = []
-        self.cache = BuildCache(request.cache_dir, enabled=request.use_cache)
-        self.tools = tool_versions()
-        # Files a target wants next to the report even when it built no candidate (a converter's log).
-        self.extra_artifacts: dict[str, Path] = {}
+        self.progress = progress or SilentProgress()
 
-    # ---------------------------------------------------------------- validation (nothing runs yet)
-    def _validate(self) -> None:
-        from hardware_profiles import load_profile
-
-        overrides = {"model": str(self.request.model_override.resolve())} if self.request.model_override else None
-        self.config: BuildConfig = load_build_config(self.request.config_path, overrides)
-        self.profile = load_profile(self.request.profile)
-        self.targets = [(r, get_target(r.name)) for r in self.profile.runtimes]
-        if not any(target for _, target in self.targets):
-            listed = ", ".join(r.name for r in self.profile.runtimes)
-            raise ConfigError(f"profile {self.profile.name}: edgepack builds for none of its runtimes ({listed})")
-        self.gates = {
-            **{k: v for k, v in self.profile.default_gates.model_dump().items() if v is not None},
-            **{k: v for k, v in self.config.gates.model_dump().items() if v is not None},
-        }
-        model_path = self.config.model_path
-        if not model_path.is_file():
-            raise ModelError(f"model {model_path} does not exist")
-        self.data: BuildData = load_build_data(self.config.calibration_path, self.config.validation_path, self.config.data.labels_key)
-        if self.data.validation is None:
-            raise ConfigError(f"{self.request.config_path}: data.validation is required: every variant is verified against fp32 on it")
-        if self.config.metric in ("top1",) and self.data.validation.labels is None:
-            raise DataError(
-                f"metric top1 needs labels: validation data {self.data.validation.path.name} has no {self.config.data.labels_key!r} array "
-                "(add labels or use metric: agreement)"
-            )
-        load_metric(self.config.metric)
-        precisions = self.config.optimize.precisions
-        if "fp32" not in precisions:
-            self.notes.append("fp32 is always built: it is the reference every variant is verified against")
-        want_int8 = "int8" in precisions and "int8" in self.profile.precisions
-        if want_int8 and self.data.calibration is None:
-            raise DataError("int8 needs calibration data: set data.calibration in edgepack.yaml (or drop int8 from optimize.precisions)")
-        for precision in precisions:
-            if precision not in self.profile.precisions:
-                self.notes.append(f"{precision} skipped: profile {self.profile.name} runs {', '.join(self.profile.precisions)}")
-        passes = load_all_passes()
-        opt = self.config.optimize
-        int8_config = {
-            "calibration_method": opt.calibration.method,
-            "percentile": opt.calibration.percentile,
-            "calibration_samples": opt.calibration.samples,
-            "per_channel": opt.int8.per_channel,
-            **({"op_types": list(opt.int8.op_types)} if opt.int8.op_types else {}),
-        }
-        self.plan = _Plan(
-            check=passes["check"].from_dict({"runtime": "onnxruntime"}),
-            static_shapes=None,  # needs the model's inputs; built right after the check
-            opset=passes["opset-upgrade"].from_dict({"min_opset": 13}),
-            simplify=passes["simplify"].from_dict({"enabled": opt.simplify}),
-            fp16=passes["fp16"].from_dict({}) if ("fp16" in precisions and "fp16" in self.profile.precisions) else None,
-            int8=passes["int8-static"].from_dict(int8_config) if want_int8 else None,
-            int8_dynamic_config={} if (opt.int8.dynamic != "never" and "int8" in precisions and "int8" in self.profile.precisions) else None,
-            prune=passes["prune"].from_dict(opt.prune.model_dump()) if opt.prune else None,
-            int8_config=int8_config,
-        )
-        if self.plan.int8_dynamic_config is not None:
-            passes["int8-dynamic"].from_dict(self.plan.int8_dynamic_config)
-        usable = []
-        for runtime, target in self.targets:
-            if target is not None:
-                try:
-                    target.validate(self)
-                except RuntimeUnavailable as exc:
-                    # A runtime whose extra is not installed: build for the profile's other runtimes.
-                    self.notes.append(f"{runtime.name} variants skipped: {exc.message}")
-                    target = None
-            usable.append((runtime, target))
-        self.targets = usable
-        if not any(target for _, target in self.targets):
-            raise ConfigError(f"profile {self.profile.name}: no runtime it lists can be built on this host ({'; '.join(self.notes)})")
-        # The model's inputs against the data: the user's input, so checked before any pass runs.
-        model = load_model(model_path)
-        self.shapes = self._static_shapes_for(model)
-        dtypes = {v.name: np.dtype(elem_type_to_numpy(v.type.tensor_type.elem_type)) for v in graph_inputs(model)}
-        self.data.check_against(self.shapes, dtypes)
-        from edgepack.signing import resolve_signing_key
-
-        self.signing_key, self.signing_key_path, self.dev_key = resolve_signing_key(self.request.signing_key)
-
-    # ---------------------------------------------------------------- running passes through the cache
-    def _run_pass(self, pass_: Pass, input_model: Path, label: str | None = None, quiet: bool = False) -> PassOutput:
-        label = label or pass_.name
-        if not quiet:
-            self.progress.start(label)
-        started = time.perf_counter()
-        key = cache_key(
-            "pass", pass_.name, pass_.code_sha256(), pass_.config_json(), _model_sha(input_model), self.tools,
-            self.profile.model_dump(mode="json") if pass_.uses_profile else None,
-            self.data.calibration.sha256 if (pass_.uses_calibration_data and self.data.calibration) else None,
-            self.data.validation.sha256 if (pass_.uses_validation_data and self.data.validation) else None,
-            self.config.metric if pass_.uses_validation_data else None,
-        )
-        hit = self.cache.get_model(key)
-        if hit is not None:
-            model_path, info = hit
-            output = PassOutput(model_path=model_path, info=info,
-                                sidecars=[model_path.with_suffix(".bin")] if model_path.suffix == ".xml" else [])
-            cached = True
-        else:
-            ctx = PassContext(work_dir=self.work_dir / label.replace("/", "_").replace(" ", "_"), profile=self.profile, build=self.config, data=self.data,
-                              cache_dir=self.cache.root if self.cache.enabled else None)
-            ctx.work_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                output = pass_.run(input_model, ctx)
-            except EdgepackError:
-                raise
-            except Exception as exc:  # a converter's own failure: name the pass, keep it to one line
-                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise PassError(f"pass {pass_.name} failed on {input_model.name}: {detail}", pass_name=pass_.name) from exc
-            stored = self.cache.put_model(key, output.model_path, output.info, output.sidecars)
-            output = PassOutput(model_path=stored, info=output.info,
-                                sidecars=[stored.parent / s.name for s in output.sidecars] if stored != output.model_path else output.sidecars)
-            cached = False
-        seconds = time.perf_counter() - started
-        if not quiet:
-            self.pass_log.append({"name": label, "pass": pass_.name, "seconds": round(seconds, 3), "cached": cached})
-            self.progress.finish(label, f"{seconds:.2f} s", cached)
-        return output
-
-    def _cached_result(self, kind: str, parts: tuple, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
-        key = cache_key(kind, *parts, self.tools)
-        hit = self.cache.get_result(key)
-        if hit is not None:
-            return hit, True
-        result = compute()
-        self.cache.put_result(key, result)
-        return result, False
-
-    # ---------------------------------------------------------------- the build
     def run(self) -> BuildResult:
         started = time.perf_counter()
-        self._validate()
-        self.work_dir = Path(tempfile.mkdtemp(prefix="edgepack-build-"))
+        ctx = validate(self.request, self.progress)
+        from edgepack.signing import resolve_signing_key
+
+        signing_key, signing_key_path, dev_key = resolve_signing_key(self.request.signing_key)
+        ctx.work_dir = Path(tempfile.mkdtemp(prefix="edgepack-build-"))
         try:
-            return self._build(started)
+            reference = build_reference(ctx)
+            candidates = build_candidates(ctx, reference)
+            evaluation = evaluate(ctx, reference, candidates)
+            trials, sensitivity = apply_fallback(ctx, reference, evaluation)
+            selection = select(ctx, note_unprofitable_int8(ctx, trials, evaluation.reference))
+            draft = draft_report(ctx, reference, evaluation.reference, selection, sensitivity)
+            packaged = package(ctx, reference, selection, draft, signing_key)
+            report = packaged.report.model_copy(update={
+                "notes": list(ctx.notes), "passes": list(ctx.pass_log),
+                "cache": CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses, enabled=ctx.cache.enabled),
+                "duration_s": round(time.perf_counter() - started, 3),
+            })
+            staged = [*packaged.files, *publish_artifacts(ctx, candidates), *write_reports(ctx, report)]
+            outputs = publish(self.request.out_dir, staged)
         finally:
             if not self.request.keep_work:
-                shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def _on_accelerator(self, candidate: Candidate) -> bool:
-        """Whether a candidate runs on the accelerator the profile's performance model describes."""
-        preferred = self.profile.runtimes[0]
-        # The performance model describes the device the preferred runtime uses: an accelerator for
-        # TensorRT, the Edge TPU delegate or OpenVINO on a GPU/NPU first; otherwise the CPU, and then it
-        # describes every CPU runtime alike.
-        targets_accelerator = bool(self.profile.accelerators) and (
-            preferred.name == "tensorrt"
-            or (preferred.name == "tflite" and "edgetpu" in preferred.delegates)
-            or (preferred.name == "openvino" and bool(preferred.devices) and preferred.devices[0] in ("GPU", "NPU")))
-        if not targets_accelerator:
-            return True
-        if candidate.runtime != preferred.name:
-            return False
-        if candidate.runtime == "tflite":
-            return "edgetpu" in candidate.info  # only the full-integer model the Edge TPU compiler maps
-        return True
-
-    def _toolchain_steps(self, candidate: Candidate) -> list[dict[str, Any]]:
-        """Vendor-toolchain steps for the selected variant (Edge TPU compiler, trtexec), run in containers
-        with `--toolchain docker`; their outputs join the bundle under toolchain/."""
-        from builder.toolchain import run_step, steps_for_candidate
-
-        work = self.work_dir / "toolchain"
-        steps = steps_for_candidate(self.profile, candidate.runtime, candidate.model_path, work, precision=candidate.precision,
-                                    sparse=bool(candidate.info.get("tensorrt", {}).get("sparse_tensor_cores")))
-        records = []
-        for step in steps:
-            self.progress.start(f"toolchain {step.step}")
-            result = run_step(step, "docker" if self.request.toolchain == "docker" else "none")
-            if result.status == "ran":
-                for name, path in sorted(result.outputs.items()):
-                    candidate.files[f"toolchain/{Path(name).name}"] = path
-            elif result.status == "failed":
-                self.notes.append(f"toolchain step {step.step} failed: {result.message}")
-            self.progress.finish(f"toolchain {step.step}", result.status)
-            records.append({"step": step.step, "image": step.image, "command": " ".join(step.command),
-                            "status": result.status, "message": result.message})
-        return records
-
-    def _needs_static_shapes(self) -> bool:
-        return any(r.name in ("tensorrt", "tflite") for r in self.profile.runtimes[:1])
-
-    def _static_shapes_for(self, model: Any) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        configured = dict(self.config.inputs or {})
-        model_inputs = graph_inputs(model)
-        unknown = sorted(set(configured) - {i.name for i in model_inputs})
-        if unknown:
-            raise ConfigError(f"inputs {unknown} in {self.request.config_path.name} are not model inputs ({', '.join(i.name for i in model_inputs)})")
-        for value in model_inputs:
-            dims = value_info_shape(value)
-            if value.name in configured:
-                shapes[value.name] = tuple(configured[value.name])
-                continue
-            if dims and all(isinstance(d, int) for d in dims) or not dims and value.type.tensor_type.HasField("shape"):
-                shapes[value.name] = tuple(int(d) for d in dims)
-                continue
-            split = self.data.validation or self.data.calibration
-            array = split.arrays.get(value.name) if split else None
-            if array is None:
-                raise ModelError(
-                    f"input {value.name!r} has dynamic dims {dims} and no data to take a shape from; "
-                    f"set inputs: {{{value.name}: [...]}} in edgepack.yaml"
-                )
-            sample = tuple(array.shape[1:])
-            if len(sample) == len(dims):
-                shapes[value.name] = sample
-            elif len(sample) + 1 == len(dims):
-                shapes[value.name] = (1, *sample)
-            else:
-                raise DataError(f"array {value.name!r} has per-sample shape {list(sample)}, which fits no shape of model input {value.name!r} {dims}")
-        return shapes
-
-    def _build(self, started: float) -> BuildResult:
-        config, profile = self.config, self.profile
-        source_model = config.model_path
-        source_sha = sha256_file(source_model)
-        shapes = self.shapes
-        checked = self._run_pass(self.plan.check, source_model)
-        # Fix shapes the config names; fix the others from the data only where the target needs static
-        # shapes (TensorRT, TFLite): onnxruntime runs dynamic dims, and some models only accept them.
-        fixed = {k: list(v) for k, v in shapes.items() if k in (config.inputs or {}) or self._needs_static_shapes()}
-        current = checked.model_path
-        if fixed:
-            static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": fixed})
-            try:
-                current = self._run_pass(static_pass, current).model_path
-            except ModelError as exc:
-                if self._needs_static_shapes():
-                    hint = (f"profile {profile.name} runs {profile.runtimes[0].name}, which needs static shapes; "
-                            "this model cannot be built for it")
-                else:
-                    hint = "fix or drop the shapes under `inputs:` in edgepack.yaml (onnxruntime also runs dynamic shapes)"
-                raise ModelError(f"{exc.message}. {hint}") from None
-        else:
-            self.notes.append("input shapes left dynamic (onnxruntime target, none set under `inputs:`); feeds use " +
-                              ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
-        opset_out = self._run_pass(self.plan.opset, current)
-        current = opset_out.model_path
-        base = self._run_pass(self.plan.simplify, current).model_path
-
-        val_feeds = list(self.data.feeds("validation", limit=config.verify.max_samples))
-        labels = self.data.validation.labels
-        if labels is not None:
-            labels = labels[: len(val_feeds)]
-        reference = Candidate("fp32", "fp32", "onnxruntime", "onnx", base)
-        reference_outputs = self._outputs(reference, val_feeds)
-        graph_counts = count_graph(base)
-        total_macs = sum(n["macs"] for n in graph_counts)
-        matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
-        self.matmul_share = matmul_macs / total_macs if total_macs else 0.0
-        self.graph_counts = graph_counts
-        is_target, target_reason = host_is_target(profile)
-        self.is_target = is_target
-        control_flow = [f"{n.op_type} {n.name}" for n in load_model(base).graph.node if n.op_type in ("If", "Loop", "Scan")]
-        if control_flow:
-            self.notes.append(f"the latency estimate leaves out compute inside control-flow subgraphs ({', '.join(control_flow)})")
-
-        built: list[Candidate] = []
-        self.onnx_family_runtime = None
-        for runtime, target in self.targets:
-            if target is None:
-                self.notes.append(f"{runtime.name}: edgepack builds no variants for this runtime")
-                continue
-            self.progress.start(f"{runtime.name} variants")
-            try:
-                candidates = target.candidates(self, base)
-            except RuntimeUnavailable as exc:
-                self.notes.append(f"{runtime.name} variants skipped: {exc.message}")
-                continue
-            taken = {c.name for c in built}
-            for candidate in candidates:
-                if candidate.name in taken:
-                    candidate.name = f"{runtime.name}-{candidate.name}"
-                built.append(candidate)
-            self.progress.finish(f"{runtime.name} variants", ", ".join(c.name for c in candidates) or "none")
-        if not built:
-            raise ConfigError(f"profile {profile.name}: no runtime edgepack can build for ({', '.join(r.name for r in profile.runtimes)})")
-        self.candidates = {c.name: c for c in built}
-
-        variants: list[dict[str, Any]] = []
-        reference_record: dict[str, Any] | None = None
-        for candidate in built:
-            record = self._evaluate(candidate, val_feeds, labels, reference_outputs)
-            info = candidate.info
-            if info.get("quantized_nodes") == 0:
-                where = info.get("control_flow_nodes")
-                why = (f"the compute lives inside control-flow subgraphs ({', '.join(where)}), which static quantization does not enter"
-                       if where else "no node of the quantized op types was found")
-                record["dropped_reason"] = f"{candidate.name}: no node was quantized: {why}"
-                self.notes.append(record["dropped_reason"])
-            elif info.get("dropped_reason"):
-                record["dropped_reason"] = f"{candidate.name}: {info['dropped_reason']}"
-            if candidate.format == "onnx" and candidate.precision == "fp32" and candidate.model_path == base and reference_record is None:
-                reference_record = record
-            variants.append(record)
-        if reference_record is None:
-            reference_record = self._evaluate(reference, val_feeds, labels, reference_outputs)
-            reference_record["name"] = "fp32-reference"
-        reference_accuracy = reference_record["accuracy"]
-        for record in variants:
-            self._apply_reference(record, reference_record)
-
-        sensitivity: dict[str, Any] = {}
-        for index, record in enumerate(variants):
-            candidate = self.candidates[record["name"]]
-            if (candidate.format == "onnx" and candidate.info.get("quantization", {}).get("format") == "QDQ"
-                    and "sparse" not in candidate.name and self.plan.int8 and config.optimize.int8.fallback
-                    and any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in record["failed_gates"])):
-                new_record, ranking = self._fallback(record, candidate, base, val_feeds, labels, reference_outputs, reference_record)
-                sensitivity[record["name"]] = ranking
-                variants[index] = new_record
-        self._int8_notes(variants, reference_record)
-        selected, reason = select_variant(variants, config.metric, [r.name for r in profile.runtimes])
-        for record in variants:
-            record["decision"] = _decision(record, selected)
-        gates_passed = selected is not None
-        report: dict[str, Any] = {
-            "schema_version": REPORT_SCHEMA_VERSION,
-            "name": config.name,
-            "version": config.version,
-            "profile": profile.name,
-            "profile_description": profile.description,
-            "runtime": next((v["runtime"] for v in variants if v["name"] == selected), profile.runtimes[0].name),
-            "runtimes": [r.name for r in profile.runtimes],
-            "created_by": f"edgepack {__version__}",
-            "host": {**host_info(), "is_target": is_target, "reason": target_reason},
-            "metric": config.metric,
-            "selected": selected,
-            "selection_reason": reason,
-            "gates": {**{k: self.gates.get(k) for k in ("max_accuracy_drop", "max_p95_latency_ms", "max_size_mb", "min_agreement")}, "passed": gates_passed},
-            "reference": {"name": "fp32", "accuracy": reference_accuracy, "size_bytes": reference_record["size_bytes"],
-                          "validation_samples": len(val_feeds)},
-            "variants": variants,
-            "notes": self.notes,
-            "passes": self.pass_log,
-            "sensitivity": sensitivity,
-            "estimate_label": ESTIMATE_LABEL,
-            "lineage": self._lineage(source_sha),
-            "source_model": {"path": str(source_model), "sha256": source_sha, "opset": opset_out.info.get("from")},
-            "bundle": None,
-        }
-        stage = self.work_dir / "out"
-        stage.mkdir()
-        stem = f"{config.name}-{config.version}-{profile.name}"
-        files: list[Path] = []
-        if selected is not None:
-            from builder.package import package_bundle
-
-            self.progress.start("package")
-            chosen = next(v for v in variants if v["name"] == selected)
-            chosen_candidate = self.candidates[selected]
-            report["toolchain"] = self._toolchain_steps(chosen_candidate)
-            bundle_path = stage / f"{stem}.edgepack"
-            outputs = self._outputs(chosen_candidate, val_feeds)
-
-            def compute_stats() -> dict[str, Any]:
-                from builder.stats import reference_stats
-
-                inputs = {name: np.stack([feed[name] for feed in val_feeds]) for name in val_feeds[0]}
-                return reference_stats(inputs, outputs.arrays, source=f"validation data ({len(val_feeds)} samples) through the {selected} model")
-
-            stats, _ = self._cached_result("stats", (chosen["model_sha256"], self.data.validation.sha256, len(val_feeds), selected), compute_stats)
-            info = package_bundle(
-                bundle_path=bundle_path, candidate=chosen_candidate, base_model=base, variant=chosen, report=report, profile=profile,
-                runtime=profile.runtime(chosen_candidate.runtime), val_feeds=val_feeds, outputs=outputs, stats=stats, config=config, tools=self.tools,
-                private_key=self.signing_key,
-            )
-            final_bundle = self.request.out_dir / bundle_path.name
-            report["bundle"] = {"path": str(final_bundle), "sha256": info.sha256, "size_bytes": info.size_bytes}
-            files.append(bundle_path)
-            self.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
-        for candidate in [*built, Candidate("", "", "", "", base, artifacts=self.extra_artifacts)]:
-            for name, path in candidate.artifacts.items():
-                published = stage / f"{stem}.{name}"
-                if not published.exists():
-                    shutil.copyfile(path, published)
-                    files.append(published)
-        report["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses, "enabled": self.cache.enabled}
-        report["duration_s"] = round(time.perf_counter() - started, 3)
-        from builder.report_html import render_report_html
-
-        json_path = stage / f"{stem}.report.json"
-        json_path.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
-        html_path = stage / f"{stem}.report.html"
-        html_path.write_text(render_report_html(report))
-        files += [json_path, html_path]
-        outputs = self._publish(files)
-        return BuildResult(report=report, exit_code=0 if gates_passed else 1, outputs=outputs,
-                           signing_key_path=self.signing_key_path, dev_key_created=self.dev_key)
-
-    # ---------------------------------------------------------------- pieces
-    def _outputs(self, candidate: Candidate, feeds: list[dict[str, np.ndarray]]) -> Outputs:
-        """Outputs of a candidate on the validation feeds, in its own runtime (cached when small)."""
-        key = cache_key("outputs", candidate.runtime, candidate.sha256(), self.data.validation.sha256, len(feeds), self.tools)
-        hit = self.cache.get_result(key)
-        if hit is not None:
-            return Outputs({name: np.asarray(v["data"], dtype=np.float64).reshape(v["shape"]) for name, v in hit.items()})
-        outputs = get_adapter(candidate.runtime).run(candidate.model_path, feeds)
-        # Cache small output sets only: a JSON of millions of floats costs more than recomputing.
-        if sum(a.size for a in outputs.arrays.values()) <= 200_000:
-            self.cache.put_result(key, {name: {"shape": list(a.shape), "data": a.ravel().tolist()} for name, a in outputs.arrays.items()})
-        return outputs
-
-    def _evaluate(self, candidate: Candidate, val_feeds, labels, reference_outputs: Outputs) -> dict[str, Any]:
-        config, name, precision = self.config, candidate.name, candidate.precision
-        info, float_nodes = candidate.info, candidate.float_nodes
-        self.progress.start(f"verify {name}")
-        outputs = self._outputs(candidate, val_feeds)
-        metrics = compare(outputs, reference_outputs, labels, config.metric)
-        self.progress.finish(f"verify {name}", f"{candidate.runtime}: {config.metric} {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.3f}")
-        self.progress.start(f"latency {name}")
-        bench = config.benchmark
-        model_sha = candidate.sha256()
-        adapter = get_adapter(candidate.runtime)
-        latency, latency_cached = self._cached_result(
-            "latency", (candidate.runtime, model_sha, bench.model_dump(), host_info()["cpu"]),
-            lambda: adapter.latency(candidate.model_path, val_feeds[0], bench.warmup, bench.runs, bench.threads),
-        )
-        self.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
-        estimate = estimate_latency_ms(self.graph_counts, self.profile, precision, set(float_nodes),
-                                       on_accelerator=self._on_accelerator(candidate))
-        # The host stands for the target only when the target is a CPU with the host's kernel features;
-        # then every CPU runtime's measurement is the target's, and all variants compare on one footing.
-        if self.is_target:
-            target_p50, target_p95, source = latency["p50"], latency["p95"], "host"
-        else:
-            target_p50, target_p95, source = estimate, estimate, "estimate"
-        runtime_spec = self.profile.runtime(candidate.runtime)
-        runtime_precisions = runtime_spec.precisions if runtime_spec and runtime_spec.precisions else self.profile.precisions
-        runnable = runtime_spec is not None and precision in runtime_precisions
-        record: dict[str, Any] = {
-            "name": name,
-            "precision": precision,
-            "format": candidate.format,
-            "runtime": candidate.runtime,
-            "verified_in": adapter.name,
-            "size_bytes": candidate.size_bytes,
-            "model_sha256": model_sha,
-            "metric": config.metric,
-            **{k: round(v, 6) for k, v in metrics.items()},
-            "latency_ms": latency,
-            "latency_cached": latency_cached,
-            "estimated_target_latency_ms": estimate,
-            "target_latency_ms": target_p50,
-            "target_latency_p95_ms": target_p95,
-            "target_latency_source": source,
-            "fallback_nodes": sorted(float_nodes) if float_nodes else list(info.get("fallback_nodes", [])),
-            "sparsity": info.get("sparsity"),
-            "quantization": info.get("quantization"),
-            "runnable": runnable,
-            "notes": [],
-        }
-        for key in ("tensorrt", "edgetpu", "io_quantization", "converter"):
-            if key in info:
-                record[key] = info[key]
-        if not runnable:
-            record["dropped_reason"] = (f"{name}: profile {self.profile.name} cannot run {precision} on {candidate.runtime}"
-                                        if runtime_spec else f"{name}: profile {self.profile.name} does not list {candidate.runtime}")
-        return record
-
-    def _apply_reference(self, record: dict[str, Any], reference: dict[str, Any]) -> None:
-        record["accuracy_delta"] = round(record["accuracy"] - reference["accuracy"], 6)
-        record["size_ratio"] = round(record["size_bytes"] / reference["size_bytes"], 4)
-        record["latency_ratio"] = round(record["latency_ms"]["p50"] / reference["latency_ms"]["p50"], 4) if reference["latency_ms"]["p50"] else None
-        record["failed_gates"] = evaluate_gates(record, self.gates, self.config.metric, reference["accuracy"])
-        record["passed"] = not record["failed_gates"] and not record.get("dropped_reason") and record["runnable"]
-
-    def _fallback(self, record, candidate: Candidate, base: Path, val_feeds, labels, reference_outputs, reference_record):
-        from builder.sensitivity import rank_nodes
-
-        self.progress.start(f"sensitivity {candidate.name}")
-        passes = load_all_passes()
-        ranking = rank_nodes(self, base, val_feeds, reference_outputs)
-        self.progress.finish(f"sensitivity {candidate.name}", f"{len(ranking)} nodes ranked")
-        limit = min(self.config.optimize.int8.max_fallback_nodes, len(ranking))
-        best = record
-        for count in range(1, limit + 1):
-            excluded = tuple(sorted(entry["node"] for entry in ranking[:count]))
-            pass_ = passes["int8-static"].from_dict({**self.plan.int8_config, "nodes_to_exclude": list(excluded)})
-            out = self._run_pass(pass_, base, label=f"{candidate.name} fallback {count}")
-            trial = Candidate(candidate.name, candidate.precision, candidate.runtime, candidate.format, out.model_path,
-                              {**candidate.info, **out.info}, float_nodes=frozenset(excluded))
-            if candidate.runtime == "tensorrt":
-                from builder.targets.onnx import tensorrt_engine_spec
-
-                trial.info["tensorrt"] = tensorrt_engine_spec(trial, any(a.sparse_int8_tops for a in self.profile.accelerators))
-            trial_record = self._evaluate(trial, val_feeds, labels, reference_outputs)
-            self._apply_reference(trial_record, reference_record)
-            self.candidates[candidate.name] = trial
-            best = trial_record
-            if not any(g["gate"] in ("max_accuracy_drop", "min_agreement") for g in trial_record["failed_gates"]):
-                trial_record["notes"].append(f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
-                return trial_record, ranking
-        best["notes"].append(f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes)")
-        return best, ranking
-
-    def _int8_notes(self, variants: list[dict[str, Any]], reference: dict[str, Any]) -> None:
-        """Say so when INT8 does not pay on this host (it sometimes is slower and larger than float)."""
-        for record in variants:
-            if record["precision"] != "int8":
-                continue
-            # Compare with the float variant of the same runtime where there is one.
-            base = next((v for v in variants if v["precision"] == "fp32" and v["runtime"] == record["runtime"]
-                         and "sparse" not in v["name"]), reference)
-            slower = record["latency_ms"]["p50"] > base["latency_ms"]["p50"] * 1.05
-            larger = record["size_bytes"] > base["size_bytes"]
-            if slower or larger:
-                parts = []
-                if slower:
-                    parts.append(f"{record['latency_ms']['p50'] / base['latency_ms']['p50']:.2f}x slower")
-                if larger:
-                    parts.append(f"{record['size_bytes'] / base['size_bytes']:.2f}x larger")
-                message = (f"{record['name']} does not pay here: {' and '.join(parts)} than {base['name']} on this host "
-                           f"(p50 measured with {record['verified_in']} on the CPU)")
-                record["notes"].append(message)
-                self.notes.append(message)
-
-    def _lineage(self, source_sha: str) -> dict[str, Any]:
-        config_doc = self.config.model_dump(mode="json")
-        return {
-            "source_model_sha256": source_sha,
-            "calibration_sha256": self.data.calibration.sha256 if self.data.calibration else None,
-            "validation_sha256": self.data.validation.sha256 if self.data.validation else None,
-            "config_sha256": cache_key("config", config_doc),
-            "profile_sha256": cache_key("profile", self.profile.model_dump(mode="json")),
-            "tools": self.tools,
-        }
-
-    def _publish(self, files: list[Path]) -> list[Path]:
-        out_dir = self.request.out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        published = []
-        for path in files:
-            target = out_dir / path.name
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
-            os.close(fd)
-            try:
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            published.append(target)
-        return published
-
-
-def _decision(record: dict[str, Any], selected: str | None) -> str:
-    """One line per variant for the report: why it was kept or dropped."""
-    if record["name"] == selected:
-        return "selected"
-    if record.get("dropped_reason"):
-        return f"dropped: {record['dropped_reason']}"
-    if record["failed_gates"]:
-        return "dropped: " + "; ".join(g["message"] for g in record["failed_gates"])
-    return "kept as a candidate: passes every gate, not the fastest/smallest on the target"
-
-
-def _model_sha(path: Path) -> str:
-    """Hash of a model and its sidecars (an OpenVINO .xml with its .bin)."""
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        return cache_key("ir", sha256_file(path), sha256_file(path.with_suffix(".bin")))
-    return sha256_file(path)
+                shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        return BuildResult(report=report, exit_code=0 if selection.selected is not None else 1, outputs=outputs,
+                           signing_key_path=signing_key_path, dev_key_created=dev_key)
 
 
 def run_build(request: BuildRequest, progress: ProgressSink | None = None) -> BuildResult:
@@ -680,3 +146,543 @@ def run_build(request: BuildRequest, progress: ProgressSink | None = None) -> Bu
         raise
     except MemoryError:
         raise PassError("the build ran out of memory") from None
+
+
+# ==================================================================== validate (nothing runs yet)
+def validate(request: BuildRequest, progress: ProgressSink) -> BuildContext:
+    """Everything the user gave, checked before the first pass: a bad input fails in seconds, not minutes."""
+    from hardware_profiles import load_profile
+
+    overrides = {"model": str(request.model_override.resolve())} if request.model_override else None
+    config = load_build_config(request.config_path, overrides)
+    profile = load_profile(request.profile)
+    targets = [(r, get_target(r.name)) for r in profile.runtimes]
+    if not any(target for _, target in targets):
+        listed = ", ".join(r.name for r in profile.runtimes)
+        raise ConfigError(f"profile {profile.name}: edgepack builds for none of its runtimes ({listed})")
+    gates = GateThresholds(**{
+        **{k: v for k, v in profile.default_gates.model_dump().items() if v is not None},
+        **{k: v for k, v in config.gates.model_dump().items() if v is not None},
+    })
+    if not config.model_path.is_file():
+        raise ModelError(f"model {config.model_path} does not exist")
+    data = load_build_data(config.calibration_path, config.validation_path, config.data.labels_key)
+    _check_data(request, config, data)
+    notes = _precision_notes(config, profile)
+    want_int8 = "int8" in config.optimize.precisions and "int8" in profile.precisions
+    if want_int8 and data.calibration is None:
+        raise DataError("int8 needs calibration data: set data.calibration in edgepack.yaml (or drop int8 from optimize.precisions)")
+    ctx = BuildContext(request=request, config=config, profile=profile, data=data, gates=gates, plan=_plan(config, profile),
+                       cache=BuildCache(request.cache_dir, enabled=request.use_cache), tools=tool_versions(), input_shapes={},
+                       progress=progress, targets=targets, notes=notes)
+    ctx.targets = _usable_targets(ctx)
+    # The model's inputs against the data: the user's input, so checked before any pass runs.
+    model = load_model(config.model_path)
+    ctx.input_shapes = _static_shapes_for(ctx, model)
+    dtypes = {v.name: np.dtype(elem_type_to_numpy(v.type.tensor_type.elem_type)) for v in graph_inputs(model)}
+    data.check_against(ctx.input_shapes, dtypes)
+    return ctx
+
+
+def _check_data(request: BuildRequest, config: BuildConfig, data: Any) -> None:
+    if data.validation is None:
+        raise ConfigError(f"{request.config_path}: data.validation is required: every variant is verified against fp32 on it")
+    if config.metric in ("top1",) and data.validation.labels is None:
+        raise DataError(
+            f"metric top1 needs labels: validation data {data.validation.path.name} has no {config.data.labels_key!r} array "
+            "(add labels or use metric: agreement)"
+        )
+    load_metric(config.metric)
+
+
+def _precision_notes(config: BuildConfig, profile: Any) -> list[str]:
+    notes = []
+    if "fp32" not in config.optimize.precisions:
+        notes.append("fp32 is always built: it is the reference every variant is verified against")
+    for precision in config.optimize.precisions:
+        if precision not in profile.precisions:
+            notes.append(f"{precision} skipped: profile {profile.name} runs {', '.join(profile.precisions)}")
+    return notes
+
+
+def _plan(config: BuildConfig, profile: Any) -> BuildPlan:
+    """Every ONNX pass with its config, validated now (a bad setting fails before any pass runs)."""
+    passes = load_all_passes()
+    opt = config.optimize
+    wants = {p for p in opt.precisions if p in profile.precisions}
+    int8_config = {
+        "calibration_method": opt.calibration.method,
+        "percentile": opt.calibration.percentile,
+        "calibration_samples": opt.calibration.samples,
+        "per_channel": opt.int8.per_channel,
+        **({"op_types": list(opt.int8.op_types)} if opt.int8.op_types else {}),
+    }
+    plan = BuildPlan(
+        check=passes["check"].from_dict({"runtime": "onnxruntime"}),
+        opset=passes["opset-upgrade"].from_dict({"min_opset": 13}),
+        simplify=passes["simplify"].from_dict({"enabled": opt.simplify}),
+        fp16=passes["fp16"].from_dict({}) if "fp16" in wants else None,
+        int8=passes["int8-static"].from_dict(int8_config) if "int8" in wants else None,
+        int8_dynamic_config={} if (opt.int8.dynamic != "never" and "int8" in wants) else None,
+        prune=passes["prune"].from_dict(opt.prune.model_dump()) if opt.prune else None,
+        int8_config=int8_config,
+    )
+    if plan.int8_dynamic_config is not None:
+        passes["int8-dynamic"].from_dict(plan.int8_dynamic_config)
+    return plan
+
+
+def _usable_targets(ctx: BuildContext) -> list[tuple[Any, Any]]:
+    """The targets whose settings check out; a runtime whose extra is missing is left out with a note."""
+    usable = []
+    for runtime, target in ctx.targets:
+        if target is not None:
+            try:
+                target.validate(ctx)
+            except RuntimeUnavailable as exc:
+                # A runtime whose extra is not installed: build for the profile's other runtimes.
+                ctx.note(f"{runtime.name} variants skipped: {exc.message}")
+                target = None
+        usable.append((runtime, target))
+    if not any(target for _, target in usable):
+        raise ConfigError(f"profile {ctx.profile.name}: no runtime it lists can be built on this host ({'; '.join(ctx.notes)})")
+    return usable
+
+
+def _static_shapes_for(ctx: BuildContext, model: Any) -> dict[str, tuple[int, ...]]:
+    """Every input's shape: from the config, else the model's static dims, else one sample of the data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    configured = dict(ctx.config.inputs or {})
+    model_inputs = graph_inputs(model)
+    unknown = sorted(set(configured) - {i.name for i in model_inputs})
+    if unknown:
+        raise ConfigError(f"inputs {unknown} in {ctx.request.config_path.name} are not model inputs ({', '.join(i.name for i in model_inputs)})")
+    for value in model_inputs:
+        dims = value_info_shape(value)
+        if value.name in configured:
+            shapes[value.name] = tuple(configured[value.name])
+        elif dims and all(isinstance(d, int) for d in dims) or not dims and value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(int(d) for d in dims)
+        else:
+            shapes[value.name] = _shape_from_data(ctx, value.name, dims)
+    return shapes
+
+
+def _shape_from_data(ctx: BuildContext, name: str, dims: list[Any]) -> tuple[int, ...]:
+    split = ctx.data.validation or ctx.data.calibration
+    array = split.arrays.get(name) if split else None
+    if array is None:
+        raise ModelError(f"input {name!r} has dynamic dims {dims} and no data to take a shape from; set inputs: {{{name}: [...]}} in edgepack.yaml")
+    sample = tuple(array.shape[1:])
+    if len(sample) == len(dims):
+        return sample
+    if len(sample) + 1 == len(dims):
+        return (1, *sample)
+    raise DataError(f"array {name!r} has per-sample shape {list(sample)}, which fits no shape of model input {name!r} {dims}")
+
+
+# ==================================================================== reference
+def build_reference(ctx: BuildContext) -> ReferenceModel:
+    """The fp32 reference: check → static shapes → opset upgrade → simplify, its outputs and graph counts."""
+    source_model = ctx.config.model_path
+    checked = ctx.run_pass(ctx.plan.check, source_model)
+    current = _fix_shapes(ctx, checked.model_path)
+    opset_out = ctx.run_pass(ctx.plan.opset, current)
+    base = ctx.run_pass(ctx.plan.simplify, opset_out.model_path).model_path
+    outputs = ctx.outputs(Candidate("fp32", "fp32", "onnxruntime", "onnx", base), ctx.validation_feeds)
+    graph_counts = count_graph(base)
+    total_macs = sum(n["macs"] for n in graph_counts)
+    matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
+    is_target, target_reason = host_is_target(ctx.profile)
+    control_flow = [f"{n.op_type} {n.name}" for n in load_model(base).graph.node if n.op_type in ("If", "Loop", "Scan")]
+    if control_flow:
+        ctx.note(f"the latency estimate leaves out compute inside control-flow subgraphs ({', '.join(control_flow)})")
+    return ReferenceModel(source_model=source_model, source_sha256=file_sha256(source_model), source_opset=opset_out.info.get("from"),
+                          model_path=base, outputs=outputs, graph_counts=graph_counts,
+                          matmul_share=matmul_macs / total_macs if total_macs else 0.0, host_is_target=is_target, host_reason=target_reason)
+
+
+def _needs_static_shapes(ctx: BuildContext) -> bool:
+    preferred = target_class(ctx.profile.runtimes[0].name)
+    return preferred is not None and preferred.needs_static_shapes
+
+
+def _fix_shapes(ctx: BuildContext, model_path: Path) -> Path:
+    """Fix shapes the config names; fix the others from the data only where the target needs static
+    shapes (TensorRT, TFLite): onnxruntime runs dynamic dims, and some models only accept them."""
+    static = _needs_static_shapes(ctx)
+    fixed = {k: list(v) for k, v in ctx.input_shapes.items() if k in (ctx.config.inputs or {}) or static}
+    if not fixed:
+        ctx.note("input shapes left dynamic (onnxruntime target, none set under `inputs:`); feeds use " +
+                 ", ".join(f"{k} {list(v)}" for k, v in ctx.input_shapes.items()))
+        return model_path
+    static_pass = load_all_passes()["static-shapes"].from_dict({"shapes": fixed})
+    try:
+        return ctx.run_pass(static_pass, model_path).model_path
+    except ModelError as exc:
+        if static:
+            hint = (f"profile {ctx.profile.name} runs {ctx.profile.runtimes[0].name}, which needs static shapes; "
+                    "this model cannot be built for it")
+        else:
+            hint = "fix or drop the shapes under `inputs:` in edgepack.yaml (onnxruntime also runs dynamic shapes)"
+        raise ModelError(f"{exc.message}. {hint}") from None
+
+
+# ==================================================================== candidates
+def build_candidates(ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
+    """Every variant the profile's targets build from the reference, with names unique in the build."""
+    for runtime, target in ctx.targets:
+        if target is None:
+            ctx.note(f"{runtime.name}: edgepack builds no variants for this runtime")
+            continue
+        ctx.progress.start(f"{runtime.name} variants")
+        try:
+            candidates = target.candidates(ctx, reference)
+        except RuntimeUnavailable as exc:
+            ctx.note(f"{runtime.name} variants skipped: {exc.message}")
+            continue
+        taken = {c.name for c in ctx.built}
+        for candidate in candidates:
+            if candidate.name in taken:
+                candidate.name = f"{runtime.name}-{candidate.name}"
+            ctx.built.append(candidate)
+        ctx.progress.finish(f"{runtime.name} variants", ", ".join(c.name for c in candidates) or "none")
+    if not ctx.built:
+        raise ConfigError(f"profile {ctx.profile.name}: no runtime edgepack can build for ({', '.join(r.name for r in ctx.profile.runtimes)})")
+    return list(ctx.built)
+
+
+# ==================================================================== evaluate
+def evaluate(ctx: BuildContext, reference: ReferenceModel, candidates: list[Candidate]) -> Evaluation:
+    """Measure every candidate, then judge each against the fp32 reference and the gates."""
+    measured = [(candidate, _with_build_verdict(ctx, candidate, measure(ctx, reference, candidate))) for candidate in candidates]
+    reference_measurement = next(
+        (m for c, m in measured if c.format == "onnx" and c.precision == "fp32" and c.model_path == reference.model_path), None)
+    if reference_measurement is None:
+        reference_candidate = Candidate("fp32", "fp32", "onnxruntime", "onnx", reference.model_path)
+        reference_measurement = measure(ctx, reference, reference_candidate).model_copy(update={"name": "fp32-reference"})
+    trials = [Trial(candidate, judge(ctx, m, reference_measurement)) for candidate, m in measured]
+    return Evaluation(trials=trials, reference=reference_measurement)
+
+
+def measure(ctx: BuildContext, reference: ReferenceModel, candidate: Candidate) -> VariantMeasurement:
+    """Accuracy against fp32 in the candidate's runtime, host latency and the target's latency."""
+    config, name, precision, info = ctx.config, candidate.name, candidate.precision, candidate.info
+    ctx.progress.start(f"verify {name}")
+    metrics = compare(ctx.outputs(candidate, ctx.validation_feeds), reference.outputs, ctx.validation_labels, config.metric)
+    ctx.progress.finish(f"verify {name}", f"{candidate.runtime}: {config.metric} {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.3f}")
+    ctx.progress.start(f"latency {name}")
+    bench = config.benchmark
+    model_sha = candidate.sha256()
+    adapter = get_adapter(candidate.runtime)
+    latency, latency_cached = ctx.cached_result(
+        "latency", (candidate.runtime, model_sha, bench.model_dump(), host_info()["cpu"]),
+        lambda: adapter.latency(candidate.model_path, ctx.validation_feeds[0], bench.warmup, bench.runs, bench.threads),
+    )
+    ctx.progress.finish(f"latency {name}", f"p50 {latency['p50']:.3f} ms", latency_cached)
+    estimate = estimate_latency_ms(reference.graph_counts, ctx.profile, precision, set(candidate.float_nodes),
+                                   on_accelerator=_on_accelerator(ctx, candidate))
+    # The host stands for the target only when the target is a CPU with the host's kernel features;
+    # then every CPU runtime's measurement is the target's, and all variants compare on one footing.
+    if reference.host_is_target:
+        target_p50, target_p95, source = latency["p50"], latency["p95"], "host"
+    else:
+        target_p50, target_p95, source = estimate, estimate, "estimate"
+    return VariantMeasurement(
+        name=name, precision=precision, format=candidate.format, runtime=candidate.runtime, verified_in=adapter.name,
+        size_bytes=candidate.size_bytes, model_sha256=model_sha, metric=config.metric, **{k: round(v, 6) for k, v in metrics.items()},
+        latency_ms=latency, latency_cached=latency_cached, estimated_target_latency_ms=estimate,
+        target_latency_ms=target_p50, target_latency_p95_ms=target_p95, target_latency_source=source,
+        fallback_nodes=sorted(candidate.float_nodes) if candidate.float_nodes else list(info.get("fallback_nodes", [])),
+        sparsity=info.get("sparsity"), quantization=info.get("quantization"), runnable=_runnable(ctx, candidate), notes=[],
+        **{key: info[key] for key in ("tensorrt", "edgetpu", "io_quantization", "converter") if key in info},
+        dropped_reason=_unrunnable_reason(ctx, candidate),
+    )
+
+
+def _runnable(ctx: BuildContext, candidate: Candidate) -> bool:
+    spec = ctx.profile.runtime(candidate.runtime)
+    return spec is not None and candidate.precision in (spec.precisions or ctx.profile.precisions)
+
+
+def _unrunnable_reason(ctx: BuildContext, candidate: Candidate) -> str | None:
+    if _runnable(ctx, candidate):
+        return None
+    if ctx.profile.runtime(candidate.runtime) is None:
+        return f"{candidate.name}: profile {ctx.profile.name} does not list {candidate.runtime}"
+    return f"{candidate.name}: profile {ctx.profile.name} cannot run {candidate.precision} on {candidate.runtime}"
+
+
+def _on_accelerator(ctx: BuildContext, candidate: Candidate) -> bool:
+    """Whether a candidate runs on the accelerator the profile's performance model describes."""
+    preferred = ctx.profile.runtimes[0]
+    preferred_target = target_class(preferred.name)
+    # The performance model describes the device the preferred runtime uses: an accelerator for
+    # TensorRT, the Edge TPU delegate or OpenVINO on a GPU/NPU first; otherwise the CPU, and then it
+    # describes every CPU runtime alike.
+    if not (ctx.profile.accelerators and preferred_target is not None and preferred_target().drives_accelerator(preferred)):
+        return True
+    if candidate.runtime != preferred.name:
+        return False
+    return preferred_target().on_accelerator(candidate)
+
+
+def _with_build_verdict(ctx: BuildContext, candidate: Candidate, measurement: VariantMeasurement) -> VariantMeasurement:
+    """Drop a candidate its build already ruled out: nothing quantized, or its target refused it."""
+    info = candidate.info
+    if info.get("quantized_nodes") == 0:
+        where = info.get("control_flow_nodes")
+        why = (f"the compute lives inside control-flow subgraphs ({', '.join(where)}), which static quantization does not enter"
+               if where else "no node of the quantized op types was found")
+        reason = f"{candidate.name}: no node was quantized: {why}"
+        ctx.note(reason)
+        return measurement.model_copy(update={"dropped_reason": reason})
+    if info.get("dropped_reason"):
+        return measurement.model_copy(update={"dropped_reason": f"{candidate.name}: {info['dropped_reason']}"})
+    return measurement
+
+
+def judge(ctx: BuildContext, measurement: VariantMeasurement, reference: VariantMeasurement) -> Variant:
+    """A measurement against the fp32 reference and the gates."""
+    failed = evaluate_gates(measurement, ctx.gates, ctx.config.metric, reference.accuracy)
+    reference_p50 = reference.latency_ms.p50
+    return Variant(
+        **dict(measurement),
+        accuracy_delta=round(measurement.accuracy - reference.accuracy, 6),
+        size_ratio=round(measurement.size_bytes / reference.size_bytes, 4),
+        latency_ratio=round(measurement.latency_ms.p50 / reference_p50, 4) if reference_p50 else None,
+        failed_gates=failed,
+        passed=not failed and not measurement.dropped_reason and measurement.runnable,
+    )
+
+
+# ==================================================================== fallback
+def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Evaluation) -> tuple[list[Trial], dict[str, list[SensitivityEntry]]]:
+    """INT8 variants that miss an accuracy gate, rebuilt with their most harmful nodes in float."""
+    trials: list[Trial] = []
+    sensitivity: dict[str, list[SensitivityEntry]] = {}
+    for trial in evaluation.trials:
+        if _wants_fallback(ctx, trial):
+            ranking = _rank_nodes(ctx, reference, trial.candidate)
+            sensitivity[trial.variant.name] = ranking
+            trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+        trials.append(trial)
+    return trials, sensitivity
+
+
+def _wants_fallback(ctx: BuildContext, trial: Trial) -> bool:
+    candidate = trial.candidate
+    return (candidate.format == "onnx" and (candidate.info.get("quantization") or {}).get("format") == "QDQ"
+            and "sparse" not in candidate.name and ctx.plan.int8 is not None and ctx.config.optimize.int8.fallback
+            and any(g.gate in ACCURACY_GATES for g in trial.variant.failed_gates))
+
+
+def _rank_nodes(ctx: BuildContext, reference: ReferenceModel, candidate: Candidate) -> list[SensitivityEntry]:
+    from builder.sensitivity import rank_nodes
+
+    ctx.progress.start(f"sensitivity {candidate.name}")
+    ranking = rank_nodes(ctx, reference.model_path, ctx.validation_feeds, reference.outputs)
+    ctx.progress.finish(f"sensitivity {candidate.name}", f"{len(ranking)} nodes ranked")
+    return ranking
+
+
+def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measurement: VariantMeasurement, trial: Trial,
+              ranking: list[SensitivityEntry]) -> Trial:
+    """Keep 1, 2, … of the most sensitive nodes in float until the accuracy gates hold (or the limit)."""
+    candidate = trial.candidate
+    limit = min(ctx.config.optimize.int8.max_fallback_nodes, len(ranking))
+    int8_static = load_all_passes()["int8-static"]
+    target = target_class(candidate.runtime)
+    for count in range(1, limit + 1):
+        excluded = tuple(sorted(entry.node for entry in ranking[:count]))
+        pass_ = int8_static.from_dict({**ctx.plan.int8_config, "nodes_to_exclude": list(excluded)})
+        out = ctx.run_pass(pass_, reference.model_path, label=f"{candidate.name} fallback {count}")
+        rebuilt = Candidate(candidate.name, candidate.precision, candidate.runtime, candidate.format, out.model_path,
+                            {**candidate.info, **out.info}, float_nodes=frozenset(excluded))
+        if target is not None:
+            rebuilt = target().requantized(ctx, rebuilt)
+        trial = Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), reference_measurement))
+        if not any(g.gate in ACCURACY_GATES for g in trial.variant.failed_gates):
+            return _with_note(trial, f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
+    return _with_note(trial, f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes)")
+
+
+def _with_note(trial: Trial, note: str) -> Trial:
+    return Trial(trial.candidate, trial.variant.model_copy(update={"notes": [*trial.variant.notes, note]}))
+
+
+def note_unprofitable_int8(ctx: BuildContext, trials: list[Trial], reference: VariantMeasurement) -> list[Trial]:
+    """Say so when INT8 does not pay on this host (it sometimes is slower and larger than float)."""
+    variants = [t.variant for t in trials]
+    out = []
+    for trial in trials:
+        record = trial.variant
+        message = _int8_does_not_pay(record, variants, reference) if record.precision == "int8" else None
+        if message:
+            ctx.note(message)
+            trial = _with_note(trial, message)
+        out.append(trial)
+    return out
+
+
+def _int8_does_not_pay(record: Variant, variants: list[Variant], reference: VariantMeasurement) -> str | None:
+    # Compare with the float variant of the same runtime where there is one.
+    base = next((v for v in variants if v.precision == "fp32" and v.runtime == record.runtime and "sparse" not in v.name), reference)
+    slower = record.latency_ms.p50 > base.latency_ms.p50 * 1.05
+    larger = record.size_bytes > base.size_bytes
+    if not (slower or larger):
+        return None
+    parts = []
+    if slower:
+        parts.append(f"{record.latency_ms.p50 / base.latency_ms.p50:.2f}x slower")
+    if larger:
+        parts.append(f"{record.size_bytes / base.size_bytes:.2f}x larger")
+    return (f"{record.name} does not pay here: {' and '.join(parts)} than {base.name} on this host "
+            f"(p50 measured with {record.verified_in} on the CPU)")
+
+
+# ==================================================================== select
+def select(ctx: BuildContext, trials: list[Trial]) -> Selection:
+    """The variant to ship (or none), and for every variant one line saying why it was kept or dropped."""
+    selected, reason = select_variant([t.variant for t in trials], ctx.config.metric, [r.name for r in ctx.profile.runtimes])
+    decided = [Trial(t.candidate, t.variant.model_copy(update={"decision": _decision(t.variant, selected)})) for t in trials]
+    return Selection(selected=selected, reason=reason, trials=decided)
+
+
+def _decision(record: Variant, selected: str | None) -> str:
+    if record.name == selected:
+        return "selected"
+    if record.dropped_reason:
+        return f"dropped: {record.dropped_reason}"
+    if record.failed_gates:
+        return "dropped: " + "; ".join(g.message for g in record.failed_gates)
+    return "kept as a candidate: passes every gate, not the fastest/smallest on the target"
+
+
+# ==================================================================== package
+def draft_report(ctx: BuildContext, reference: ReferenceModel, reference_measurement: VariantMeasurement, selection: Selection,
+                 sensitivity: dict[str, list[SensitivityEntry]]) -> BuildReport:
+    """The report as the bundle sees it: everything but the bundle itself and the build's totals."""
+    config, profile = ctx.config, ctx.profile
+    chosen = selection.chosen
+    return BuildReport(
+        schema_version=REPORT_SCHEMA_VERSION, name=config.name, version=config.version, profile=profile.name,
+        profile_description=profile.description,
+        runtime=chosen.variant.runtime if chosen else profile.runtimes[0].name,
+        runtimes=[r.name for r in profile.runtimes], created_by=f"edgepack {__version__}",
+        host=HostInfo(**host_info(), is_target=reference.host_is_target, reason=reference.host_reason),
+        metric=config.metric, selected=selection.selected, selection_reason=selection.reason,
+        gates=Gates(**dict(ctx.gates), passed=selection.selected is not None),
+        reference=ReferenceSummary(name="fp32", accuracy=reference_measurement.accuracy, size_bytes=reference_measurement.size_bytes,
+                                   validation_samples=len(ctx.validation_feeds)),
+        variants=[t.variant for t in selection.trials], notes=list(ctx.notes), passes=list(ctx.pass_log), sensitivity=sensitivity,
+        estimate_label=ESTIMATE_LABEL, lineage=_lineage(ctx, reference.source_sha256),
+        source_model=SourceModel(path=str(reference.source_model), sha256=reference.source_sha256, opset=reference.source_opset),
+        bundle=None, cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses, enabled=ctx.cache.enabled), duration_s=0.0,
+    )
+
+
+def _lineage(ctx: BuildContext, source_sha: str) -> Lineage:
+    data = ctx.data
+    return Lineage(
+        source_model_sha256=source_sha,
+        calibration_sha256=data.calibration.sha256 if data.calibration else None,
+        validation_sha256=data.validation.sha256 if data.validation else None,
+        config_sha256=cache_key("config", ctx.config.model_dump(mode="json")),
+        profile_sha256=cache_key("profile", ctx.profile.model_dump(mode="json")),
+        tools=ctx.tools,
+    )
+
+
+def package(ctx: BuildContext, reference: ReferenceModel, selection: Selection, report: BuildReport, signing_key: Any) -> Packaged:
+    """The signed bundle of the selected variant (none when nothing passed)."""
+    chosen = selection.chosen
+    if chosen is None:
+        return Packaged(report=report, files=[])
+    from builder.package import package_bundle
+
+    ctx.progress.start("package")
+    toolchain = _toolchain_steps(ctx, chosen.candidate)
+    bundle_path = _stage_dir(ctx) / f"{ctx.stem}.edgepack"
+    feeds = ctx.validation_feeds
+    outputs = ctx.outputs(chosen.candidate, feeds)
+
+    def compute_stats() -> dict[str, Any]:
+        from builder.stats import reference_stats
+
+        inputs = {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
+        return reference_stats(inputs, outputs.arrays, source=f"validation data ({len(feeds)} samples) through the {chosen.variant.name} model")
+
+    stats, _ = ctx.cached_result("stats", (chosen.variant.model_sha256, ctx.data.validation.sha256, len(feeds), chosen.variant.name), compute_stats)
+    info = package_bundle(
+        bundle_path=bundle_path, candidate=chosen.candidate, base_model=reference.model_path, variant=chosen.variant, report=report,
+        profile=ctx.profile, runtime=ctx.profile.runtime(chosen.candidate.runtime), val_feeds=feeds, outputs=outputs, stats=stats,
+        config=ctx.config, tools=ctx.tools, private_key=signing_key,
+    )
+    bundle = BundleInfo(path=str(ctx.request.out_dir / bundle_path.name), sha256=info.sha256, size_bytes=info.size_bytes)
+    ctx.progress.finish("package", f"{info.size_bytes / 1024:.0f} KB")
+    return Packaged(report=report.model_copy(update={"bundle": bundle, "toolchain": toolchain}), files=[bundle_path])
+
+
+def _toolchain_steps(ctx: BuildContext, candidate: Candidate) -> list[ToolchainStep]:
+    """Vendor-toolchain steps for the selected variant (Edge TPU compiler, trtexec), run in containers
+    with `--toolchain docker`; their outputs join the bundle under toolchain/."""
+    from builder.toolchain import run_step, steps_for_candidate
+
+    steps = steps_for_candidate(ctx.profile, candidate.runtime, candidate.model_path, ctx.work_dir / "toolchain", precision=candidate.precision,
+                                sparse=bool(candidate.info.get("tensorrt", {}).get("sparse_tensor_cores")))
+    records = []
+    for step in steps:
+        ctx.progress.start(f"toolchain {step.step}")
+        result = run_step(step, "docker" if ctx.request.toolchain == "docker" else "none")
+        if result.status == "ran":
+            for name, path in sorted(result.outputs.items()):
+                candidate.files[f"toolchain/{Path(name).name}"] = path
+        elif result.status == "failed":
+            ctx.note(f"toolchain step {step.step} failed: {result.message}")
+        ctx.progress.finish(f"toolchain {step.step}", result.status)
+        records.append(ToolchainStep(step=step.step, image=step.image, command=" ".join(step.command), status=result.status, message=result.message))
+    return records
+
+
+# ==================================================================== publish
+def _stage_dir(ctx: BuildContext) -> Path:
+    """Where outputs wait until the build is done (inside the work folder)."""
+    stage = ctx.work_dir / "out"
+    stage.mkdir(exist_ok=True)
+    return stage
+
+
+def publish_artifacts(ctx: BuildContext, candidates: list[Candidate]) -> list[Path]:
+    """Stage the files targets asked to publish beside the report (a converter's log), once each."""
+    stage = _stage_dir(ctx)
+    files = []
+    for artifacts in [*(c.artifacts for c in candidates), ctx.artifacts]:
+        for name, path in artifacts.items():
+            published = stage / f"{ctx.stem}.{name}"
+            if not published.exists():
+                shutil.copyfile(path, published)
+                files.append(published)
+    return files
+
+
+def write_reports(ctx: BuildContext, report: BuildReport) -> list[Path]:
+    from builder.report_html import render_report_html
+
+    stage = _stage_dir(ctx)
+    json_path = stage / f"{ctx.stem}.report.json"
+    json_path.write_text(report.to_json())
+    html_path = stage / f"{ctx.stem}.report.html"
+    html_path.write_text(render_report_html(report))
+    return [json_path, html_path]
+
+
+def publish(out_dir: Path, files: list[Path]) -> list[Path]:
+    """Copy staged files into the output folder, each through an atomic rename."""
+    published = []
+    for path in files:
+        target = out_dir / path.name
+        with path.open("rb") as source, atomic_writer(target) as handle:
+            shutil.copyfileobj(source, handle)
+        published.append(target)
+    return published

@@ -8,7 +8,7 @@ most harmful nodes stay in float until the accuracy gate holds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,13 +16,17 @@ from builder.estimate import count_graph
 from builder.passes.base import load_all_passes
 from builder.passes.onnx.int8_static import COMPUTE_OP_TYPES
 from builder.verify import Outputs, run_model
+from edgepack.report import SensitivityEntry
+
+if TYPE_CHECKING:
+    from builder.context import BuildContext
 
 MAX_CANDIDATES = 64
 SUBSET = 64
 
 
-def rank_nodes(builder: Any, base: Path, val_feeds: list[dict[str, np.ndarray]], reference: Outputs) -> list[dict[str, Any]]:
-    op_types = set(builder.plan.int8_config.get("op_types") or COMPUTE_OP_TYPES) & set(COMPUTE_OP_TYPES)
+def rank_nodes(ctx: BuildContext, base: Path, val_feeds: list[dict[str, np.ndarray]], reference: Outputs) -> list[SensitivityEntry]:
+    op_types = set(ctx.plan.int8_config.get("op_types") or COMPUTE_OP_TYPES) & set(COMPUTE_OP_TYPES)
     nodes = [n for n in count_graph(base) if n["op_type"] in op_types]
     # The heaviest nodes first: if the cap bites, the cheap ones are the ones left unmeasured.
     nodes.sort(key=lambda n: -n["macs"])
@@ -32,12 +36,12 @@ def rank_nodes(builder: Any, base: Path, val_feeds: list[dict[str, np.ndarray]],
     int8 = load_all_passes()["int8-static"]
     ranking = []
     for node in nodes:
-        pass_ = int8.from_dict({**builder.plan.int8_config, "only_nodes": [node["name"]]})
-        out = builder._run_pass(pass_, base, label=f"sensitivity {node['name']}", quiet=True)
+        pass_ = int8.from_dict({**ctx.plan.int8_config, "only_nodes": [node["name"]]})
+        out = ctx.run_pass(pass_, base, label=f"sensitivity {node['name']}", quiet=True)
         outputs = run_model(out.model_path, feeds)
         score = float(np.mean([
             np.abs(outputs.arrays[name] - ref[name]).mean() / (np.abs(ref[name]).mean() + 1e-12) for name in ref
         ]))
-        ranking.append({"node": node["name"], "op_type": node["op_type"], "macs": node["macs"], "score": round(score, 8)})
-    ranking.sort(key=lambda entry: (-entry["score"], entry["node"]))
+        ranking.append(SensitivityEntry(node=node["name"], op_type=node["op_type"], macs=node["macs"], score=round(score, 8)))
+    ranking.sort(key=lambda entry: (-entry.score, entry.node))
     return ranking

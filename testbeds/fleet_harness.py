@@ -120,7 +120,7 @@ def build_release(root: Path, key: Path, version: str, profiles: list[str], *, b
     for profile in profiles:
         result = run_build(BuildRequest(config_path=project / "edgepack.yaml", profile=profile, out_dir=root / "dist",
                                         signing_key=key, cache_dir=cache_dir or root / "cache"))
-        path = Path(result.report["bundle"]["path"])
+        path = Path(result.report.bundle.path)
         if break_selftest:
             path = _with_wrong_selftest(path, key)
         paths.append(path)

@@ -79,9 +79,9 @@ def build_and_extract(work: Path) -> tuple[dict, Path, Path]:
     started = time.perf_counter()
     result = run_build(request)
     if result.exit_code != 0:
-        raise SystemExit(f"build failed (exit {result.exit_code}): {json.dumps(result.report.get('errors', result.report))[:400]}")
+        raise SystemExit(f"build failed (exit {result.exit_code}): {result.report.selection_reason[:400]}")
     bundle_path = next(p for p in result.outputs if p.suffix == ".edgepack")
-    print(f"built {bundle_path.name} in {time.perf_counter() - started:.1f} s (selected {result.report['selected']})")
+    print(f"built {bundle_path.name} in {time.perf_counter() - started:.1f} s (selected {result.report.selected})")
     bundle = open_bundle(bundle_path, [load_public_key(public_key)])
     root = bundle.extract(work / "bundle")
     return bundle.manifest, root, cache

@@ -1,9 +1,14 @@
 """Targets: per runtime a profile lists, the variants to build for it.
 
-A target turns the fp32 reference ONNX into `Candidate`s (built through the builder's cached pass
-runner) in its own format; the pipeline then verifies and times every candidate in the candidate's
-runtime (`builder.runtimes`), applies the gates and selects. A profile's `runtimes` list decides
-which targets run; a candidate whose runtime or precision the profile cannot run is never selected.
+A target turns the fp32 reference ONNX into `Candidate`s (built through the context's cached pass
+runner, `BuildContext.run_pass`) in its own format; the pipeline then verifies and times every
+candidate in the candidate's runtime (`builder.runtimes`), applies the gates and selects. A profile's
+`runtimes` list decides which targets run; a candidate whose runtime or precision the profile cannot
+run is never selected.
+
+Each target is one sub-package, `builder/targets/<name>/`, whose `Target` subclasses register
+themselves by their `runtime` when the package is imported; `load_all_targets` imports every
+sub-package, so adding a runtime is adding a folder here (and its passes under `builder/passes/`).
 """
 
 from __future__ import annotations
@@ -11,8 +16,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgepack.files import file_sha256
+
+if TYPE_CHECKING:
+    from builder.context import BuildContext, ReferenceModel
+    from hardware_profiles.schema import RuntimeSpec
+
+TARGET_REGISTRY: dict[str, type["Target"]] = {}
 
 
 @dataclasses.dataclass
@@ -49,7 +63,7 @@ class Candidate:
         digest = hashlib.sha256()
         for member in sorted(self.files):
             digest.update(member.encode())
-            digest.update(hashlib.sha256(self.files[member].read_bytes()).digest())
+            digest.update(bytes.fromhex(file_sha256(self.files[member])))
         return digest.hexdigest()
 
 
@@ -58,26 +72,46 @@ class Target:
 
     runtime: ClassVar[str] = ""
     extra: ClassVar[str] = "builder"
+    # The runtime needs every input shape fixed (TensorRT engines, TFLite tensors), not only the config's.
+    needs_static_shapes: ClassVar[bool] = False
 
-    def validate(self, builder: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.runtime:
+            TARGET_REGISTRY[cls.runtime] = cls
+
+    def validate(self, ctx: BuildContext) -> None:
         """Check this target's settings before any pass runs (raise ConfigError)."""
 
-    def candidates(self, builder: Any, base: Path) -> list[Candidate]:  # pragma: no cover - abstract
+    def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def drives_accelerator(self, spec: RuntimeSpec) -> bool:
+        """Whether this runtime, listed first, runs on the board's accelerator (so the profile's
+        performance model describes the accelerator rather than the CPU)."""
+        return False
 
-_TARGETS = {
-    "onnxruntime": ("builder.targets.onnx", "OnnxRuntimeTarget"),
-    "tensorrt": ("builder.targets.onnx", "TensorRTTarget"),
-    "openvino": ("builder.targets.openvino", "OpenVinoTarget"),
-    "tflite": ("builder.targets.tflite", "TfliteTarget"),
-}
+    def on_accelerator(self, candidate: Candidate) -> bool:
+        """Whether this candidate runs on the accelerator when the runtime drives one."""
+        return True
+
+    def requantized(self, ctx: BuildContext, candidate: Candidate) -> Candidate:
+        """A candidate the INT8 fallback rebuilt with nodes in float: add what this runtime derives from it."""
+        return candidate
+
+
+def load_all_targets() -> dict[str, type[Target]]:
+    """Import every target sub-package (each registers its targets) and return the registry."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return TARGET_REGISTRY
+
+
+def target_class(runtime: str) -> type[Target] | None:
+    return load_all_targets().get(runtime)
 
 
 def get_target(runtime: str) -> Target | None:
-    """The target for a runtime name, or None when edgepack builds nothing for it."""
-    entry = _TARGETS.get(runtime)
-    if entry is None:
-        return None
-    module_name, class_name = entry
-    return getattr(importlib.import_module(module_name), class_name)()
+    """A fresh target for a runtime name (targets keep per-build state), or None when edgepack builds nothing for it."""
+    cls = target_class(runtime)
+    return cls() if cls is not None else None

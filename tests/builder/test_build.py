@@ -14,6 +14,7 @@ import yaml
 from builder.pipeline import BuildRequest, run_build
 from edgepack.bundle import open_bundle
 from edgepack.errors import GateFailed
+from edgepack.report import BuildReport
 from edgepack.signing import generate_keypair, load_public_key
 from testbeds.tiny import write_config
 
@@ -28,9 +29,9 @@ def keys(tmp_path):
     return private, public
 
 
-def _report(out: Path) -> dict:
+def _report(out: Path) -> BuildReport:
     (path,) = out.glob("*.report.json")
-    return json.loads(path.read_text())
+    return BuildReport.model_validate_json(path.read_text())
 
 
 def test_digits_for_jetson_selects_int8_within_half_a_point_and_under_30_percent_size(tmp_path, keys):
@@ -41,18 +42,18 @@ def test_digits_for_jetson_selects_int8_within_half_a_point_and_under_30_percent
     assert result.returncode == 0, result.stderr
     assert "selected int8" in result.stderr and "digits-cnn-1.0.0-jetson-orin-nano.edgepack" in result.stderr
     report = _report(out)
-    assert report["profile"] == "jetson-orin-nano" and report["selected"] == "int8"
-    variants = {v["name"]: v for v in report["variants"]}
-    int8, fp32 = variants["int8"], variants["fp32"]
-    assert fp32["accuracy"] >= 0.95
-    assert abs(int8["accuracy_delta"]) <= 0.005
-    assert int8["size_bytes"] <= 0.30 * fp32["size_bytes"]
-    assert int8["target_latency_source"] == "estimate"  # the host is not a Jetson
-    assert int8["quantization"]["symmetric_activations"] is True  # TensorRT wants zero points of 0
-    for key in ("size_bytes", "accuracy", "accuracy_delta", "agreement", "latency_ms", "estimated_target_latency_ms", "fallback_nodes", "passed"):
-        assert key in int8
-    assert report["gates"]["passed"] is True
-    bundle = Path(report["bundle"]["path"])
+    assert report.profile == "jetson-orin-nano" and report.selected == "int8"
+    int8, fp32 = report.variant("int8"), report.variant("fp32")
+    assert fp32.accuracy >= 0.95
+    assert abs(int8.accuracy_delta) <= 0.005
+    assert int8.size_bytes <= 0.30 * fp32.size_bytes
+    assert int8.target_latency_source == "estimate"  # the host is not a Jetson
+    assert int8.quantization["symmetric_activations"] is True  # TensorRT wants zero points of 0
+    # The file itself keeps the keys DESIGN.md names.
+    (written,) = (v for v in json.loads((out / "digits-cnn-1.0.0-jetson-orin-nano.report.json").read_text())["variants"] if v["name"] == "int8")
+    assert {"size_bytes", "accuracy", "accuracy_delta", "agreement", "latency_ms", "estimated_target_latency_ms", "fallback_nodes", "passed"} <= set(written)
+    assert report.gates.passed is True
+    bundle = Path(report.bundle.path)
     verified = open_bundle(bundle, [load_public_key(public)])
     assert verified.manifest["precision"] == "int8" and verified.manifest["profile"] == "jetson-orin-nano"
     assert {"model/model.onnx", "reference/stats.json", "selftest/cases.json", "sbom.cdx.json"} <= set(verified.members)
@@ -68,7 +69,7 @@ def test_selftest_vectors_reproduce_in_onnxruntime(tmp_path, keys):
 
     private, public = keys
     result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "out", signing_key=private))
-    bundle = open_bundle(Path(result.report["bundle"]["path"]), [load_public_key(public)])
+    bundle = open_bundle(Path(result.report.bundle.path), [load_public_key(public)])
     cases = json.loads(bundle.read("selftest/cases.json"))
     session = ort.InferenceSession(bundle.read("model/model.onnx"), providers=["CPUExecutionProvider"])
     tol = cases["tolerance"]
@@ -90,7 +91,7 @@ def test_two_builds_of_the_same_inputs_are_byte_identical(tmp_path, keys):
         out = tmp_path / f"out{index}"
         result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=out,
                                         signing_key=private, use_cache=False))
-        bundles.append(Path(result.report["bundle"]["path"]).read_bytes())
+        bundles.append(Path(result.report.bundle.path).read_bytes())
     assert bundles[0] == bundles[1]
 
 
@@ -99,25 +100,25 @@ def test_an_unchanged_rebuild_is_served_from_the_cache(tmp_path, keys, tiny_proj
     request = BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a",
                            signing_key=private, cache_dir=tmp_path / "cache")
     first = run_build(request)
-    assert not any(p["cached"] for p in first.report["passes"])
+    assert not any(p.cached for p in first.report.passes)
     second = run_build(BuildRequest(**{**request.__dict__, "out_dir": tmp_path / "b"}))
-    assert all(p["cached"] for p in second.report["passes"])
-    assert all(v["latency_cached"] for v in second.report["variants"])
-    assert second.report["bundle"]["sha256"] == first.report["bundle"]["sha256"]
+    assert all(p.cached for p in second.report.passes)
+    assert all(v.latency_cached for v in second.report.variants)
+    assert second.report.bundle.sha256 == first.report.bundle.sha256
     # a changed input misses the cache
     write_config(tiny_project, optimize={"calibration": {"method": "percentile"}})
     third = run_build(BuildRequest(**{**request.__dict__, "out_dir": tmp_path / "c"}))
-    int8 = next(p for p in third.report["passes"] if p["name"] == "int8-static")
-    assert int8["cached"] is False
+    int8 = next(p for p in third.report.passes if p.name == "int8-static")
+    assert int8.cached is False
 
 
 def test_json_flag_prints_the_report_on_stdout(tmp_path, tiny_project):
     out = tmp_path / "dist"
     result = run_cli("build", "--profile", "x86-avx512-vnni", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out), "--json", "--quiet")
     assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout)
-    assert printed["selected"] == _report(out)["selected"]
-    assert printed["host"]["is_target"] in (True, False)
+    printed = BuildReport.model_validate_json(result.stdout)
+    assert printed.selected == _report(out).selected
+    assert printed.host.is_target in (True, False)
     assert "development key" in result.stderr  # no key given: a dev key was created and announced
 
 
@@ -127,8 +128,8 @@ def test_no_passing_variant_exits_1_with_the_failed_gate_per_variant(tmp_path, t
     result = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out))
     assert result.returncode == 1
     report = _report(out)
-    assert report["selected"] is None and report["gates"]["passed"] is False
-    assert all(any(g["gate"] == "max_size_mb" for g in v["failed_gates"]) for v in report["variants"])
+    assert report.selected is None and report.gates.passed is False and report.bundle is None
+    assert all(any(g.gate == "max_size_mb" for g in v.failed_gates) for v in report.variants)
     assert not list(out.glob("*.edgepack"))
     assert "no variant passed" in result.stderr
 
@@ -137,16 +138,16 @@ def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_n
     # First learn how far plain int8 is from fp32 on cosine, then demand half of that.
     write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
     plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
-    drop = 1.0 - next(v for v in plain.report["variants"] if v["name"] == "int8")["accuracy"]
+    drop = 1.0 - plain.report.variant("int8").accuracy
     assert drop > 0
     write_config(tiny_project, gates={"max_accuracy_drop": drop / 2})
     result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b"))
-    int8 = next(v for v in result.report["variants"] if v["name"] == "int8")
-    assert int8["fallback_nodes"], "the accuracy fallback kept no node in float"
-    assert set(int8["fallback_nodes"]) <= {"conv1", "conv2", "fc"}
-    assert int8["passed"] and 1.0 - int8["accuracy"] <= drop / 2
-    ranking = result.report["sensitivity"]["int8"]
-    assert [r["node"] for r in ranking][: len(int8["fallback_nodes"])] == sorted(int8["fallback_nodes"], key=[r["node"] for r in ranking].index)
+    int8 = result.report.variant("int8")
+    assert int8.fallback_nodes, "the accuracy fallback kept no node in float"
+    assert set(int8.fallback_nodes) <= {"conv1", "conv2", "fc"}
+    assert int8.passed and 1.0 - int8.accuracy <= drop / 2
+    ranking = [entry.node for entry in result.report.sensitivity["int8"]]
+    assert ranking[: len(int8.fallback_nodes)] == sorted(int8.fallback_nodes, key=ranking.index)
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
@@ -213,7 +214,7 @@ def test_unknown_profile_is_exit_2(tmp_path, tiny_project):
 def test_bundle_verify_on_a_built_bundle_good_tampered_and_other_key(tmp_path, keys):
     private, public = keys
     result = run_build(BuildRequest(config_path=DIGITS / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "out", signing_key=private))
-    bundle = Path(result.report["bundle"]["path"])
+    bundle = Path(result.report.bundle.path)
     ok = run_cli("bundle", "verify", str(bundle), "--trusted-key", str(public))
     assert ok.returncode == 0 and "OK" in ok.stdout + ok.stderr
     # another key
@@ -237,8 +238,8 @@ def test_toolchain_docker_without_an_engine_says_so_and_builds_what_it_can(tmp_p
     result = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"), "--out", str(out),
                      "--toolchain", "docker", "--json", "--quiet", env={"DOCKER_HOST": f"unix://{dead}"})
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    (step,) = report["toolchain"]
-    assert step["step"] == "trtexec" and step["status"] == "skipped"
-    assert f"no Docker engine reachable at unix://{dead}" in step["message"]
-    assert "trtexec" in result.stderr and report["bundle"]["path"]
+    report = BuildReport.model_validate_json(result.stdout)
+    (step,) = report.toolchain
+    assert step.step == "trtexec" and step.status == "skipped"
+    assert f"no Docker engine reachable at unix://{dead}" in step.message
+    assert "trtexec" in result.stderr and report.bundle.path

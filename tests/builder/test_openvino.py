@@ -129,18 +129,18 @@ def test_accuracy_control_runs_when_plain_int8_misses_a_tight_budget(tiny_projec
     result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="intel-nuc", out_dir=tmp_path / "out"))
 
     report = result.report
-    ov_int8 = next(v for v in report["variants"] if v["name"] == "ov-int8")
-    quantization = ov_int8["quantization"]
+    ov_int8 = next(v for v in report.variants if v.name == "ov-int8")
+    quantization = ov_int8.quantization
     assert quantization["accuracy_control"] is True and quantization["format"] == "nncf"
     assert quantization["plain_drop_vs_ov_fp32"] > 2e-5
     assert quantization["fake_quantize_ops_after"] < quantization["fake_quantize_ops_before"]
-    assert ov_int8["fallback_nodes"], "the ops NNCF kept in float are listed"
-    note = next(n for n in report["notes"] if n.startswith("ov-int8: plain INT8 lost"))
-    if ov_int8["accuracy_delta"] >= -2e-5 - 1e-9:
-        assert "within budget" in note and ov_int8["passed"]
+    assert ov_int8.fallback_nodes, "the ops NNCF kept in float are listed"
+    note = next(n for n in report.notes if n.startswith("ov-int8: plain INT8 lost"))
+    if ov_int8.accuracy_delta >= -2e-5 - 1e-9:
+        assert "within budget" in note and ov_int8.passed
     else:  # the report says why it still misses
-        assert "still over budget" in note and any(g["gate"] == "max_accuracy_drop" for g in ov_int8["failed_gates"])
-    assert any(p["name"] == "ov-int8 accuracy-control" and p["pass"] == "ov-int8" for p in report["passes"])
+        assert "still over budget" in note and any(g.gate == "max_accuracy_drop" for g in ov_int8.failed_gates)
+    assert any(p.name == "ov-int8 accuracy-control" and p.pass_name == "ov-int8" for p in report.passes)
     assert not (tmp_path / "nncf_debug").exists()
 
 
@@ -151,21 +151,21 @@ def test_digits_for_intel_nuc_verifies_openvino_variants_in_openvino(tmp_path, k
                                     signing_key=private))
 
     report = result.report
-    assert result.exit_code == 0 and report["selected"]
-    openvino = {v["name"]: v for v in report["variants"] if v["runtime"] == "openvino"}
+    assert result.exit_code == 0 and report.selected
+    openvino = {v.name: v for v in report.variants if v.runtime == "openvino"}
     assert set(openvino) == {"ov-fp32", "ov-fp16", "ov-int8"}
     for variant in openvino.values():
-        assert variant["verified_in"] == "openvino" and variant["format"] == "openvino-ir"
-        assert abs(variant["accuracy_delta"]) <= 0.005 and variant["passed"]
-    assert openvino["ov-int8"]["quantization"]["accuracy_control"] is False
-    assert openvino["ov-int8"]["size_bytes"] < 0.5 * openvino["ov-fp32"]["size_bytes"]
-    bundle = open_bundle(Path(report["bundle"]["path"]), [load_public_key(public)])
-    selected = next(v for v in report["variants"] if v["name"] == report["selected"])
-    if selected["runtime"] == "openvino":
+        assert variant.verified_in == "openvino" and variant.format == "openvino-ir"
+        assert abs(variant.accuracy_delta) <= 0.005 and variant.passed
+    assert openvino["ov-int8"].quantization["accuracy_control"] is False
+    assert openvino["ov-int8"].size_bytes < 0.5 * openvino["ov-fp32"].size_bytes
+    bundle = open_bundle(Path(report.bundle.path), [load_public_key(public)])
+    selected = next(v for v in report.variants if v.name == report.selected)
+    if selected.runtime == "openvino":
         assert {"model/model.xml", "model/model.bin"} <= set(bundle.members)
     else:
         assert "model/model.onnx" in bundle.members
-    assert bundle.manifest["runtime"] == selected["runtime"]
+    assert bundle.manifest["runtime"] == selected.runtime
 
 
 def test_openvino_only_board_ships_an_ir_whose_selftest_passes_in_openvino(tmp_path, keys):
@@ -176,8 +176,8 @@ def test_openvino_only_board_ships_an_ir_whose_selftest_passes_in_openvino(tmp_p
                                     signing_key=private))
 
     report = result.report
-    assert result.exit_code == 0 and report["selected"].startswith("ov-") and report["runtime"] == "openvino"
-    bundle = open_bundle(Path(report["bundle"]["path"]), [load_public_key(public)])
+    assert result.exit_code == 0 and report.selected.startswith("ov-") and report.runtime == "openvino"
+    bundle = open_bundle(Path(report.bundle.path), [load_public_key(public)])
     assert {"model/model.xml", "model/model.bin"} <= set(bundle.members)
     assert bundle.manifest["model"] == "model/model.xml" and bundle.manifest["model_format"] == "openvino-ir"
     assert bundle.manifest["model_files"] == ["model/model.bin", "model/model.xml"]
@@ -198,8 +198,8 @@ def test_without_openvino_the_build_notes_it_and_ships_onnx(tiny_project, tmp_pa
 
     result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="intel-nuc", out_dir=tmp_path / "out"))
 
-    assert result.exit_code == 0 and all(v["runtime"] == "onnxruntime" for v in result.report["variants"])
-    assert any("openvino variants skipped" in n and "edgepack[openvino]" in n for n in result.report["notes"])
+    assert result.exit_code == 0 and all(v.runtime == "onnxruntime" for v in result.report.variants)
+    assert any("openvino variants skipped" in n and "edgepack[openvino]" in n for n in result.report.notes)
 
 
 def test_without_openvino_an_openvino_only_board_fails_before_building(tiny_project, tmp_path, monkeypatch):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from builder.hostinfo import host_info
 from edgepack.bundle import open_bundle
+from edgepack.report import BuildReport
 from edgepack.signing import generate_keypair, load_public_key
 from testbeds import ppocr_cls, silero
 from tests.support import run_cli
@@ -25,24 +25,24 @@ def test_ppocr_classifier_builds_for_x86_vnni_with_a_verified_int8_variant(tmp_p
     result = run_cli("build", "--profile", "x86-avx512-vnni", "--config", str(ppocr_project), "--out", str(out),
                      "--signing-key", str(private), "--json", "--quiet")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    variants = {v["name"]: v for v in report["variants"]}
-    source = report["source_model"]
-    assert source["opset"] == 11  # upgraded for per-channel Q/DQ
+    report = BuildReport.model_validate_json(result.stdout)
+    variants = {v.name: v for v in report.variants}
+    source = report.source_model
+    assert source.opset == 11  # upgraded for per-channel Q/DQ
     int8 = variants["int8"]
-    assert int8["passed"], int8["failed_gates"]
-    assert -int8["accuracy_delta"] <= report["gates"]["max_accuracy_drop"]
-    assert int8["quantization"]["activation_type"] == "uint8" and int8["quantization"]["reduce_range"] is False
+    assert int8.passed, int8.failed_gates
+    assert -int8.accuracy_delta <= report.gates.max_accuracy_drop
+    assert int8.quantization["activation_type"] == "uint8" and int8.quantization["reduce_range"] is False
     # The selection is justified with measured numbers: latency per variant, in ms, and the source.
-    assert report["selected"] in variants and "ms" in report["selection_reason"]
+    assert report.selected in variants and "ms" in report.selection_reason
     if "avx512_vnni" in host_info()["cpu_features"]:
-        assert report["host"]["is_target"] is True
-        assert variants[report["selected"]]["target_latency_source"] == "host"
+        assert report.host.is_target is True
+        assert variants[report.selected].target_latency_source == "host"
     # INT8 that is slower than float on this host is reported as such, never chosen when dominated.
     fp32 = variants["fp32"]
-    if int8["latency_ms"]["p50"] > fp32["latency_ms"]["p50"] * 1.05:
-        assert any("int8 does not pay here" in note for note in report["notes"])
-    bundle = open_bundle(Path(report["bundle"]["path"]), [load_public_key(public)])
+    if int8.latency_ms.p50 > fp32.latency_ms.p50 * 1.05:
+        assert any("int8 does not pay here" in note for note in report.notes)
+    bundle = open_bundle(Path(report.bundle.path), [load_public_key(public)])
     assert bundle.manifest["io"]["inputs"][0]["shape"] == [1, 3, 48, 192]
     assert bundle.manifest["lineage"]["source_model_sha256"] == source["sha256"]
 
@@ -52,11 +52,11 @@ def test_silero_vad_builds_where_shapes_may_stay_dynamic(tmp_path):
     out = tmp_path / "dist"
     result = run_cli("build", "--profile", "x86-avx2", "--config", str(project), "--out", str(out), "--json", "--quiet")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    int8 = next(v for v in report["variants"] if v["name"] == "int8")
+    report = BuildReport.model_validate_json(result.stdout)
+    int8 = next(v for v in report.variants if v.name == "int8")
     # All of Silero's compute sits inside an If: static INT8 cannot reach it, and the report says so.
-    assert not int8["passed"] and "control-flow" in int8["dropped_reason"]
-    assert report["selected"] in ("fp32", "fp16")
+    assert not int8.passed and "control-flow" in int8.dropped_reason
+    assert report.selected in ("fp32", "fp16")
 
 
 def test_silero_vad_for_a_static_shape_target_stops_with_exit_2_and_says_why(tmp_path):

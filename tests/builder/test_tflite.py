@@ -42,21 +42,21 @@ def test_digits_for_rpi5_builds_every_tflite_variant_and_verifies_it_in_litert(t
                                     cache_dir=shared["cache"], signing_key=shared["private"]))
 
     assert result.exit_code == 0
-    variants = {v["name"]: v for v in result.report["variants"]}
-    tflite = {name: v for name, v in variants.items() if v["runtime"] == "tflite"}
+    variants = {v.name: v for v in result.report.variants}
+    tflite = {name: v for name, v in variants.items() if v.runtime == "tflite"}
     assert set(tflite) == {"tflite-fp32", "tflite-fp16", "tflite-dynamic-int8", "tflite-full-int8"}
-    assert all(v["verified_in"] == "tflite" and v["format"] == "tflite" for v in tflite.values())
+    assert all(v.verified_in == "tflite" and v.format == "tflite" for v in tflite.values())
     # The 4-D NCHW input reaches LiteRT in the right layout: the float32 model agrees with ONNX fp32.
-    assert tflite["tflite-fp32"]["agreement"] == 1.0 and tflite["tflite-fp32"]["cosine"] > 0.9999
+    assert tflite["tflite-fp32"].agreement == 1.0 and tflite["tflite-fp32"].cosine > 0.9999
     full = tflite["tflite-full-int8"]
-    assert full["precision"] == "int8"
-    io = full["io_quantization"]
-    assert [t["dtype"] for t in io["inputs"] + io["outputs"]] == ["int8", "int8"]
-    assert all(t["scale"] > 0 for t in io["inputs"] + io["outputs"])
-    assert abs(full["accuracy"] - tflite["tflite-fp32"]["accuracy"]) <= 0.005
-    assert full["size_bytes"] <= 0.35 * tflite["tflite-fp32"]["size_bytes"]
+    assert full.precision == "int8"
+    io = full.io_quantization
+    assert [t.dtype for t in io.inputs + io.outputs] == ["int8", "int8"]
+    assert all(t.scale > 0 for t in io.inputs + io.outputs)
+    assert abs(full.accuracy - tflite["tflite-fp32"].accuracy) <= 0.005
+    assert full.size_bytes <= 0.35 * tflite["tflite-fp32"].size_bytes
     log = out / "digits-cnn-1.0.0-rpi5.onnx2tf.log"
-    assert full["converter"]["tool"] == "onnx2tf" and "custom_input_op_name_np_data_path" in full["converter"]["calibration"]
+    assert full.converter["tool"] == "onnx2tf" and "custom_input_op_name_np_data_path" in full.converter["calibration"]
     _assert_offline(log.read_text(), out, REPO, shared["cache"])
 
 
@@ -67,16 +67,16 @@ def test_coral_ships_the_full_int8_tflite_with_its_edgetpu_placement_and_compile
 
     report = result.report
     assert result.exit_code == 0
-    tflite = [v for v in report["variants"] if v["runtime"] == "tflite"]
-    assert [v["name"] for v in tflite] == ["tflite-full-int8"]  # the Edge TPU runs full-integer models only
-    assert report["selected"] == "tflite-full-int8"
-    placement = tflite[0]["edgetpu"]
+    tflite = [v for v in report.variants if v.runtime == "tflite"]
+    assert [v.name for v in tflite] == ["tflite-full-int8"]  # the Edge TPU runs full-integer models only
+    assert report.selected == "tflite-full-int8"
+    placement = tflite[0].edgetpu
     assert placement["compiler_command"] == "edgetpu_compiler -s -o edgetpu model/model.tflite"
     assert "edgetpu_compiler" in placement["note"] and placement["int8_only"]["ok"]
     assert placement["tpu_ops"] + placement["cpu_ops"] == len(placement["placement"]) > 0
     assert {"Conv2d", "MaxPool2d", "FullyConnected"} <= set(placement["supported_ops"])
-    assert any("edgetpu_compiler -s -o edgetpu model/model.tflite" in note for note in report["notes"])
-    bundle = open_bundle(Path(report["bundle"]["path"]), [load_public_key(shared["public"])])
+    assert any("edgetpu_compiler -s -o edgetpu model/model.tflite" in note for note in report.notes)
+    bundle = open_bundle(Path(report.bundle.path), [load_public_key(shared["public"])])
     assert "model/model.tflite" in bundle.members
     manifest = bundle.manifest
     assert manifest["runtime"] == "tflite" and manifest["delegates"] == ["edgetpu"]
@@ -93,9 +93,9 @@ def test_an_op_onnx2tf_cannot_convert_is_one_line_and_a_log_while_onnxruntime_bu
 
     report = result.report
     assert result.exit_code == 0
-    assert not [v for v in report["variants"] if v["runtime"] == "tflite"]
-    assert report["selected"] in ("fp32", "int8")
-    (note,) = [n for n in report["notes"] if n.startswith("tflite variants not built")]
+    assert not [v for v in report.variants if v.runtime == "tflite"]
+    assert report.selected in ("fp32", "int8")
+    (note,) = [n for n in report.notes if n.startswith("tflite variants not built")]
     assert "\n" not in note
     assert "LpPool node 'lp_pool'" in note and "lp-cnn-0.1.0-rpi4.onnx2tf.log" in note
     log = (out / "lp-cnn-0.1.0-rpi4.onnx2tf.log").read_text()

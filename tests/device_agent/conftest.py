@@ -77,7 +77,7 @@ def _build(root: Path, key: Path, *, version: str, profile: str) -> BuiltBundle:
     (project / "edgepack.yaml").write_text(yaml.safe_dump(config))
     result = run_build(BuildRequest(config_path=project / "edgepack.yaml", profile=profile, out_dir=root / "dist",
                                     signing_key=key, cache_dir=root / "cache"))
-    assert result.exit_code == 0, result.report.get("error")
+    assert result.exit_code == 0, result.report.selection_reason
     path = next(p for p in result.outputs if p.suffix == ".edgepack")
     return _ref(path, read_manifest_unverified(path))
 

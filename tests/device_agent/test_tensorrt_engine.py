@@ -32,7 +32,7 @@ SHA = "ab" * 32
 def jetson_bundle(tmp_path: Path) -> Path:
     """digits built for the jetson profile (runtime tensorrt), signed with the per-test dev key."""
     result = run_build(BuildRequest(config_path=REPO / "examples/digits/edgepack.yaml", profile="jetson", out_dir=tmp_path / "out"))
-    assert result.exit_code == 0, result.report.get("errors")
+    assert result.exit_code == 0, result.report.selection_reason
     return next(p for p in result.outputs if p.suffix == ".edgepack")
 
 

@@ -8,44 +8,57 @@ engine itself is device-specific: the bundle declares how to build it on the dev
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.passes.base import load_all_passes
 from builder.targets import Candidate, Target
+
+if TYPE_CHECKING:
+    from builder.context import BuildContext, ReferenceModel
+    from hardware_profiles.schema import RuntimeSpec
 
 
 class OnnxRuntimeTarget(Target):
     runtime = "onnxruntime"
 
-    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
-        if getattr(builder, "onnx_family_runtime", None):
+    def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
+        if any(c.format == "onnx" for c in ctx.built):
             # TensorRT candidates are the same ONNX files; onnxruntime (TensorRT/CUDA EP) runs them too.
             return []
-        builder.onnx_family_runtime = self.runtime
-        return onnx_family(builder, base, self.runtime)
+        return onnx_family(ctx, reference, self.runtime)
 
 
 class TensorRTTarget(Target):
     runtime = "tensorrt"
+    needs_static_shapes = True
 
-    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
+    def drives_accelerator(self, spec: RuntimeSpec) -> bool:
+        return True
+
+    def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
         from builder.tensorrt_support import unsupported_tensorrt_ops
 
-        problems = unsupported_tensorrt_ops(base)
+        problems = unsupported_tensorrt_ops(reference.model_path)
         if problems:
             listed = ", ".join(f"{op} (node {node})" for op, node in problems[:5])
-            builder.notes.append(f"TensorRT cannot parse this model: unsupported op(s) {listed}; building for onnxruntime instead")
+            ctx.note(f"TensorRT cannot parse this model: unsupported op(s) {listed}; building for onnxruntime instead")
             return []
-        builder.onnx_family_runtime = self.runtime
-        candidates = onnx_family(builder, base, self.runtime)
-        sparse_capable = any(a.sparse_int8_tops for a in builder.profile.accelerators)
+        candidates = onnx_family(ctx, reference, self.runtime)
         for candidate in candidates:
             bad = unsupported_tensorrt_ops(candidate.model_path)
             if bad:
                 candidate.info["dropped_reason"] = "TensorRT cannot parse: " + ", ".join(f"{op} (node {node})" for op, node in bad[:5])
-            candidate.info["tensorrt"] = tensorrt_engine_spec(candidate, sparse_capable)
+            candidate.info["tensorrt"] = tensorrt_engine_spec(candidate, _sparse_capable(ctx))
         return candidates
+
+    def requantized(self, ctx: BuildContext, candidate: Candidate) -> Candidate:
+        candidate.info["tensorrt"] = tensorrt_engine_spec(candidate, _sparse_capable(ctx))
+        return candidate
+
+
+def _sparse_capable(ctx: BuildContext) -> bool:
+    """Whether the board has sparse tensor cores (Ampere/Orin) that run 2:4-sparse INT8 faster."""
+    return any(a.sparse_int8_tops for a in ctx.profile.accelerators)
 
 
 def tensorrt_engine_spec(candidate: Candidate, sparse_capable: bool) -> dict[str, Any]:
@@ -68,31 +81,32 @@ def tensorrt_engine_spec(candidate: Candidate, sparse_capable: bool) -> dict[str
     }
 
 
-def onnx_family(builder: Any, base: Path, runtime: str) -> list[Candidate]:
-    plan, config, profile = builder.plan, builder.config, builder.profile
+def onnx_family(ctx: BuildContext, reference: ReferenceModel, runtime: str) -> list[Candidate]:
+    plan, config, profile = ctx.plan, ctx.config, ctx.profile
+    base = reference.model_path
     passes = load_all_passes()
     out: list[Candidate] = [Candidate("fp32", "fp32", runtime, "onnx", base, {})]
     if plan.fp16:
-        result = builder._run_pass(plan.fp16, base)
+        result = ctx.run_pass(plan.fp16, base)
         out.append(Candidate("fp16", "fp16", runtime, "onnx", result.model_path, result.info))
     if plan.int8:
-        result = builder._run_pass(plan.int8, base)
+        result = ctx.run_pass(plan.int8, base)
         out.append(Candidate("int8", "int8", runtime, "onnx", result.model_path, result.info))
     if plan.int8_dynamic_config is not None:
         mode = config.optimize.int8.dynamic
-        share = builder.matmul_share
+        share = reference.matmul_share
         if mode == "always" or (mode == "auto" and share >= 0.5):
             reduce_range = bool(plan.int8 and plan.int8.scheme(profile)["reduce_range"])
             dyn = passes["int8-dynamic"].from_dict({**plan.int8_dynamic_config, "reduce_range": reduce_range})
-            result = builder._run_pass(dyn, base)
+            result = ctx.run_pass(dyn, base)
             out.append(Candidate("int8-dynamic", "int8", runtime, "onnx", result.model_path, result.info))
         elif mode == "auto":
-            builder.notes.append(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
+            ctx.note(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
     if plan.prune:
-        pruned = builder._run_pass(plan.prune, base)
+        pruned = ctx.run_pass(plan.prune, base)
         out.append(Candidate("fp32-sparse", "fp32", runtime, "onnx", pruned.model_path, {**pruned.info, "prune": pruned.info}))
         if plan.int8:
-            q = builder._run_pass(plan.int8, pruned.model_path, label="int8-sparse")
+            q = ctx.run_pass(plan.int8, pruned.model_path, label="int8-sparse")
             out.append(Candidate("int8-sparse", "int8", runtime, "onnx", q.model_path,
                                  {**q.info, "sparsity": pruned.info["sparsity"], "prune": pruned.info}))
     return out

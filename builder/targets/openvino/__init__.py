@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from builder.passes.base import Pass, PassOutput, load_all_passes
 from builder.runtimes import RuntimeUnavailable
 from builder.targets import Candidate, Target
 from builder.verify import accuracy_drop, compare
 from edgepack.errors import PassError
+
+if TYPE_CHECKING:
+    from builder.context import BuildContext, ReferenceModel
+    from hardware_profiles.schema import RuntimeSpec
 
 INSTALL_HINT = "install it with: pip install 'edgepack[openvino]'"
 
@@ -46,9 +49,12 @@ class OpenVinoTarget(Target):
         self._int8_config: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- before any pass runs
-    def validate(self, builder: Any) -> None:
-        profile, config = builder.profile, builder.config
-        others = [target for runtime, target in builder.targets if target is not None and runtime.name != self.runtime]
+    def drives_accelerator(self, spec: RuntimeSpec) -> bool:
+        return bool(spec.devices) and spec.devices[0] in ("GPU", "NPU")
+
+    def validate(self, ctx: BuildContext) -> None:
+        profile, config = ctx.profile, ctx.config
+        others = [target for runtime, target in ctx.targets if target is not None and runtime.name != self.runtime]
         self._sole_runtime = not others
         missing = missing_packages()
         if "openvino" in missing:
@@ -61,7 +67,7 @@ class OpenVinoTarget(Target):
         # OpenVINO and NNCF decide the IR bytes: their versions belong in every cache key, the lineage and the SBOM.
         for package in ("openvino", "nncf"):
             if package not in missing:
-                builder.tools[package] = importlib.metadata.version(package)
+                ctx.tools[package] = importlib.metadata.version(package)
         spec = profile.runtime(self.runtime)
         runnable = [p for p in (spec.precisions or profile.precisions) if p in profile.precisions]
         wanted = config.optimize.precisions
@@ -71,7 +77,7 @@ class OpenVinoTarget(Target):
             self._fp16 = passes["ov-fp16"].from_dict({})
         if "int8" in wanted and "int8" in runnable:
             if "nncf" in missing:
-                builder.notes.append(f"ov-int8 skipped: NNCF is not installed on this host; {INSTALL_HINT}")
+                ctx.note(f"ov-int8 skipped: NNCF is not installed on this host; {INSTALL_HINT}")
             else:
                 self._int8_config = {
                     "preset": "performance",
@@ -80,65 +86,63 @@ class OpenVinoTarget(Target):
                     "target_device": "CPU" if tuple(spec.devices) == ("CPU",) else "ANY",
                 }
                 self._int8 = passes["ov-int8"].from_dict(self._int8_config)
-                if builder.gates.get("max_accuracy_drop") is not None:
+                if ctx.gates.max_accuracy_drop is not None:
                     self._accuracy_control = passes["ov-int8"].from_dict({
-                        **self._int8_config, "accuracy_control": True, "max_drop": builder.gates["max_accuracy_drop"],
+                        **self._int8_config, "accuracy_control": True, "max_drop": ctx.gates.max_accuracy_drop,
                         "validation_samples": config.verify.max_samples})
                 if config.optimize.calibration.method != "minmax":
-                    builder.notes.append(f"ov-int8 calibrates with NNCF's range estimators; calibration.method "
+                    ctx.note(f"ov-int8 calibrates with NNCF's range estimators; calibration.method "
                                          f"{config.optimize.calibration.method} applies to the ONNX int8 variants")
 
     # ---------------------------------------------------------------- the variants
-    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
+    def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
         if self._unavailable:
             raise RuntimeUnavailable(self._unavailable, runtime=self.runtime)
         try:
-            fp32 = builder._run_pass(self._convert, base)
+            fp32 = ctx.run_pass(self._convert, reference.model_path)
         except PassError as exc:
             if self._sole_runtime:
                 raise
-            builder.notes.append(f"{exc.message}; building for the other runtimes")
+            ctx.note(f"{exc.message}; building for the other runtimes")
             return []
-        reference = _candidate("ov-fp32", "fp32", fp32)
-        out = [reference]
+        ir_reference = _candidate("ov-fp32", "fp32", fp32)
+        out = [ir_reference]
         if self._fp16 is not None:
-            out.append(_candidate("ov-fp16", "fp16", builder._run_pass(self._fp16, fp32.model_path)))
+            out.append(_candidate("ov-fp16", "fp16", ctx.run_pass(self._fp16, fp32.model_path)))
         if self._int8 is not None:
-            out.append(self._int8_candidate(builder, reference))
+            out.append(self._int8_candidate(ctx, ir_reference))
         return out
 
-    def _int8_candidate(self, builder: Any, reference: Candidate) -> Candidate:
-        plain = builder._run_pass(self._int8, reference.model_path)
+    def _int8_candidate(self, ctx: BuildContext, reference: Candidate) -> Candidate:
+        plain = ctx.run_pass(self._int8, reference.model_path)
         candidate = _candidate("ov-int8", "int8", plain)
-        max_drop = builder.gates.get("max_accuracy_drop")
+        max_drop = ctx.gates.max_accuracy_drop
         if max_drop is None or not plain.info.get("quantized_nodes"):
             return candidate
-        metric = builder.config.metric
-        val_feeds = list(builder.data.feeds("validation", limit=builder.config.verify.max_samples))
-        labels = builder.data.validation.labels
-        labels = labels[: len(val_feeds)] if labels is not None else None
+        metric = ctx.config.metric
+        val_feeds, labels = ctx.validation_feeds, ctx.validation_labels
 
         def drop_of(variant: Candidate) -> float:
-            reference_outputs = builder._outputs(reference, val_feeds)
+            reference_outputs = ctx.outputs(reference, val_feeds)
             reference_value = compare(reference_outputs, reference_outputs, labels, metric)["accuracy"]
-            value = compare(builder._outputs(variant, val_feeds), reference_outputs, labels, metric)["accuracy"]
+            value = compare(ctx.outputs(variant, val_feeds), reference_outputs, labels, metric)["accuracy"]
             return accuracy_drop(metric, reference_value, value)
 
-        builder.progress.start("check ov-int8")
+        ctx.progress.start("check ov-int8")
         plain_drop = drop_of(candidate)
-        builder.progress.finish("check ov-int8", f"openvino: {metric} drop {plain_drop:.4g} vs ov-fp32 (budget {max_drop:g})")
+        ctx.progress.finish("check ov-int8", f"openvino: {metric} drop {plain_drop:.4g} vs ov-fp32 (budget {max_drop:g})")
         candidate.info["quantization"]["drop_vs_ov_fp32"] = round(plain_drop, 6)
         if plain_drop <= max_drop + 1e-12:
             return candidate
 
         lost = f"plain INT8 lost {plain_drop:.4g} {metric} against ov-fp32 (budget {max_drop:g})"
         try:
-            controlled = builder._run_pass(self._accuracy_control, reference.model_path, label="ov-int8 accuracy-control")
+            controlled = ctx.run_pass(self._accuracy_control, reference.model_path, label="ov-int8 accuracy-control")
         except PassError as exc:
-            builder.notes.append(f"ov-int8: {lost}; accuracy control failed ({exc.message}), so ov-int8 stays the plain INT8 IR")
+            ctx.note(f"ov-int8: {lost}; accuracy control failed ({exc.message}), so ov-int8 stays the plain INT8 IR")
             return candidate
         if not controlled.info.get("quantized_nodes"):
-            builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control reverted every quantized op, so ov-int8 stays the plain INT8 IR")
+            ctx.note(f"ov-int8: {lost}; NNCF accuracy control reverted every quantized op, so ov-int8 stays the plain INT8 IR")
             return candidate
         # Compute ops that lost their INT8 inputs; NNCF's own list (which also names activations) if none did.
         kept_float = (sorted(set(plain.info["quantized_ops"]) - set(controlled.info["quantized_ops"]))
@@ -146,7 +150,7 @@ class OpenVinoTarget(Target):
         trial = _candidate("ov-int8", "int8", controlled, float_nodes=kept_float)
         trial_drop = drop_of(trial)
         if trial_drop >= plain_drop:
-            builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control did not improve it ({trial_drop:.4g}), "
+            ctx.note(f"ov-int8: {lost}; NNCF accuracy control did not improve it ({trial_drop:.4g}), "
                                  "so ov-int8 stays the plain INT8 IR")
             return candidate
         trial.info["quantization"].update({
@@ -157,7 +161,7 @@ class OpenVinoTarget(Target):
             "fake_quantize_ops_after": controlled.info.get("fake_quantize_ops"),
         })
         outcome = "within budget" if trial_drop <= max_drop + 1e-12 else "still over budget"
-        builder.notes.append(f"ov-int8: {lost}; NNCF accuracy control kept {len(kept_float)} op(s) in float "
+        ctx.note(f"ov-int8: {lost}; NNCF accuracy control kept {len(kept_float)} op(s) in float "
                              f"({', '.join(kept_float[:5])}{', …' if len(kept_float) > 5 else ''}): drop {trial_drop:.4g}, {outcome}")
         return trial
 

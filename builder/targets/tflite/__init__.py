@@ -19,12 +19,16 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.passes.base import Pass, load_all_passes
 from builder.runtimes import RuntimeUnavailable
 from builder.targets import Candidate, Target
 from edgepack.errors import PassError
+
+if TYPE_CHECKING:
+    from builder.context import BuildContext, ReferenceModel
+    from hardware_profiles.schema import RuntimeSpec
 
 PRECISION = {"fp32": "fp32", "fp16": "fp16", "dynamic-int8": "int8", "full-int8": "int8"}
 LOG_ARTIFACT = "onnx2tf.log"
@@ -35,51 +39,58 @@ MODEL_MEMBER = "model/model.tflite"
 class TfliteTarget(Target):
     runtime = "tflite"
     extra = "tflite"
+    needs_static_shapes = True
 
-    def validate(self, builder: Any) -> None:
+    def drives_accelerator(self, spec: RuntimeSpec) -> bool:
+        return "edgetpu" in spec.delegates
+
+    def on_accelerator(self, candidate: Candidate) -> bool:
+        return "edgetpu" in candidate.info  # only the full-integer model the Edge TPU compiler maps
+
+    def validate(self, ctx: BuildContext) -> None:
         missing = [module for module in ("onnx2tf", "tensorflow", "ai_edge_litert") if importlib.util.find_spec(module) is None]
         if missing:
             raise RuntimeUnavailable(
                 f"TFLite variants need {', '.join(missing)}, not installed on this host; install them with: pip install 'edgepack[tflite]'",
                 runtime=self.runtime,
             )
-        self._convert_pass(builder)  # its config is checked now, before any pass runs
+        self._convert_pass(ctx)  # its config is checked now, before any pass runs
 
-    def variants(self, builder: Any) -> list[str]:
+    def variants(self, ctx: BuildContext) -> list[str]:
         """The TFLite variants this profile and config ask for, in build order."""
-        spec = builder.profile.runtime(self.runtime)
-        runnable = set(spec.precisions or builder.profile.precisions)
-        wanted = set(builder.config.optimize.precisions) | {"fp32"}
-        if _edgetpu(builder):
+        spec = ctx.profile.runtime(self.runtime)
+        runnable = set(spec.precisions or ctx.profile.precisions)
+        wanted = set(ctx.config.optimize.precisions) | {"fp32"}
+        if _edgetpu(ctx):
             # The Edge TPU runs full-integer models only; anything float would run on the Cortex-A53s.
             return ["full-int8"] if "int8" in wanted and "int8" in runnable else []
         return [v for v in ("fp32", "fp16", "dynamic-int8", "full-int8") if PRECISION[v] in wanted and PRECISION[v] in runnable]
 
-    def _convert_pass(self, builder: Any) -> Pass:
-        optimize = builder.config.optimize
+    def _convert_pass(self, ctx: BuildContext) -> Pass:
+        optimize = ctx.config.optimize
         return load_all_passes()["tflite-convert"].from_dict({
-            "int8": any(PRECISION[v] == "int8" for v in self.variants(builder)),
+            "int8": any(PRECISION[v] == "int8" for v in self.variants(ctx)),
             "quant_type": "per-channel" if optimize.int8.per_channel else "per-tensor",
             "calibration_samples": optimize.calibration.samples,
         })
 
-    def candidates(self, builder: Any, base: Path) -> list[Candidate]:
-        variants = self.variants(builder)
+    def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
+        variants = self.variants(ctx)
         if not variants:
-            builder.notes.append(f"tflite: no variant to build (profile {builder.profile.name} runs "
-                                 f"{', '.join(builder.profile.runtime(self.runtime).precisions or builder.profile.precisions)} on it; "
-                                 f"optimize.precisions asks for {', '.join(builder.config.optimize.precisions)})")
+            ctx.note(f"tflite: no variant to build (profile {ctx.profile.name} runs "
+                     f"{', '.join(ctx.profile.runtime(self.runtime).precisions or ctx.profile.precisions)} on it; "
+                     f"optimize.precisions asks for {', '.join(ctx.config.optimize.precisions)})")
             return []
-        stem = f"{builder.config.name}-{builder.config.version}-{builder.profile.name}"
+        stem = ctx.stem
         try:
-            converted = builder._run_pass(self._convert_pass(builder), base)
+            converted = ctx.run_pass(self._convert_pass(ctx), reference.model_path)
         except PassError as exc:
             log = getattr(exc, "log_path", None)
             where = ""
             if log is not None and Path(log).is_file():
-                builder.extra_artifacts[LOG_ARTIFACT] = Path(log)
+                ctx.publish_artifact(LOG_ARTIFACT, Path(log))
                 where = f"; converter log: {stem}.{LOG_ARTIFACT}"
-            builder.notes.append(f"tflite variants not built: {exc.message}{where}")
+            ctx.note(f"tflite variants not built: {exc.message}{where}")
             return []
         folder = converted.model_path.parent
         info = converted.info
@@ -88,8 +99,8 @@ class TfliteTarget(Target):
         log = folder / LOG_ARTIFACT
         for variant, reason in info.get("failed_variants", {}).items():
             if variant in variants:
-                builder.notes.append(f"tflite-{variant} not built: {reason}; converter log: {stem}.{LOG_ARTIFACT}")
-        toolchain = builder.profile.toolchains.get("edgetpu_compiler")
+                ctx.note(f"tflite-{variant} not built: {reason}; converter log: {stem}.{LOG_ARTIFACT}")
+        toolchain = ctx.profile.toolchains.get("edgetpu_compiler")
         candidates = []
         for variant in variants:
             if variant not in files:
@@ -109,19 +120,19 @@ class TfliteTarget(Target):
             elif variant == "dynamic-int8":
                 details["quantization"] = {"format": "TFLite dynamic range", "weight_type": "int8",
                                            "activation_type": "float (quantized on the fly per op)"}
-            if variant == "full-int8" and _edgetpu(builder):
+            if variant == "full-int8" and _edgetpu(ctx):
                 from builder.edgetpu import placement_report
 
                 report = placement_report(path, MODEL_MEMBER, toolchain)
                 details["edgetpu"] = report
-                builder.notes.append(edgetpu_summary(report))
+                ctx.note(edgetpu_summary(report))
             candidates.append(Candidate(f"tflite-{variant}", PRECISION[variant], self.runtime, "tflite", path, details,
                                         artifacts={LOG_ARTIFACT: log} if log.is_file() else {}))
         return candidates
 
 
-def _edgetpu(builder: Any) -> bool:
-    spec = builder.profile.runtime("tflite")
+def _edgetpu(ctx: BuildContext) -> bool:
+    spec = ctx.profile.runtime("tflite")
     return spec is not None and "edgetpu" in spec.delegates
 
 

@@ -52,3 +52,34 @@ def test_a_taken_http_port_is_one_line_naming_it_before_anything_starts(tmp_path
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: HTTP port {listening} on 127.0.0.1 is already in use (choose another with --port)"]
     assert not (tmp_path / "fleet-data").exists()
+
+
+def test_a_taken_embedded_broker_port_is_one_line_naming_it(tmp_path, listening):
+    result = serve("--port", "0", "--embedded-mqtt-port", str(listening), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert error_lines(result) == [f"error: embedded MQTT broker port {listening} on 127.0.0.1 is already in use "
+                                   "(choose another with --embedded-mqtt-port, or use a broker with --mqtt-url)"]
+    assert not (tmp_path / "fleet-data").exists()
+
+
+def test_an_unreachable_broker_is_one_line_naming_it_without_its_password(tmp_path, refusing):
+    result = serve("--port", "0", "--mqtt-url", f"mqtt://fleet:s3cret-pw@127.0.0.1:{refusing}", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert error_lines(result) == [f"error: MQTT broker mqtt://fleet:***@127.0.0.1:{refusing} is unreachable: "
+                                   "Connection refused (check --mqtt-url)"]
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert not (tmp_path / "fleet-data").exists()
+
+
+def test_an_unreachable_database_is_one_line_naming_it_without_its_password(tmp_path, refusing, mosquitto):
+    # A real broker, so the database is the one thing that cannot be reached.
+    url = f"postgresql://fleet:s3cret-pw@127.0.0.1:{refusing}/fleet"
+    result = serve("--port", "0", "--db-url", url, "--mqtt-url", mosquitto.url, cwd=tmp_path)
+
+    assert result.returncode == 2
+    [line] = error_lines(result)
+    assert line.startswith(f"error: database postgresql+psycopg://fleet:***@127.0.0.1:{refusing}/fleet is unreachable: ")
+    assert line.endswith("Connection refused (check --db-url)")
+    assert "s3cret-pw" not in result.stderr + result.stdout

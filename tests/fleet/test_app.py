@@ -3,12 +3,19 @@ and the rollout routes wired to the rollout engine."""
 
 from __future__ import annotations
 
+import socket
 import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import text
+
+from edgepack.errors import ConfigError
+from fleet.embedded_broker import EmbeddedBroker
+from fleet.mqtt_bridge import check_broker
+from testbeds.mosquitto import free_port
 
 from fleet import metrics
 from fleet.app import create_app, prepare
@@ -122,3 +129,44 @@ def test_rollout_routes_call_the_rollout_engine(fleet: Fleet, bundles: BundleFac
     assert paused.status_code == 200, paused.text
     assert rollout_id in [r["id"] for r in listed.json()]
     assert missing.status_code == 404 and no_bundle.status_code == 404 and bad_action.status_code == 422
+
+
+# ---------------------------------------------------------------------------------------------------
+# startup checks: one ConfigError naming what is wrong, before anything starts
+
+
+def test_an_unreachable_database_is_one_line_naming_the_url_without_its_password(tmp_path: Path) -> None:
+    url = f"postgresql://fleet:s3cret-pw@127.0.0.1:{free_port()}/fleet"  # nothing listens there
+    engine = make_engine(url)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            prepare(FleetSettings(data_dir=tmp_path / "data", db_url=url), engine)
+    finally:
+        engine.dispose()
+
+    message = refused.value.message
+    assert message.startswith("database postgresql+psycopg://fleet:***@127.0.0.1:") and "unreachable" in message
+    assert "s3cret-pw" not in message and "\n" not in message
+    assert not (tmp_path / "data" / "admin.token").exists()  # nothing was half-prepared
+
+
+def test_an_unreachable_broker_is_one_line_naming_the_url_without_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        check_broker(f"mqtt://fleet:s3cret-pw@127.0.0.1:{free_port()}", timeout_s=5)
+
+    message = refused.value.message
+    assert message.startswith("MQTT broker mqtt://fleet:***@127.0.0.1:") and "unreachable" in message
+    assert "s3cret-pw" not in message
+
+
+def test_a_reachable_broker_passes_the_check(mosquitto) -> None:
+    check_broker(mosquitto.url)
+
+
+def test_the_embedded_broker_on_a_taken_port_is_one_line_naming_the_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"embedded MQTT broker port {port} on 127.0.0.1 is already in use"):
+            EmbeddedBroker(port=port).start()

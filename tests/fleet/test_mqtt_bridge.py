@@ -211,3 +211,37 @@ def _status_of(session_factory, rollout_id):
 
     with session_factory() as session:
         return session.get(Rollout, rollout_id).status
+
+
+def _window(inferences: int) -> bytes:
+    return encode(Telemetry(device_id="dev-1", window_s=10, inferences=inferences, errors=0))
+
+
+def test_a_persistent_session_gets_the_telemetry_published_while_the_bridge_was_down(mosquitto, database, device):
+    first = MqttBridge(mosquitto.url, database, client_id="fleet-persistent", persistent_session=True).start()
+    assert first.wait_ready(10)
+    first.stop()
+
+    for inferences in range(5):  # nobody consumes these: the broker queues them in the bridge's session
+        device.publish(telemetry_topic("dev-1"), _window(inferences))
+    with MqttBridge(mosquitto.url, database, client_id="fleet-persistent", persistent_session=True) as second:
+        # paho hands the queued messages to on_message as they arrive after the CONNACK, whether or not the
+        # renewed SUBACK came first; each is acknowledged only after it was stored
+        wait_for(lambda: second.processed["telemetry"] == 5, what="the five queued windows")
+        assert second.wait_ready(10)
+    with database() as session:
+        assert sorted(session.scalars(select(TelemetryWindow.inferences))) == [0, 1, 2, 3, 4]
+
+
+def test_a_clean_session_does_not_get_what_was_published_while_it_was_down(mosquitto, database, device):
+    first = MqttBridge(mosquitto.url, database, client_id="fleet-clean", persistent_session=False).start()
+    assert first.wait_ready(10)
+    first.stop()
+
+    for inferences in range(3):
+        device.publish(telemetry_topic("dev-1"), _window(inferences))
+    with MqttBridge(mosquitto.url, database, client_id="fleet-clean", persistent_session=False) as second:
+        assert second.wait_ready(10)
+        device.publish(status_topic("dev-1"), _status(seq=0, phase="idle"))  # published after the subscription
+        wait_for(lambda: second.processed["status"] == 1, what="the status published after the reconnect")
+    assert second.processed["telemetry"] == 0

@@ -31,23 +31,20 @@ class RuntimeAdapter(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
-_ADAPTERS = {
-    "onnxruntime": ("builder.runtimes.onnxruntime", "OnnxRuntimeAdapter", "builder"),
-    # TensorRT engines are built on the device; on the host the same ONNX is verified in onnxruntime.
-    "tensorrt": ("builder.runtimes.onnxruntime", "OnnxRuntimeAdapter", "builder"),
-    "openvino": ("builder.runtimes.openvino", "OpenVinoAdapter", "openvino"),
-    "tflite": ("builder.runtimes.tflite", "LiteRtAdapter", "tflite"),
-}
 _CACHE: dict[str, Any] = {}
 
 
 def get_adapter(runtime: str) -> RuntimeAdapter:
+    """The adapter the runtime's target declares (`Target.adapter`, "module:Class"), created once."""
     if runtime in _CACHE:
         return _CACHE[runtime]
-    try:
-        module_name, class_name, extra = _ADAPTERS[runtime]
-    except KeyError:
-        raise RuntimeUnavailable(f"no runtime adapter for {runtime!r}", runtime=runtime) from None
+    from builder.targets import target_class
+
+    target = target_class(runtime)
+    if target is None or not target.adapter:
+        raise RuntimeUnavailable(f"no runtime adapter for {runtime!r}", runtime=runtime)
+    module_name, _, class_name = target.adapter.partition(":")
+    extra = target.extra
     try:
         adapter = getattr(importlib.import_module(module_name), class_name)()
     except ImportError as exc:

@@ -71,7 +71,10 @@ class Target:
     """Base of a runtime's target; concrete targets set `runtime` and implement `candidates`."""
 
     runtime: ClassVar[str] = ""
-    extra: ClassVar[str] = "builder"
+    extra: ClassVar[str] = "builder"  # the pip extra that installs this runtime on the build host
+    # "module:Class" of the `builder.runtimes.RuntimeAdapter` that verifies and times this runtime's
+    # candidates on the host (a new target may keep its adapter in its own folder).
+    adapter: ClassVar[str] = "builder.runtimes.onnxruntime:OnnxRuntimeAdapter"
     # The runtime needs every input shape fixed (TensorRT engines, TFLite tensors), not only the config's.
     needs_static_shapes: ClassVar[bool] = False
 

@@ -31,6 +31,8 @@ class OnnxRuntimeTarget(Target):
 class TensorRTTarget(Target):
     runtime = "tensorrt"
     needs_static_shapes = True
+    # TensorRT engines are built on the device; on the host the same ONNX is verified in onnxruntime
+    # (the inherited onnxruntime adapter).
 
     def drives_accelerator(self, spec: RuntimeSpec) -> bool:
         return True

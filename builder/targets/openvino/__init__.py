@@ -38,6 +38,7 @@ def missing_packages() -> list[str]:
 class OpenVinoTarget(Target):
     runtime = "openvino"
     extra = "openvino"
+    adapter = "builder.runtimes.openvino:OpenVinoAdapter"
 
     def __init__(self) -> None:
         self._unavailable: str | None = None

@@ -39,6 +39,7 @@ MODEL_MEMBER = "model/model.tflite"
 class TfliteTarget(Target):
     runtime = "tflite"
     extra = "tflite"
+    adapter = "builder.runtimes.tflite:LiteRtAdapter"
     needs_static_shapes = True
 
     def drives_accelerator(self, spec: RuntimeSpec) -> bool:

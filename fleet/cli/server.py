@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from edgepack.errors import ConfigError
+from edgepack.errors import ConfigError, first_validation_error
 from fleet.cli.options import TOKEN, URL
 
 app = typer.Typer(help="Run the fleet server; upload bundles to it.", no_args_is_help=True)
@@ -60,6 +60,7 @@ def serve(
     fleet/settings.py); the admin token only from EDGEPACK_ADMIN_TOKEN (a command line is readable by
     every user of the machine), else one is generated on first start."""
     import uvicorn
+    from pydantic import ValidationError
 
     from fleet.app import create_app, prepare
     from fleet.db import make_engine
@@ -79,9 +80,8 @@ def serve(
     # Everything is checked before anything starts: the settings, the HTTP port, the broker, the database.
     try:
         settings = FleetSettings.from_env(**options)
-    except ValueError as exc:  # pydantic's ValidationError: an option or environment value out of range
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise ConfigError(f"fleet settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except ValidationError as exc:  # an option or environment value out of range
+        raise ConfigError(first_validation_error(exc, "fleet settings")) from None
     embedded = settings.mqtt_url is None
     with ExitStack() as started:
         listener = _listen(settings.host, settings.port)

@@ -83,3 +83,10 @@ def test_an_unreachable_database_is_one_line_naming_it_without_its_password(tmp_
     assert line.startswith(f"error: database postgresql+psycopg://fleet:***@127.0.0.1:{refusing}/fleet is unreachable: ")
     assert line.endswith("Connection refused (check --db-url)")
     assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_an_option_out_of_range_is_one_line_naming_the_setting(tmp_path):
+    result = serve("--port", "70000", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: fleet settings: field 'port': Input should be less than or equal to 65535 (got 70000)"]

@@ -15,6 +15,7 @@ from edgepack.errors import MissingExtra
 MODULE_EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("builder",),
     "onnxruntime": ("builder", "agent"),
+    "jinja2": ("builder",),  # the report and matrix pages
     "openvino": ("openvino",),
     "nncf": ("openvino",),
     "tensorflow": ("tflite",),  # the tensorflow-cpu distribution

@@ -337,7 +337,9 @@ def test_the_builder_stage_sources_build_a_complete_wheel(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("edgepack-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for member in ("edgepack/cli/__init__.py", "fleet/app.py", "fleet/migrations/env.py",
-                   "device_agent/config.py", "device_agent/agent.py", "hardware_profiles/rpi4.yaml"):
+                   "device_agent/config.py", "device_agent/agent.py", "hardware_profiles/rpi4.yaml",
+                   # each component's commands, which the root CLI mounts
+                   "builder/cli.py", "fleet/cli/server.py", "device_agent/cli.py", "testbeds/cli.py"):
         assert member in names, f"the wheel lacks {member}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "edgepack = edgepack.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

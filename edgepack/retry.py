@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 T = TypeVar("T")
@@ -36,19 +36,13 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_s: float = Field(0.5, ge=0, description="ceiling of the first delay")
-    max_s: float = Field(30.0, ge=0, description="ceiling of any delay")
+    max_s: float = Field(30.0, ge=0, description="ceiling of any delay (wins over base_s)")
     multiplier: float = Field(2.0, ge=1, description="growth of the ceiling per failure")
     max_attempts: int | None = Field(None, ge=1, description="calls in all, the first included")
     deadline_s: float | None = Field(None, ge=0, description="no new try starts after this long since the first")
 
-    @model_validator(mode="after")
-    def _cap_not_below_base(self) -> "RetryPolicy":
-        if self.max_s < self.base_s:
-            raise ValueError(f"max_s ({self.max_s}) is below base_s ({self.base_s})")
-        return self
-
     def ceiling(self, failures: int) -> float:
-        """The largest delay after `failures` consecutive failures (1 = after the first)."""
+        """The largest delay after `failures` consecutive failures (1 = after the first); jitter draws below it."""
         exponent = max(failures - 1, 0)
         # Past ~1000 doublings the float overflows; the cap has long been reached by then.
         if self.multiplier > 1 and exponent > 1000:

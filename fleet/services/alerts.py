@@ -41,6 +41,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgepack.errors import ConfigError
+from edgepack.retry import RetryPolicy
 from fleet.models import Alert, Bundle, Device, Rollout, RolloutMember, TelemetryWindow, utcnow
 from fleet.services import audit
 from fleet.services.gates import utc
@@ -211,6 +212,8 @@ class AlertDispatcher:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        # No jitter: one dispatcher per alert row (claimed in the database), so there is no herd to spread.
+        self._retry = RetryPolicy(base_s=backoff_s, max_s=max_backoff_s)
         self.clock = clock
         self._wake = threading.Event()
         self._client: httpx.Client | None = None
@@ -221,7 +224,7 @@ class AlertDispatcher:
 
     def retry_delay_s(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed try before the next one."""
-        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempts - 1))
+        return self._retry.ceiling(attempts)
 
     def _due(self, alert: Alert, now: dt.datetime) -> bool:
         if alert.last_attempt_at is None:

@@ -144,6 +144,9 @@ def test_stoppable_sleep_sleeps_the_whole_delay_when_not_stopped() -> None:
     assert fake.now == pytest.approx(1.0) and fake.sleeps == pytest.approx([0.4, 0.4, 0.2])
 
 
-def test_policy_refuses_a_cap_below_the_base() -> None:
-    with pytest.raises(ValidationError, match="below base_s"):
-        RetryPolicy(base_s=10.0, max_s=1.0)
+def test_the_cap_wins_over_the_base_and_bad_values_are_refused() -> None:
+    assert RetryPolicy(base_s=10.0, max_s=1.0).ceiling(1) == 1.0
+    with pytest.raises(ValidationError):
+        RetryPolicy(base_s=-1.0)
+    with pytest.raises(ValidationError):
+        RetryPolicy(multiplier=0.5)

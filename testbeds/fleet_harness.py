@@ -64,6 +64,14 @@ class FleetProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:
+            self.kill()  # a fleet that did not come up is not left running
+            raise
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout_s
@@ -72,7 +80,7 @@ class FleetProcess:
                 raise RuntimeError(f"fleet exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)

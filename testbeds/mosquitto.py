@@ -45,22 +45,33 @@ class MosquittoBroker:
             "allow_anonymous true\n"
             "persistence false\n"
             "max_packet_size 1048576\n"
-            # a fleet server subscribes to every device: let bursts queue instead of dropping QoS 1 messages
+            # a fleet server subscribes to every device: let bursts queue instead of dropping QoS 1 messages,
+            # and keep what a restarting fleet's persistent session misses until it is back
             "max_queued_messages 100000\n"
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             + self.extra_config
         )
         self.process = subprocess.Popen([find_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        try:
+            self._wait_listening(10.0)
+        except BaseException:
+            self.stop()  # a broker that did not come up is not left running
+            raise
+        return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {(self.dir / 'mosquitto.log').read_text(errors='replace')[-500:]}")
+                log = self.dir / "mosquitto.log"
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {tail}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
+                    return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
+        raise RuntimeError(f"mosquitto did not start listening within {timeout_s:g} s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -17,6 +17,7 @@ comes back).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -222,27 +223,33 @@ class SimulatedFleet:
         if scenario.rollout:
             candidate = build_release(root, private, scenario.rollout.version, profiles, cache_dir=cache,
                                       break_selftest=bool(scenario.faults_of("broken_selftest")))
-        broker = MosquittoBroker(extra_config="sys_interval 1\n").start() if not self.mqtt_url else None
-        mqtt_url = self.mqtt_url or broker.url
-        self._broker_counters = _BrokerCounters(mqtt_url)
-        webhook = _Webhook()
-        fleet = FleetProcess(root, mqtt_url, trusted_key=public,
-                             extra_args=["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]).start()
-        self._event(f"fleet at {fleet.url}, broker at {mqtt_url}")
-        self._fleet_url = fleet.url
-        client = fleet.client()
-        self.baseline_ids = [client.upload(p)["id"] for p in baseline]
-        self.candidate_ids = [client.upload(p)["id"] for p in candidate]
-        token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
-        local = min(self.devices, self.per_process)
-        if local < self.devices and any(f.kind in ("offline", "input_drift") for f in scenario.faults):
-            raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {self.per_process} devices")
-        agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public,
-                               extra=_agent_extra(scenario.telemetry_window_s))
-        stop = threading.Event()
-        threads: list[threading.Thread] = []
-        workers: list[Any] = []
-        try:
+        # Everything started is stopped on any failure, in reverse order: the broker, the counters, the webhook,
+        # the fleet, then the devices (a refused upload or enrollment used to leave broker and fleet running).
+        with contextlib.ExitStack() as started:
+            broker = started.enter_context(MosquittoBroker(extra_config="sys_interval 1\n")) if not self.mqtt_url else None
+            mqtt_url = self.mqtt_url or broker.url
+            self._broker_counters = _BrokerCounters(mqtt_url)
+            started.callback(self._broker_counters.close)
+            webhook = _Webhook()
+            started.callback(webhook.close)
+            fleet = started.enter_context(FleetProcess(
+                root, mqtt_url, trusted_key=public,
+                extra_args=["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]))
+            self._event(f"fleet at {fleet.url}, broker at {mqtt_url}")
+            self._fleet_url = fleet.url
+            client = fleet.client()
+            self.baseline_ids = [client.upload(p)["id"] for p in baseline]
+            self.candidate_ids = [client.upload(p)["id"] for p in candidate]
+            token = client.request("POST", "/devices/enrollment-tokens", json={"uses": self.devices, "labels": {"sim": scenario.name}})["token"]
+            local = min(self.devices, self.per_process)
+            if local < self.devices and any(f.kind in ("offline", "input_drift") for f in scenario.faults):
+                raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {self.per_process} devices")
+            agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public,
+                                   extra=_agent_extra(scenario.telemetry_window_s))
+            stop = threading.Event()
+            threads: list[threading.Thread] = []
+            workers: list[Any] = []
+            started.callback(_stop_devices, stop, threads, agents, workers)
             for start in range(local, self.devices, self.per_process):
                 workers.append(_start_worker(scenario, root, start, min(self.per_process, self.devices - start), profiles,
                                              fleet.url, mqtt_url, token, public, self.baseline_ids, self.candidate_ids))
@@ -271,24 +278,6 @@ class SimulatedFleet:
             converged = self._wait_converged(client, agents, expected)
             messages = _message_counts(fleet.url)
             alerts = client.request("GET", "/alerts") if _fleet_has_alerts() else []
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=10)
-            for agent in agents:
-                agent.stop()
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                try:
-                    worker.wait(timeout=60)
-                except Exception:  # noqa: BLE001 - a stuck worker must not keep the run alive
-                    worker.kill()
-            fleet.stop()
-            webhook.close()
-            self._broker_counters.close()
-            if broker:
-                broker.stop()
         result = {
             "scenario": scenario.name,
             "devices": self.devices,
@@ -487,6 +476,22 @@ def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profil
     log = open(root / f"worker-{start}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "testbeds.sim_worker", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=root)
+
+
+def _stop_devices(stop: threading.Event, threads: list[threading.Thread], agents: list[Any], workers: list[Any]) -> None:
+    """Stop the workload threads, the in-process agents and the worker processes (a stuck one is killed)."""
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    for agent in agents:
+        agent.stop()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a stuck worker must not keep the run alive
+            worker.kill()
 
 
 def _all_or_none(devices: list[dict], count: int) -> list[dict] | None:

@@ -40,6 +40,11 @@ def run(
     """Run a scenario: build releases, start a broker, a fleet and N agents, roll out, inject faults, report."""
     import logging
 
+    # The builder, the fleet and the agent, imported before anything starts: without one of their extras
+    # the run ends in one line naming it instead of after building releases.
+    import builder.pipeline  # noqa: F401
+    import device_agent.agent  # noqa: F401
+    import fleet.app  # noqa: F401
     from testbeds.sim import SimulatedFleet, load_scenario
 
     logging.basicConfig(level=logging.ERROR)

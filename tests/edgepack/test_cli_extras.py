@@ -122,6 +122,16 @@ def test_a_command_whose_extra_is_missing_exits_2_with_one_line_naming_it(agent_
     assert not (tmp_path / "fleet-data").exists()  # nothing half-started
 
 
+def test_a_testbed_run_names_all_three_extras_before_it_starts_anything(agent_only, tmp_path):
+    result = edgepack_in(agent_only, "testbed", "run", "healthy", "--work-dir", "work", cwd=tmp_path)
+
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: 'edgepack testbed run' needs the builder, fleet and agent extras: "
+                           "pip install 'edgepack[builder,fleet,agent]' (missing module: ")
+    assert not (tmp_path / "work").exists()
+
+
 def test_debug_shows_the_missing_module_s_traceback_instead(agent_only, tmp_path):
     result = edgepack_in(agent_only, "--debug", "fleet", "push", "b.edgepack", "--token", "adm_x", cwd=tmp_path)
 

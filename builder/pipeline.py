@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,11 @@ from edgepack.report import (
     REPORT_SCHEMA_VERSION, BuildReport, BundleInfo, CacheStats, Gates, GateThresholds, HostInfo, Lineage, ReferenceSummary,
     SensitivityEntry, SourceModel, ToolchainStep, Variant, VariantMeasurement,
 )
+
+if TYPE_CHECKING:
+    from builder.data import BuildData
+    from builder.targets import Target
+    from hardware_profiles.schema import HardwareProfile, RuntimeSpec
 
 __all__ = ["REPORT_SCHEMA_VERSION", "BuildRequest", "BuildResult", "Builder", "ProgressSink", "run_build"]
 
@@ -184,7 +189,7 @@ def validate(request: BuildRequest, progress: ProgressSink) -> BuildContext:
     return ctx
 
 
-def _check_data(request: BuildRequest, config: BuildConfig, data: Any) -> None:
+def _check_data(request: BuildRequest, config: BuildConfig, data: BuildData) -> None:
     if data.validation is None:
         raise ConfigError(f"{request.config_path}: data.validation is required: every variant is verified against fp32 on it")
     if config.metric in ("top1",) and data.validation.labels is None:
@@ -195,7 +200,7 @@ def _check_data(request: BuildRequest, config: BuildConfig, data: Any) -> None:
     load_metric(config.metric)
 
 
-def _precision_notes(config: BuildConfig, profile: Any) -> list[str]:
+def _precision_notes(config: BuildConfig, profile: HardwareProfile) -> list[str]:
     notes = []
     if "fp32" not in config.optimize.precisions:
         notes.append("fp32 is always built: it is the reference every variant is verified against")
@@ -205,7 +210,7 @@ def _precision_notes(config: BuildConfig, profile: Any) -> list[str]:
     return notes
 
 
-def _plan(config: BuildConfig, profile: Any) -> BuildPlan:
+def _plan(config: BuildConfig, profile: HardwareProfile) -> BuildPlan:
     """Every ONNX pass with its config, validated now (a bad setting fails before any pass runs)."""
     passes = load_all_passes()
     opt = config.optimize
@@ -232,7 +237,7 @@ def _plan(config: BuildConfig, profile: Any) -> BuildPlan:
     return plan
 
 
-def _usable_targets(ctx: BuildContext) -> list[tuple[Any, Any]]:
+def _usable_targets(ctx: BuildContext) -> list[tuple[RuntimeSpec, Target | None]]:
     """The targets whose settings check out; a runtime whose extra is missing is left out with a note."""
     usable = []
     for runtime, target in ctx.targets:
@@ -416,15 +421,16 @@ def _unrunnable_reason(ctx: BuildContext, candidate: Candidate) -> str | None:
 def _on_accelerator(ctx: BuildContext, candidate: Candidate) -> bool:
     """Whether a candidate runs on the accelerator the profile's performance model describes."""
     preferred = ctx.profile.runtimes[0]
-    preferred_target = target_class(preferred.name)
+    preferred_class = target_class(preferred.name)
+    preferred_target = preferred_class() if preferred_class is not None else None
     # The performance model describes the device the preferred runtime uses: an accelerator for
     # TensorRT, the Edge TPU delegate or OpenVINO on a GPU/NPU first; otherwise the CPU, and then it
     # describes every CPU runtime alike.
-    if not (ctx.profile.accelerators and preferred_target is not None and preferred_target().drives_accelerator(preferred)):
+    if not (ctx.profile.accelerators and preferred_target is not None and preferred_target.drives_accelerator(preferred)):
         return True
     if candidate.runtime != preferred.name:
         return False
-    return preferred_target().on_accelerator(candidate)
+    return preferred_target.on_accelerator(candidate)
 
 
 def _with_build_verdict(ctx: BuildContext, candidate: Candidate, measurement: VariantMeasurement) -> VariantMeasurement:

@@ -21,6 +21,11 @@ def run(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Enroll on first start, then follow the fleet's desired state until SIGTERM."""
+    # MQTT is imported only once enrolled; without it (no agent extra) the agent would spend its one-use
+    # enrollment token and then fail, so it is imported here, before anything starts. The model runtimes stay
+    # optional: a device reports the runtimes it has and refuses bundles for the others.
+    import paho.mqtt.client  # noqa: F401
+
     from device_agent.agent import run_agent
     from device_agent.config import AgentConfig
     from edgepack.errors import ConfigError

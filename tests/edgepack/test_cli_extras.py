@@ -62,17 +62,28 @@ def _link_distribution(distribution: metadata.Distribution, site: Path) -> None:
             (site / top).symlink_to(source)
 
 
-@pytest.fixture(scope="module")
-def agent_only(tmp_path_factory) -> Path:
-    """A folder that holds what `pip install 'edgepack[agent]'` installs, and nothing else."""
-    site = tmp_path_factory.mktemp("agent-only") / "site-packages"
+def _install(extras: set[str], folder: Path) -> Path:
+    """A site-packages folder holding what `pip install 'edgepack[EXTRAS]'` installs, and nothing else."""
+    site = folder / "site-packages"
     site.mkdir()
-    for distribution in _closure({"agent"}).values():
+    for distribution in _closure(extras).values():
         _link_distribution(distribution, site)
     for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         package = pattern.rstrip("*")
         (site / package).symlink_to(REPO / package)
     return site
+
+
+@pytest.fixture(scope="module")
+def agent_only(tmp_path_factory) -> Path:
+    """`pip install 'edgepack[agent]'`: the agent image."""
+    return _install({"agent"}, tmp_path_factory.mktemp("agent-only"))
+
+
+@pytest.fixture(scope="module")
+def core_only(tmp_path_factory) -> Path:
+    """`pip install edgepack`: no extra at all."""
+    return _install(set(), tmp_path_factory.mktemp("core-only"))
 
 
 def run_in(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -130,6 +141,19 @@ def test_a_testbed_run_names_all_three_extras_before_it_starts_anything(agent_on
     assert line.startswith("error: 'edgepack testbed run' needs the builder, fleet and agent extras: "
                            "pip install 'edgepack[builder,fleet,agent]' (missing module: ")
     assert not (tmp_path / "work").exists()
+
+
+def test_without_any_extra_the_agent_names_the_agent_extra_and_the_shared_commands_work(core_only, tmp_path):
+    (tmp_path / "agent.yaml").write_text("device_id: cam-017\n")
+    agent = edgepack_in(core_only, "agent", "run", "--config", "agent.yaml", cwd=tmp_path)
+    keys = edgepack_in(core_only, "keys", "generate", "keys", "--json", cwd=tmp_path)
+    profiles = edgepack_in(core_only, "profiles", "show", "jetson", "--json", cwd=tmp_path)
+
+    assert agent.returncode == 2  # before reading its config, so before spending an enrollment token
+    assert agent.stderr.splitlines() == ["error: 'edgepack agent run' needs the agent extra: pip install 'edgepack[agent]' "
+                                         "(missing module: paho)"]
+    assert keys.returncode == 0 and (tmp_path / "keys" / "edgepack.pub").is_file()
+    assert profiles.returncode == 0 and '"name": "jetson' in profiles.stdout
 
 
 def test_debug_shows_the_missing_module_s_traceback_instead(agent_only, tmp_path):

@@ -179,9 +179,7 @@ def test_a_newer_desired_state_supersedes_a_queued_older_one(run_agent, mosquitt
     watcher.wait_for(lambda s: s.seq == 1 and s.phase == "downloading")
     desire(mosquitto, agent, 2, bundles.v2)
     desire(mosquitto, agent, 3, bundles.onnx)
-    deadline = time.monotonic() + 5
-    while (agent._pending is None or agent._pending.seq != 3) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _wait_until(lambda: agent._pending is not None and agent._pending.seq == 3)  # seq 3 replaced the queued seq 2
     release.set()
 
     final = watcher.wait_for(lambda s: s.seq == 3 and s.phase in ("active", "failed"))

@@ -269,6 +269,15 @@ def test_a_request_in_flight_during_a_switch_finishes_on_its_model_which_is_free
     assert first_session() is None  # released once its last request returned
 
 
+def _answered_more(progress, more: int, timeout: float = 30.0) -> None:
+    """Until `progress()` grew by `more`: after a switch, requests started on the new model before the next one."""
+    target = progress() + more
+    deadline = time.monotonic() + timeout
+    while progress() < target:
+        assert time.monotonic() < deadline, "the clients stopped answering"
+        time.sleep(0.001)
+
+
 def test_switching_20_times_under_load_fails_no_request(slots):
     engine = InferenceEngine()
     ids = {slots[name][2] for name in ("onnx", "onnx_as_tensorrt")}
@@ -278,6 +287,7 @@ def test_switching_20_times_under_load_fails_no_request(slots):
     answered: list[str] = []
     failures: list[BaseException] = []
     lock = threading.Lock()
+    served = [0]  # requests answered so far; a lost increment between threads does not matter
 
     def hammer() -> None:
         mine, bad = [], []
@@ -286,6 +296,7 @@ def test_switching_20_times_under_load_fails_no_request(slots):
                 result = engine.infer_detailed({"input": SAMPLE})
                 np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-5)
                 mine.append(result.bundle_id)
+                served[0] += 1
             except BaseException as exc:  # every failure is the test's business
                 bad.append(exc)
         with lock:
@@ -298,7 +309,7 @@ def test_switching_20_times_under_load_fails_no_request(slots):
     for index in range(20):
         name = ("onnx_as_tensorrt", "onnx")[index % 2]
         engine.swap(*slots[name][:2], bundle_id=slots[name][2])
-        time.sleep(0.01)
+        _answered_more(lambda: served[0], 8)  # 4 clients: at least 4 of the 8 started on this model
     stop.set()
     for thread in threads:
         thread.join(30)
@@ -446,13 +457,13 @@ def test_http_keeps_answering_through_switches(engine, server, slots):
     for index in range(10):
         name = ("onnx_as_tensorrt", "onnx")[index % 2]
         engine.swap(*slots[name][:2], bundle_id=slots[name][2])
-        time.sleep(0.02)
+        _answered_more(lambda: len(results), 8)  # 4 clients: at least 4 of the 8 started on this model
     stop.set()
     for thread in threads:
         thread.join(30)
 
     assert results and {status for status, _ in results} == {200}
-    assert {bundle for _, bundle in results} <= ids
+    assert {bundle for _, bundle in results} == ids
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -77,12 +78,14 @@ def test_fleet_serve_without_urls_starts_an_embedded_broker_and_sqlite(tmp_path)
         import paho.mqtt.client as mqtt
 
         received = []
+        subscribed = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe")
         client.on_message = lambda c, u, m: received.append(m.payload)
+        client.on_subscribe = lambda *args: subscribed.set()
         client.connect("127.0.0.1", mqtt_port)
         client.loop_start()
         client.subscribe("probe/#", qos=1)
-        time.sleep(0.5)
+        assert subscribed.wait(5), "the embedded broker did not acknowledge the subscription"  # SUBACK, then publish
         client.publish("probe/x", b"hello", qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 5
         while not received and time.monotonic() < deadline:

@@ -41,9 +41,10 @@ sys.path.insert(0, str(REPO))
 from device_agent.http_server import InferenceServer  # noqa: E402
 from device_agent.inference import InferenceEngine  # noqa: E402
 from device_agent.runtimes import OnnxRuntimeAdapter  # noqa: E402
+from edgepack.manifest import BundleManifest  # noqa: E402
 
 
-def _slot(work: Path, name: str, source: Path, fixed_input: list[int] | None) -> tuple[Path, dict]:
+def _slot(work: Path, name: str, source: Path, fixed_input: list[int] | None) -> tuple[Path, BundleManifest]:
     """A folder laid out like an installed slot (model/model.onnx + manifest io) around `source`."""
     import onnx
 
@@ -55,13 +56,19 @@ def _slot(work: Path, name: str, source: Path, fixed_input: list[int] | None) ->
     signature = io_signature(onnx.load(str(source)))
     if fixed_input is not None:  # the builder fixes the input shape from the project config the same way
         signature["inputs"][0]["shape"] = fixed_input
-    manifest = {"name": name, "version": "bench", "runtime": "onnxruntime", "model": "model/model.onnx",
-                "files": {"model/model.onnx": {}}, "execution_providers": ["CPUExecutionProvider"], "io": signature}
-    (slot / "manifest.json").write_text(json.dumps(manifest))
+    from edgepack.bundle import canonical_json
+    from edgepack.files import file_sha256_size
+    from edgepack.manifest import BUNDLE_FORMAT, parse_manifest
+    from tests.edgepack.samples import manifest_content
+
+    digest, size = file_sha256_size(slot / "model" / "model.onnx")
+    manifest = parse_manifest({**manifest_content(name=name, version="bench", io=signature), "format": BUNDLE_FORMAT,
+                               "files": {"model/model.onnx": {"sha256": digest, "size": size}}})
+    (slot / "manifest.json").write_bytes(canonical_json(manifest.to_json_dict()))
     return slot, manifest
 
 
-def _models(work: Path) -> list[tuple[str, Path, dict, dict[str, np.ndarray]]]:
+def _models(work: Path) -> list[tuple[str, Path, BundleManifest, dict[str, np.ndarray]]]:
     from testbeds.models import ppocr_cls_model
     from testbeds.ppocr_cls import make_dataset
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.clock import SYSTEM_CLOCK, Clock
+from edgepack.manifest import BundleManifest
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ class DriftMonitor:
                     self._bins[bins.name] = bins
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, manifest: Mapping[str, Any] | None = None, **options: Any) -> "DriftMonitor | None":
-        """The monitor for an installed bundle, or None when it carries no usable `reference/stats.json`."""
-        member = "reference/stats.json"
-        if manifest is not None and member not in (manifest.get("files") or {}):
+    def from_bundle(cls, bundle_dir: Path, manifest: BundleManifest | None = None, **options: Any) -> "DriftMonitor | None":
+        """The monitor for an installed bundle, or None when it carries no usable reference stats (`manifest.reference_stats`)."""
+        member = manifest.reference_stats if manifest is not None else "reference/stats.json"
+        if manifest is not None and not manifest.lists(member):
             return None
         try:
             document = json.loads((Path(bundle_dir) / member).read_bytes())

@@ -141,8 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if model is None:
                     raise NoActiveModel("no model is active on this device yet")
                 manifest = model.manifest
-                return self._send_json(200, {"bundle_id": model.bundle_id, "name": manifest.get("name"),
-                                             "version": manifest.get("version"), "runtime": model.runtime, "io": model.io()})
+                return self._send_json(200, {"bundle_id": model.bundle_id, "name": manifest.name,
+                                             "version": manifest.version, "runtime": model.runtime, "io": model.io()})
             if path == "/v1/infer":
                 raise _RequestRefused(405, "use POST for /v1/infer", headers={"Allow": "POST"})
             raise _RequestRefused(404, f"no route {path}")

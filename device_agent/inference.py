@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edgepack.errors import EdgepackError
+from edgepack.manifest import BundleManifest, IoTensor
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,15 @@ class TensorSpec:
         return None if any(d is None for d in tail) else tail  # type: ignore[return-value]
 
     @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any]) -> "TensorSpec":
+    def from_manifest(cls, entry: IoTensor) -> "TensorSpec":
         try:
-            dtype = np.dtype(entry["dtype"]) if entry.get("dtype") else None
+            dtype = np.dtype(entry.dtype) if entry.dtype else None
         except TypeError:
             dtype = None
-        raw = entry.get("shape")
-        shape = None
-        names: tuple[str, ...] = ()
-        if isinstance(raw, list):
-            shape = tuple(int(d) if isinstance(d, int) and d > 0 else None for d in raw)
-            names = tuple(str(d) if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?") for d in raw)
-        return cls(name=str(entry["name"]), dtype=dtype, shape=shape, dim_names=names)
+        raw = entry.shape
+        shape = tuple(int(d) if isinstance(d, int) and d > 0 else None for d in raw)
+        names = tuple(str(d) if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?") for d in raw)
+        return cls(name=entry.name, dtype=dtype, shape=shape, dim_names=names)
 
     def describe_shape(self) -> str:
         return "[" + ", ".join(self.dim_names) + "]" if self.shape is not None else "any shape"
@@ -157,7 +155,7 @@ class LoadedModel:
 
     bundle_id: str
     slot_dir: Path
-    manifest: Mapping[str, Any]
+    manifest: BundleManifest
     session: Any  # device_agent.runtimes.ModelSession
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
@@ -171,7 +169,7 @@ class LoadedModel:
 
     @property
     def runtime(self) -> str:
-        return str(self.manifest.get("runtime", ""))
+        return self.manifest.runtime
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -183,8 +181,7 @@ class LoadedModel:
 
     def io(self) -> dict[str, list[dict]]:
         """The manifest's io signature (names, dtypes, shapes), JSON-ready."""
-        io = self.manifest.get("io") or {}
-        return {"inputs": list(io.get("inputs") or []), "outputs": list(io.get("outputs") or [])}
+        return self.manifest.io.model_dump(mode="json")
 
 
 class InferenceEvent(NamedTuple):
@@ -248,30 +245,22 @@ class InferenceEngine:
         model = self._model
         return model.bundle_id if model is not None else None
 
-    def load(self, slot_dir: Path, manifest: Mapping[str, Any], *, bundle_id: str | None = None) -> LoadedModel:
+    def load(self, slot_dir: Path, manifest: BundleManifest, *, bundle_id: str | None = None) -> LoadedModel:
         """Load (and warm up) a bundle's model without publishing it; ModelError when the runtime cannot."""
         from device_agent.runtimes import adapter_for
 
         slot_dir = Path(slot_dir)
-        manifest = dict(manifest)
-        bundle_id = bundle_id or f"{manifest.get('name', 'model')}-{manifest.get('version', '0')}"
-        session = adapter_for(str(manifest.get("runtime", ""))).load(slot_dir, manifest)
-        io = manifest.get("io") or {}
-        if io.get("inputs"):
-            inputs = tuple(TensorSpec.from_manifest(entry) for entry in io["inputs"])
-        else:  # a manifest without io: names from the runtime, no dtype or shape checks
-            inputs = tuple(TensorSpec(name, None, None) for name in session.input_names)
-        if io.get("outputs"):
-            outputs = tuple(TensorSpec.from_manifest(entry) for entry in io["outputs"])
-        else:
-            outputs = tuple(TensorSpec(name, None, None) for name in session.output_names)
+        bundle_id = bundle_id or f"{manifest.name}-{manifest.version}"
+        session = adapter_for(manifest.runtime).load(slot_dir, manifest)
+        inputs = tuple(TensorSpec.from_manifest(entry) for entry in manifest.io.inputs)
+        outputs = tuple(TensorSpec.from_manifest(entry) for entry in manifest.io.outputs)
         model = LoadedModel(bundle_id=bundle_id, slot_dir=slot_dir, manifest=manifest, session=session,
                             inputs=inputs, outputs=outputs, loaded_at=time.time())
         if self.warm_up:
             self._warm_up(model)
         return model
 
-    def swap(self, slot_dir: Path, manifest: Mapping[str, Any], *, bundle_id: str | None = None) -> LoadedModel:
+    def swap(self, slot_dir: Path, manifest: BundleManifest, *, bundle_id: str | None = None) -> LoadedModel:
         """Serve the bundle at `slot_dir` from the next request on; in-flight requests finish on the old model.
 
         The new session is loaded before anything changes: if that fails (ModelError, RuntimeUnavailable)

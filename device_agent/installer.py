@@ -30,6 +30,7 @@ from typing import Literal
 
 from edgepack.bundle import VerifiedBundle, open_bundle
 from edgepack.errors import BundleError, EdgepackError
+from edgepack.manifest import BundleManifest
 from edgepack.protocol import BundleRef
 
 from device_agent.downloader import Downloader, DownloadError, DownloadRefused
@@ -57,13 +58,9 @@ class InstallOutcome:
     selftest: SelftestResult | None = None
 
 
-def profile_matches(manifest: dict, device_profile: str) -> bool:
+def profile_matches(manifest: BundleManifest, device_profile: str) -> bool:
     """A bundle fits a device when the device's profile is the bundle's profile or one of its aliases."""
-    names = {str(manifest.get("profile", ""))}
-    aliases = manifest.get("profile_aliases") or []
-    if isinstance(aliases, list):
-        names.update(str(alias) for alias in aliases)
-    return device_profile in names
+    return device_profile == manifest.profile or device_profile in manifest.profile_aliases
 
 
 class Installer:
@@ -100,7 +97,6 @@ class Installer:
             return fetched
         bundle = fetched
         manifest = bundle.manifest
-        runtime = str(manifest.get("runtime", ""))
         self.state.fault("install.verified")
 
         on_phase("installing")
@@ -124,8 +120,8 @@ class Installer:
             self.state.discard_downloads()
             return self._failed(f"self-test failed: {result.reason}", downloaded=True, selftest=result)
 
-        record = SlotRecord(bundle_id=ref.id, name=str(manifest.get("name", "")), version=str(manifest.get("version", "")),
-                            profile=str(manifest.get("profile", "")), runtime=runtime, installed_at=time.time(),
+        record = SlotRecord(bundle_id=ref.id, name=manifest.name, version=manifest.version,
+                            profile=manifest.profile, runtime=manifest.runtime, installed_at=time.time(),
                             selftest={"passed": True, "cases": result.cases, "seconds": round(result.seconds, 3)})
         self.state.write_slot_record(slot, record)
         self.state.fault("install.recorded")
@@ -156,13 +152,12 @@ class Installer:
         manifest = bundle.manifest
         if not profile_matches(manifest, self.profile):
             self.state.discard_downloads()
-            aliases = manifest.get("profile_aliases") or []
-            also = f" (aliases: {', '.join(map(str, aliases))})" if aliases else ""
-            return self._failed(f"bundle refused: built for profile {manifest.get('profile')!r}{also}, "
+            aliases = manifest.profile_aliases
+            also = f" (aliases: {', '.join(aliases)})" if aliases else ""
+            return self._failed(f"bundle refused: built for profile {manifest.profile!r}{also}, "
                                 f"this device is {self.profile!r}", downloaded=True)
-        runtime = str(manifest.get("runtime", ""))
         try:
-            adapter_for(runtime)
+            adapter_for(manifest.runtime)
         except RuntimeUnavailable as exc:
             self.state.discard_downloads()
             return self._failed(f"bundle refused: {exc.message}", downloaded=True)

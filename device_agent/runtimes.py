@@ -1,6 +1,6 @@
 """Runtime adapters: load an installed bundle's model into the runtime its manifest names.
 
-    adapter = adapter_for(manifest["runtime"])       # RuntimeUnavailable when this device cannot run it
+    adapter = adapter_for(manifest.runtime)          # RuntimeUnavailable when this device cannot run it
     session = adapter.load(slot_dir, manifest)        # a ModelSession
     outputs = session.run({"input": array})           # {output name: array}
 
@@ -11,7 +11,7 @@ still starts and says "runtime X not available on this device" for that runtime'
     onnxruntime   onnxruntime; also `tensorrt` bundles, from their ONNX on the CPU execution provider
                   (the engine itself is built by `device_agent.tensorrt_engine`)
     tflite        LiteRT (`ai_edge_litert`, not TensorFlow), with the tensor map and int8 scales the
-                  builder wrote to `manifest["io_quantization"]`
+                  builder wrote to `manifest.io_quantization`
 
     openvino      OpenVINO on the CPU (`model/model.xml` + `.bin`), f32 inference precision as the
                   builder verified it, telemetry off
@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from edgepack.errors import BundleError, ModelError
+from edgepack.manifest import BundleManifest, IoTensor
+from edgepack.report import IoTensorQuantization
 
 
 class RuntimeUnavailable(ModelError):
@@ -69,7 +71,7 @@ class RuntimeAdapter:
         """None when this device can run the runtime, else why not (a missing package, a missing device)."""
         return None
 
-    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> ModelSession:
         raise NotImplementedError
 
 
@@ -90,11 +92,10 @@ def adapter_for(runtime: str) -> RuntimeAdapter:
     return adapter
 
 
-def model_path(bundle_dir: Path, manifest: dict, member: str | None = None) -> Path:
-    """The file of a manifest-listed member (default: `manifest["model"]`) inside an installed bundle."""
-    member = member or manifest.get("model")
-    files = manifest.get("files") or {}
-    if not isinstance(member, str) or member not in files:
+def model_path(bundle_dir: Path, manifest: BundleManifest, member: str | None = None) -> Path:
+    """The file of a manifest-listed member (default: `manifest.model`) inside an installed bundle."""
+    member = member or manifest.model
+    if not manifest.lists(member):
         raise BundleError(f"manifest names model {member!r}, which is not a listed member")
     parts = PurePosixPath(member).parts
     if member.startswith("/") or ".." in parts:
@@ -128,13 +129,13 @@ class OnnxRuntimeAdapter(RuntimeAdapter):
             return "the onnxruntime package is not installed"
         return None
 
-    def providers(self, manifest: dict) -> list[str]:
+    def providers(self, manifest: BundleManifest) -> list[str]:
         import onnxruntime
 
-        if manifest.get("runtime") == "tensorrt":
+        if manifest.runtime == "tensorrt":
             return ["CPUExecutionProvider"]
         available = set(onnxruntime.get_available_providers())
-        wanted = [p for p in manifest.get("execution_providers") or [] if p in available]
+        wanted = [p for p in manifest.execution_providers if p in available]
         if "CPUExecutionProvider" not in wanted:
             wanted.append("CPUExecutionProvider")
         return wanted
@@ -148,7 +149,7 @@ class OnnxRuntimeAdapter(RuntimeAdapter):
         options.log_severity_level = 3
         return options
 
-    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> ModelSession:
         import onnxruntime
 
         path = model_path(bundle_dir, manifest)
@@ -227,12 +228,12 @@ class LiteRtAdapter(RuntimeAdapter):
             return "the ai-edge-litert package is not installed"
         return None
 
-    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> ModelSession:
         from ai_edge_litert.interpreter import Interpreter, load_delegate
 
         path = model_path(bundle_dir, manifest)
         delegates = []
-        if "edgetpu" in (manifest.get("delegates") or []):
+        if "edgetpu" in manifest.delegates:
             try:
                 delegates.append(load_delegate("libedgetpu.so.1"))
             except (ValueError, OSError) as exc:
@@ -243,27 +244,26 @@ class LiteRtAdapter(RuntimeAdapter):
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load {path.name}: {str(exc).strip().splitlines()[0][:300]}") from None
-        io = manifest.get("io") or {}
-        mapping = manifest.get("io_quantization") or {}
-        inputs = self._specs(interpreter.get_input_details(), mapping.get("inputs"), io.get("inputs"))
-        outputs = self._specs(interpreter.get_output_details(), mapping.get("outputs"), io.get("outputs"))
+        mapping = manifest.io_quantization
+        inputs = self._specs(interpreter.get_input_details(), mapping.inputs if mapping else None, manifest.io.inputs)
+        outputs = self._specs(interpreter.get_output_details(), mapping.outputs if mapping else None, manifest.io.outputs)
         return _LiteRtSession(interpreter, inputs, outputs)
 
     @staticmethod
-    def _specs(details: list[dict], declared: list[dict] | None, signature: list[dict] | None) -> list[dict]:
+    def _specs(details: list[dict], declared: list[IoTensorQuantization] | None, signature: list[IoTensor]) -> list[dict]:
         """Each tensor as {name (ONNX), index, tensor_shape, dtype, scale, zero_point, transpose, onnx_shape}."""
         by_tflite_name = {d["name"]: d for d in details}
-        onnx_shapes = {s.get("name"): s.get("shape") for s in signature or []}
+        onnx_shapes = {s.name: s.shape for s in signature}
         specs = []
         if declared:
             for entry in declared:
-                detail = by_tflite_name.get(entry.get("tflite_name"))
+                detail = by_tflite_name.get(entry.tflite_name)
                 if detail is None:
-                    raise ModelError(f"LiteRT model has no tensor {entry.get('tflite_name')!r} that the manifest maps to {entry.get('name')!r}")
-                specs.append({**entry, "index": int(detail["index"]), "tensor_shape": [int(d) for d in detail["shape"]],
-                              "dtype": np.dtype(detail["dtype"]).name, "onnx_shape": onnx_shapes.get(entry.get("name"))})
+                    raise ModelError(f"LiteRT model has no tensor {entry.tflite_name!r} that the manifest maps to {entry.name!r}")
+                specs.append({**entry.model_dump(), "index": int(detail["index"]), "tensor_shape": [int(d) for d in detail["shape"]],
+                              "dtype": np.dtype(detail["dtype"]).name, "onnx_shape": onnx_shapes.get(entry.name)})
             return specs
-        names = [s.get("name") for s in signature or []]
+        names = [s.name for s in signature]
         for position, detail in enumerate(details):
             dtype = np.dtype(detail["dtype"]).name
             scale, zero_point = detail["quantization"]
@@ -321,7 +321,7 @@ class OpenVinoAdapter(RuntimeAdapter):
             return "the openvino package is not installed"
         return None
 
-    def load(self, bundle_dir: Path, manifest: dict) -> ModelSession:
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> ModelSession:
         # OpenVINO sends usage telemetry from `import openvino` unless its telemetry module is missing;
         # a device must not phone home (see builder/runtimes/openvino.py).
         sys.modules.setdefault("openvino_telemetry", None)
@@ -340,9 +340,8 @@ class OpenVinoAdapter(RuntimeAdapter):
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with C++ locations first
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"OpenVINO cannot load {path.name}: {first}") from None
-        io = manifest.get("io") or {}
-        declared_inputs = [str(entry.get("name")) for entry in io.get("inputs") or []]
-        declared_outputs = [str(entry.get("name")) for entry in io.get("outputs") or []]
+        declared_inputs = [entry.name for entry in manifest.io.inputs]
+        declared_outputs = [entry.name for entry in manifest.io.outputs]
         input_names, input_keys = self._match(declared_inputs, [port.get_names() for port in compiled.inputs], "input")
         output_names, output_keys = self._match(declared_outputs, [port.get_names() for port in compiled.outputs], "output")
         return _OpenVinoSession(compiled, input_keys, tuple(input_names), output_keys, tuple(output_names))

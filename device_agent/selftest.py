@@ -1,8 +1,8 @@
 """Run an installed bundle's self-test in the runtime it will serve with, before the device switches.
 
-`selftest/cases.json` (written by the builder):
+The manifest's `selftest` member (`selftest/cases.json`, an `edgepack.manifest.SelftestSpec`, written by the builder):
 
-    {"tolerance": {"atol": 0.01, "rtol": 0.08},
+    {"schema_version": 1, "runtime": "onnxruntime", "tolerance": {"atol": 0.01, "rtol": 0.08},
      "cases": [{"inputs": {"input": "selftest/0/in0.npy"}, "outputs": {"logits": "selftest/0/out0.npy"}}]}
 
 Every output must satisfy |actual - expected| <= atol + rtol * |expected| elementwise (numpy.isclose).
@@ -29,7 +29,9 @@ from typing import Literal
 
 import numpy as np
 
-from edgepack.errors import EdgepackError
+from edgepack.bundle import manifest_from_bytes
+from edgepack.errors import BundleError, EdgepackError
+from edgepack.manifest import BundleManifest, parse_selftest_spec
 
 _MAX_CASES_JSON = 16 * 1024 * 1024
 
@@ -47,8 +49,8 @@ class SelftestResult:
         return asdict(self)
 
 
-def _load_member(slot_dir: Path, manifest: dict, member: object) -> np.ndarray:
-    if not isinstance(member, str) or member not in (manifest.get("files") or {}):
+def _load_member(slot_dir: Path, manifest: BundleManifest, member: str) -> np.ndarray:
+    if not manifest.lists(member):
         raise ValueError(f"self-test names {member!r}, which is not a listed member")
     parts = PurePosixPath(member).parts
     if member.startswith("/") or ".." in parts:
@@ -63,23 +65,23 @@ def check_selftest(slot_dir: Path) -> SelftestResult:
 
     slot_dir = Path(slot_dir)
     started = time.perf_counter()
-    manifest = json.loads((slot_dir / "manifest.json").read_bytes())
-    runtime = str(manifest.get("runtime", ""))
-    cases_member = manifest.get("selftest")
-    if not cases_member:
-        return SelftestResult(False, reason="bundle has no self-test (manifest.selftest missing)", runtime=runtime)
     try:
-        cases_path = slot_dir.joinpath(*PurePosixPath(_listed(manifest, cases_member)).parts)
+        manifest = manifest_from_bytes((slot_dir / "manifest.json").read_bytes())
+    except (OSError, BundleError) as exc:
+        return SelftestResult(False, reason=f"manifest unreadable: {exc}")
+    runtime = manifest.runtime
+    try:
+        cases_path = slot_dir.joinpath(*PurePosixPath(_listed(manifest, manifest.selftest)).parts)
         if cases_path.stat().st_size > _MAX_CASES_JSON:
             raise ValueError("selftest cases file is too large")
-        document = json.loads(cases_path.read_bytes())
-        tolerance = document.get("tolerance") or {}
-        atol, rtol = float(tolerance.get("atol", 1e-5)), float(tolerance.get("rtol", 1e-3))
-        cases = document.get("cases")
-        if not isinstance(cases, list) or not cases:
-            return SelftestResult(False, reason="bundle's self-test has no cases", runtime=runtime)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        spec = parse_selftest_spec(json.loads(cases_path.read_bytes()), manifest.selftest)
+    except BundleError as exc:
+        return SelftestResult(False, reason=f"self-test cases unreadable: {exc.message}", runtime=runtime)
+    except (OSError, ValueError) as exc:
         return SelftestResult(False, reason=f"self-test cases unreadable: {exc}", runtime=runtime)
+    atol, rtol, cases = spec.tolerance.atol, spec.tolerance.rtol, spec.cases
+    if not cases:
+        return SelftestResult(False, reason="bundle's self-test has no cases", runtime=runtime)
 
     try:
         session = adapter_for(runtime).load(slot_dir, manifest)
@@ -90,9 +92,9 @@ def check_selftest(slot_dir: Path) -> SelftestResult:
     try:
         for index, case in enumerate(cases):
             try:
-                feeds = {name: _load_member(slot_dir, manifest, member) for name, member in case["inputs"].items()}
-                expected = {name: _load_member(slot_dir, manifest, member) for name, member in case["outputs"].items()}
-            except (KeyError, TypeError, AttributeError, OSError, ValueError) as exc:
+                feeds = {name: _load_member(slot_dir, manifest, member) for name, member in case.inputs.items()}
+                expected = {name: _load_member(slot_dir, manifest, member) for name, member in case.outputs.items()}
+            except (OSError, ValueError) as exc:
                 return SelftestResult(False, index, time.perf_counter() - started, f"self-test case {index} unreadable: {exc}", runtime)
             try:
                 actual = session.run(feeds)
@@ -133,8 +135,8 @@ def check_selftest(slot_dir: Path) -> SelftestResult:
     return SelftestResult(True, len(cases), time.perf_counter() - started, None, runtime, worst)
 
 
-def _listed(manifest: dict, member: object) -> str:
-    if not isinstance(member, str) or member not in (manifest.get("files") or {}):
+def _listed(manifest: BundleManifest, member: str) -> str:
+    if not manifest.lists(member):
         raise ValueError(f"{member!r} is not a listed member")
     if member.startswith("/") or ".." in PurePosixPath(member).parts:
         raise ValueError(f"{member!r} escapes the bundle")

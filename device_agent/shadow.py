@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgepack.bundle import manifest_from_bytes
 from edgepack.errors import EdgepackError
 from edgepack.protocol import BundleRef, DesiredState
 
@@ -355,8 +356,8 @@ class ShadowMode:
                               previous_bundle=pointer.previous.bundle_id if pointer.previous else None, **facts)
 
     def _load(self, bundle_id: str) -> _Candidate:
-        manifest = json.loads((self.bundle_dir / "manifest.json").read_bytes())
-        session = adapter_for(str(manifest.get("runtime", ""))).load(self.bundle_dir, manifest)
+        manifest = manifest_from_bytes((self.bundle_dir / "manifest.json").read_bytes())  # verified when it was staged
+        session = adapter_for(manifest.runtime).load(self.bundle_dir, manifest)
         return _Candidate(bundle_id=bundle_id, session=session, output_names=tuple(session.output_names))
 
     def _write_record(self, ref: BundleRef, desired: DesiredState) -> None:

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgepack.bundle import manifest_from_bytes
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError
 from edgepack.files import TEMP_SUFFIX, atomic_write, file_sha256_size, fsync_dir
+from edgepack.manifest import BundleManifest
 from edgepack.signing import verify_manifest_signature
 
 log = logging.getLogger(__name__)
@@ -174,20 +176,20 @@ class ActiveBundle:
     bundle_id: str
     slot: str
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     record: SlotRecord
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("name", ""))
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest.get("version", ""))
+        return self.manifest.version
 
     @property
     def runtime(self) -> str:
-        return str(self.manifest.get("runtime", ""))
+        return self.manifest.runtime
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def _member_problem(name: str) -> str | None:
     return None
 
 
-def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> dict:
+def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> BundleManifest:
     """Check an extracted bundle as strictly as `open_bundle` checks the archive; return its manifest.
 
     Signature over manifest.json against the trusted keys, every listed member present as a regular
@@ -230,15 +232,12 @@ def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> dict:
         raise SignatureError(f"slot {slot_dir.name}: manifest.sig is not valid JSON") from None
     verify_manifest_signature(manifest_bytes, signature_doc, trusted_keys)
     try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError:
-        raise BundleError(f"slot {slot_dir.name}: manifest.json is not valid JSON") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise BundleError(f"slot {slot_dir.name}: manifest.json has no files table")
+        manifest = manifest_from_bytes(manifest_bytes)
+    except BundleError as exc:
+        raise BundleError(f"slot {slot_dir.name}: {exc.message}", **exc.context) from None
 
     expected = {"manifest.json", "manifest.sig"}
-    for name, entry in sorted(files.items()):
+    for name, entry in sorted(manifest.files.items()):
         problem = _member_problem(name)
         if problem:
             raise BundleError(f"slot {slot_dir.name}: member {name!r} is {problem}")
@@ -246,7 +245,7 @@ def verify_slot_dir(slot_dir: Path, trusted_keys: list) -> dict:
         if path.is_symlink() or not path.is_file():
             raise IntegrityError(f"slot {slot_dir.name}: {name} missing or not a regular file", member=name)
         digest, size = file_sha256_size(path)
-        if not isinstance(entry, dict) or size != entry.get("size") or digest != entry.get("sha256"):
+        if size != entry.size or digest != entry.sha256:
             raise IntegrityError(f"slot {slot_dir.name}: {name} does not match the signed manifest", member=name)
         expected.add(name)
     for root, dirs, names in os.walk(slot_dir):
@@ -337,7 +336,7 @@ class AgentState:
     def write_slot_record(self, slot: str, record: SlotRecord) -> None:
         write_atomic(self.slot_record_path(slot), _json_bytes(record.to_json()), fault=self.fault, point=f"slot_record.{slot}")
 
-    def verify_slot(self, slot: str, bundle_id: str | None = None) -> tuple[SlotRecord, dict]:
+    def verify_slot(self, slot: str, bundle_id: str | None = None) -> tuple[SlotRecord, BundleManifest]:
         """(record, manifest) of a slot that holds a complete, self-tested, signed bundle; BundleError if not."""
         record = self.read_slot_record(slot)
         if record is None:
@@ -365,7 +364,7 @@ class AgentState:
         if active is None:
             return None
         record = self.read_slot_record(active.slot)
-        manifest = _read_json(self.slot_dir(active.slot) / "manifest.json")
+        manifest = _read_slot_manifest(self.slot_dir(active.slot))
         if record is None or manifest is None or record.bundle_id != active.bundle_id:
             return None
         return ActiveBundle(bundle_id=active.bundle_id, slot=active.slot, path=self.slot_dir(active.slot),
@@ -493,3 +492,14 @@ class AgentState:
             slots[slot] = None if record is None else record.to_json()
         return {"state_dir": str(self.root), "pointer": pointer.to_json(), "slots": slots,
                 "journal": self.read_journal().to_json(), "now": time.time()}
+
+
+def _read_slot_manifest(slot_dir: Path) -> BundleManifest | None:
+    """The manifest of an installed slot (already verified when it was installed), or None if unreadable."""
+    try:
+        return manifest_from_bytes((slot_dir / "manifest.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, BundleError) as exc:
+        log.warning("cannot read the manifest of slot %s: %s", slot_dir.name, exc)
+        return None

@@ -6,7 +6,7 @@ the ONNX model plus a `tensorrt` spec in its manifest (written by `builder.targe
     {"build_on_device": true, "explicit_quantization": true, "sparse_tensor_cores": false,
      "trtexec": "trtexec --onnx=model/model.onnx --saveEngine=model.engine --int8 --fp16", "doc": "…"}
 
-`EngineSpec.from_manifest` checks that dict (a malformed one is a BundleError naming the field) and
+`EngineSpec.from_manifest` checks `manifest.tensorrt` (a malformed one is a BundleError naming the field) and
 `build_engine` turns the ONNX into a serialized engine with TensorRT's Python API, using the same
 builder flags `trtexec` would. Engines are cached under `cache_dir` by `engine_cache_key` (ONNX sha256,
 TensorRT version, GPU name and the build flags), so a restart or a rollback reuses the engine instead
@@ -37,6 +37,7 @@ from typing import Any
 
 from edgepack.errors import BundleError, ModelError
 from edgepack.files import atomic_write, file_sha256
+from edgepack.report import TensorRTEngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, device_name: str, *, bu
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build a bundle's engine, as the builder declared it in `manifest["tensorrt"]`."""
+    """How to build a bundle's engine, as the builder declared it in `manifest.tensorrt`."""
 
     onnx_member: str  # bundle member of the ONNX, e.g. "model/model.onnx"
     fp16: bool
@@ -87,12 +88,16 @@ class EngineSpec:
         return (*flags, f"workspace={self.workspace_bytes}")
 
     @classmethod
-    def from_manifest(cls, spec: Any) -> "EngineSpec":
-        """Parse `manifest["tensorrt"]`; BundleError naming the field when it is malformed.
+    def from_manifest(cls, spec: TensorRTEngineSpec | Mapping[str, Any] | Any) -> "EngineSpec":
+        """Parse `manifest.tensorrt` (or the same as a JSON object); BundleError naming the field when it is malformed.
 
-        Unknown keys (e.g. "doc") are ignored; unknown trtexec flags are refused, because an agent that
-        silently skipped one would build a different engine from the one the builder verified.
+        The manifest model has checked the types already; what is left is whether the flags agree with
+        the trtexec command line. Unknown keys of a JSON object (e.g. "doc") are ignored; unknown trtexec
+        flags are refused, because an agent that silently skipped one would build a different engine
+        from the one the builder verified.
         """
+        if isinstance(spec, TensorRTEngineSpec):
+            spec = spec.model_dump()
         if not isinstance(spec, Mapping):
             raise BundleError(f"tensorrt: expected an object, got {type(spec).__name__}", field="tensorrt")
         for key in (*_REQUIRED_BOOLS, "trtexec"):

@@ -4,19 +4,19 @@ Layout (in this order): `manifest.json`, `manifest.sig`, then directory entries 
 name. Every entry has mtime `$SOURCE_DATE_EPOCH` (default 0), uid/gid 0, empty owner names, mode 0644
 (files) or 0755 (directories), so identical inputs give a byte-identical file.
 
-`manifest.json` is canonical JSON and lists every member as `files: {path: {sha256, size}}`;
-`manifest.sig` signs its exact bytes (see `edgepack.signing`).
+`manifest.json` is canonical JSON of an `edgepack.manifest.BundleManifest` and lists every member as
+`files: {path: {sha256, size}}`; `manifest.sig` signs its exact bytes (see `edgepack.signing`).
 
 Reading never trusts the archive: `open_bundle` refuses unsafe members (absolute paths, `..`, links,
 devices, duplicates), checks the signature against trusted keys, then the size and sha256 of every
-listed member and the absence of unlisted ones, all before a single byte is written anywhere.
+listed member and the absence of unlisted ones, all before a single byte is written anywhere; a
+manifest that is not a valid `BundleManifest` is refused with one line naming the field.
 `VerifiedBundle.read` and `.extract` hash what they hand out again, so a bundle swapped on disk after
 verification is caught too.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -27,15 +27,15 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError, UnsafeMemberError
 from edgepack.files import file_sha256_size, fsync_dir
+from edgepack.manifest import BUNDLE_FORMAT, BundleManifest, ManifestContent, parse_content, parse_manifest
 from edgepack.signing import sign_manifest, verify_manifest_signature
 
-BUNDLE_FORMAT = "edgepack-bundle/1"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
@@ -44,7 +44,6 @@ RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _MAX_SIGNATURE_BYTES = 64 * 1024
 _CHUNK = 1024 * 1024
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
 
 __all__ = [
@@ -55,6 +54,7 @@ __all__ = [
     "VerifiedBundle",
     "canonical_json",
     "inspect_bundle",
+    "manifest_from_bytes",
     "open_bundle",
     "read_manifest_unverified",
     "write_bundle",
@@ -152,7 +152,7 @@ class BundleInfo:
     path: Path
     sha256: str
     size_bytes: int
-    manifest: dict
+    manifest: BundleManifest
 
 
 def _source_date_epoch() -> int:
@@ -197,19 +197,19 @@ class _HashingReader:
 def write_bundle(
     path: Path,
     members: Mapping[str, bytes | Path],
-    manifest: dict,
+    manifest: ManifestContent | Mapping[str, Any],
     private_key: Ed25519PrivateKey,
 ) -> BundleInfo:
     """Write a signed, deterministic bundle to `path` and return what was written.
 
     `members` maps member paths ("model/model.onnx", "reference/stats.json", …) to their bytes, or to
-    a file to stream from for large models. The caller's `manifest` is not modified: a copy gets
-    `format` and `files` filled in, is signed, and is returned as `BundleInfo.manifest`. The file
+    a file to stream from for large models. `manifest` is the content (a mapping is validated first,
+    so nothing malformed gets signed; its `format` and `files`, if any, are ignored): `format` and
+    `files` are filled in, and the result is signed and returned as `BundleInfo.manifest`. The file
     appears atomically (temp file in the same folder, then rename); on error nothing is left behind.
     """
     path = Path(path)
-    if not isinstance(manifest, dict):
-        raise TypeError(f"manifest must be a dict, not {type(manifest).__name__}")
+    checked = parse_content(manifest)
     mtime = _source_date_epoch()
 
     files: dict[str, dict[str, object]] = {}
@@ -230,10 +230,10 @@ def write_bundle(
             raise TypeError(f"{name}: member content must be bytes or a Path, not {type(content).__name__}")
     _check_no_file_dir_clash(set(files))
 
-    signed_manifest = copy.deepcopy(manifest)
-    signed_manifest["format"] = BUNDLE_FORMAT
-    signed_manifest["files"] = {name: files[name] for name in sorted(files)}
-    manifest_bytes = canonical_json(signed_manifest)
+    signed_manifest = BundleManifest.model_validate(
+        {**checked.model_dump(exclude={"format", "files"}), "format": BUNDLE_FORMAT, "files": {name: files[name] for name in sorted(files)}}
+    )
+    manifest_bytes = canonical_json(signed_manifest.to_json_dict())
     signature_bytes = canonical_json(sign_manifest(manifest_bytes, private_key))
 
     directories = {parent for name in files for parent in _parents(name)}
@@ -408,24 +408,31 @@ def _parse_json_object(data: bytes, what: str, error: type[BundleError]) -> dict
     return value
 
 
-def _manifest_files(manifest: dict) -> dict[str, tuple[int, str]]:
-    """The manifest's `files` as {name: (size, sha256)}, after checking its shape and names."""
-    listed = manifest.get("files")
-    if not isinstance(listed, dict):
-        raise BundleError("manifest.json has no files table", member=MANIFEST_NAME)
-    result: dict[str, tuple[int, str]] = {}
-    for name, entry in listed.items():
+def _check_listed_names(document: dict) -> None:
+    """Refuse unsafe or reserved member names in the manifest's `files` before anything else reads it."""
+    listed = document.get("files")  # the raw JSON object: its shape is checked by parse_manifest next
+    for name in listed if isinstance(listed, dict) else ():
         _check_member_name(name)
         if name in RESERVED_NAMES:
             raise BundleError(f"manifest.json lists the reserved name {name}", member=name)
-        size = entry.get("size") if isinstance(entry, dict) else None
-        digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise BundleError(f"manifest.json: {_show(name)} has no valid size", member=name)
-        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
-            raise BundleError(f"manifest.json: {_show(name)} has no valid sha256", member=name)
-        result[name] = (size, digest)
-    return result
+
+
+def manifest_from_bytes(manifest_bytes: bytes) -> BundleManifest:
+    """manifest.json's bytes as a BundleManifest: valid JSON, our format, safe names, every field as typed.
+
+    Checks no signature: callers verify the bytes first (open_bundle, the agent's slot check).
+    """
+    document = _parse_json_object(manifest_bytes, MANIFEST_NAME, BundleError)
+    bundle_format = document.get("format")
+    if bundle_format != BUNDLE_FORMAT:
+        raise BundleError(f"unsupported bundle format {bundle_format!r} (expected {BUNDLE_FORMAT!r})")
+    _check_listed_names(document)
+    return parse_manifest(document, MANIFEST_NAME)
+
+
+def _manifest_files(manifest: BundleManifest) -> dict[str, tuple[int, str]]:
+    """The manifest's `files` as {name: (size, sha256)}."""
+    return {name: (entry.size, entry.sha256) for name, entry in manifest.files.items()}
 
 
 def _check_against_manifest(scan: _Scan, listed: dict[str, tuple[int, str]]) -> dict[str, _Member]:
@@ -460,7 +467,7 @@ class VerifiedBundle:
     """
 
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     key_id: str
     manifest_bytes: bytes
     signature_bytes: bytes
@@ -550,10 +557,7 @@ def open_bundle(path: Path, trusted_keys: list[Ed25519PublicKey]) -> VerifiedBun
     scan = _scan(path)
     signature_doc = _parse_json_object(scan.signature_bytes, SIGNATURE_NAME, SignatureError)
     signer = verify_manifest_signature(scan.manifest_bytes, signature_doc, trusted_keys)
-    manifest = _parse_json_object(scan.manifest_bytes, MANIFEST_NAME, BundleError)
-    bundle_format = manifest.get("format")
-    if bundle_format != BUNDLE_FORMAT:
-        raise BundleError(f"unsupported bundle format {bundle_format!r} (expected {BUNDLE_FORMAT!r})")
+    manifest = manifest_from_bytes(scan.manifest_bytes)
     listed = _manifest_files(manifest)
     members = _check_against_manifest(scan, listed)
     return VerifiedBundle(
@@ -567,25 +571,34 @@ def open_bundle(path: Path, trusted_keys: list[Ed25519PublicKey]) -> VerifiedBun
     )
 
 
-def read_manifest_unverified(path: Path) -> dict:
+def read_manifest_unverified(path: Path) -> BundleManifest:
     """The manifest of a bundle whose entries are safe, WITHOUT checking signature or hashes."""
-    return _parse_json_object(_scan(path).manifest_bytes, MANIFEST_NAME, BundleError)
+    return manifest_from_bytes(_scan(path).manifest_bytes)
 
 
 def inspect_bundle(path: Path) -> dict:
     """Describe a bundle without a trusted key (still refusing unsafe entries).
 
-    Returns {"manifest", "signature" (the sig document, or None if unreadable), "files": [{"path",
-    "size", "sha256", "status"}], "bundle_sha256", "size_bytes"}, where status is "ok", "missing",
-    "size mismatch", "sha256 mismatch" or "not in manifest". The signature is not checked.
+    Returns {"manifest" (the JSON object as written), "manifest_problem" (None, or the one line saying
+    why it is not a valid BundleManifest), "signature" (the sig document, or None if unreadable),
+    "files": [{"path", "size", "sha256", "status"}], "bundle_sha256", "size_bytes"}, where status is
+    "ok", "missing", "size mismatch", "sha256 mismatch" or "not in manifest". The signature is not
+    checked. A manifest that does not validate is still described, so it can be looked at.
     """
     scan = _scan(path)
-    manifest = _parse_json_object(scan.manifest_bytes, MANIFEST_NAME, BundleError)
+    document = _parse_json_object(scan.manifest_bytes, MANIFEST_NAME, BundleError)
     try:
         signature: dict | None = _parse_json_object(scan.signature_bytes, SIGNATURE_NAME, SignatureError)
     except SignatureError:
         signature = None
-    listed = _manifest_files(manifest)
+    try:
+        listed = _manifest_files(manifest_from_bytes(scan.manifest_bytes))
+        problem = None
+    except UnsafeMemberError:
+        raise
+    except BundleError as exc:
+        problem = exc.message
+        listed = _listed_as_written(document)
 
     rows = []
     with open(scan.path, "rb") as handle:
@@ -612,9 +625,20 @@ def inspect_bundle(path: Path) -> dict:
             )
     bundle_sha256, size_bytes = file_sha256_size(scan.path)
     return {
-        "manifest": manifest,
+        "manifest": document,
+        "manifest_problem": problem,
         "signature": signature,
         "files": rows,
         "bundle_sha256": bundle_sha256,
         "size_bytes": size_bytes,
     }
+
+
+def _listed_as_written(document: dict) -> dict[str, tuple[int, str]]:
+    """The well-formed entries of a manifest's `files` table that failed validation elsewhere."""
+    listed = document.get("files")
+    result: dict[str, tuple[int, str]] = {}
+    for name, entry in (listed.items() if isinstance(listed, dict) else ()):
+        if isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str):
+            result[name] = (entry["size"], entry["sha256"])
+    return result

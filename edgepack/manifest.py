@@ -58,7 +58,8 @@ __all__ = [
 
 
 class _ManifestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity: canonical JSON has no spelling for them (pydantic would write null).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # Optional fields written only when set: their keys never appeared as null in a manifest.
     omit_when_none: ClassVar[frozenset[str]] = frozenset()

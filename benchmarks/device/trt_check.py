@@ -49,6 +49,7 @@ from device_agent.tensorrt_engine import (  # noqa: E402
 )
 from edgepack.bundle import open_bundle  # noqa: E402
 from edgepack.errors import EdgepackError  # noqa: E402
+from edgepack.manifest import BundleManifest  # noqa: E402
 from edgepack.signing import generate_keypair, load_public_key  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
@@ -70,7 +71,7 @@ class Variant:
 # build, extract, self-test vectors
 
 
-def build_and_extract(work: Path) -> tuple[dict, Path, Path]:
+def build_and_extract(work: Path) -> tuple[BundleManifest, Path, Path]:
     """Build digits for jetson into `work`; returns (manifest, extracted bundle root, pass cache dir)."""
     private_key, public_key = generate_keypair(work / "keys")
     cache = work / "cache"
@@ -87,8 +88,8 @@ def build_and_extract(work: Path) -> tuple[dict, Path, Path]:
     return bundle.manifest, root, cache
 
 
-def load_selftest(root: Path, manifest: dict) -> tuple[list[tuple[Feeds, Feeds]], float, float]:
-    selftest = json.loads((root / manifest["selftest"]).read_text())
+def load_selftest(root: Path, manifest: BundleManifest) -> tuple[list[tuple[Feeds, Feeds]], float, float]:
+    selftest = json.loads((root / manifest.selftest).read_text())
     cases = [({name: np.load(root / member) for name, member in case["inputs"].items()},
               {name: np.load(root / member) for name, member in case["outputs"].items()})
              for case in selftest["cases"]]
@@ -342,12 +343,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         manifest, root, cache = build_and_extract(work)
-        if manifest["runtime"] != "tensorrt":
-            print(f"FAIL: the jetson bundle's runtime is {manifest['runtime']!r}, expected 'tensorrt'")
+        if manifest.runtime != "tensorrt":
+            print(f"FAIL: the jetson bundle's runtime is {manifest.runtime!r}, expected 'tensorrt'")
             return 1
-        spec = EngineSpec.from_manifest(manifest["tensorrt"])
+        spec = EngineSpec.from_manifest(manifest.tensorrt)
         cases, atol, rtol = load_selftest(root, manifest)
-        variants = [Variant(f"bundle ({manifest['variant']}, selected)", root / spec.onnx_member, spec, cases, atol, rtol)]
+        variants = [Variant(f"bundle ({manifest.variant}, selected)", root / spec.onnx_member, spec, cases, atol, rtol)]
         fp16 = fp16_from_cache(cache)
         if fp16 is not None and manifest["precision"] != "fp16":
             # The bundle's vectors hold the selected variant's outputs; fp16 is checked against itself on the CPU.

@@ -27,10 +27,7 @@ def verify(
     keys = [load_public_key(path) for path in trusted_keys]
     bundle = open_bundle(bundle_path, keys)
     manifest = bundle.manifest
-    typer.echo(
-        f"OK: {manifest.get('name', '?')} {manifest.get('version', '?')} {manifest.get('profile', '?')}, "
-        f"signed by {bundle.key_id}"
-    )
+    typer.echo(f"OK: {manifest.name} {manifest.version} {manifest.profile}, signed by {bundle.key_id}")
 
 
 @app.command("inspect")
@@ -46,12 +43,15 @@ def inspect(
         document = dict(described["manifest"])
         document["bundle_sha256"] = described["bundle_sha256"]
         document["size_bytes"] = described["size_bytes"]
+        if described["manifest_problem"]:
+            document["manifest_problem"] = described["manifest_problem"]
         typer.echo(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False))
         return
     _print_tables(bundle_path, described)
 
 
 def _print_tables(bundle_path: Path, described: dict) -> None:
+    # The manifest as written, not a BundleManifest: inspect also shows one that does not validate.
     from rich.console import Console
     from rich.table import Table
 
@@ -66,6 +66,8 @@ def _print_tables(bundle_path: Path, described: dict) -> None:
     for key in [k for k in _HEADLINE_FIELDS if k in manifest] + rest:
         value = manifest[key]
         summary.add_row(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    if described["manifest_problem"]:
+        summary.add_row("problem", f"[bold red]{described['manifest_problem']}[/bold red]")
     summary.add_row("signed by", f"{signature.get('key_id', '?')} ({signature.get('alg', '?')}, not verified)")
     summary.add_row("bundle sha256", described["bundle_sha256"])
     summary.add_row("size", f"{described['size_bytes']} bytes")

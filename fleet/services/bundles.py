@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from edgepack.bundle import open_bundle
 from edgepack.errors import BundleError, ConfigError, EdgepackError, NotFound, RangeNotSatisfiable
 from edgepack.files import file_sha256
+from edgepack.manifest import BundleManifest
 from fleet import metrics
 from fleet.models import Bundle
 from fleet.services import audit
@@ -29,21 +30,22 @@ from fleet.store import BundleStore
 
 STAGES: tuple[str, ...] = ("staging", "production")
 API_PREFIX = "/api/v1"
-_REQUIRED_STRINGS = ("name", "version", "profile", "runtime", "precision")
+# The manifest fields the bundles table indexes, with its column widths.
 _LIMITS = {"name": 128, "version": 64, "profile": 64, "runtime": 32, "precision": 16}
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{8,64}$")
 _CHUNK = 256 * 1024
 
 
-def _manifest_fields(manifest: dict) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for key in _REQUIRED_STRINGS:
-        value = manifest.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise BundleError(f"manifest.json has no {key}", member="manifest.json")
+def _manifest_fields(manifest: BundleManifest) -> dict[str, str]:
+    """The indexed columns of a verified manifest (whose fields are typed already); too long is refused."""
+    fields = {"name": manifest.name, "version": manifest.version, "profile": manifest.profile,
+              "runtime": manifest.runtime, "precision": manifest.precision}
+    for key, value in fields.items():
+        if not value.strip():
+            raise BundleError(f"manifest.json: field '{key}' is blank", member="manifest.json", field=key)
         if len(value) > _LIMITS[key]:
-            raise BundleError(f"manifest.json: {key} is longer than {_LIMITS[key]} characters", member="manifest.json")
-        fields[key] = value
+            raise BundleError(f"manifest.json: field '{key}' is longer than {_LIMITS[key]} characters",
+                              member="manifest.json", field=key)
     return fields
 
 
@@ -79,7 +81,7 @@ def add_bundle(session: Session, store: BundleStore, upload: Path, *, trusted_ke
     if existing is not None:
         return existing, False
 
-    bundle = Bundle(id=sha256, size_bytes=size, key_id=verified.key_id, manifest=verified.manifest,
+    bundle = Bundle(id=sha256, size_bytes=size, key_id=verified.key_id, manifest=verified.manifest.to_json_dict(),
                     stage=None, uploaded_by=actor, **fields)
     session.add(bundle)
     audit.record(session, actor, "bundle.upload", sha256,

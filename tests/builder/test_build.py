@@ -55,9 +55,9 @@ def test_digits_for_jetson_selects_int8_within_half_a_point_and_under_30_percent
     assert report.gates.passed is True
     bundle = Path(report.bundle.path)
     verified = open_bundle(bundle, [load_public_key(public)])
-    assert verified.manifest["precision"] == "int8" and verified.manifest["profile"] == "jetson-orin-nano"
+    assert verified.manifest.precision == "int8" and verified.manifest.profile == "jetson-orin-nano"
     assert {"model/model.onnx", "reference/stats.json", "selftest/cases.json", "sbom.cdx.json"} <= set(verified.members)
-    assert verified.manifest["lineage"]["source_model_sha256"]
+    assert verified.manifest.lineage.source_model_sha256
     html = (out / "digits-cnn-1.0.0-jetson-orin-nano.report.html").read_text()
     assert "<svg" in html and "int8" in html
 

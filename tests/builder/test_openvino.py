@@ -165,7 +165,7 @@ def test_digits_for_intel_nuc_verifies_openvino_variants_in_openvino(tmp_path, k
         assert {"model/model.xml", "model/model.bin"} <= set(bundle.members)
     else:
         assert "model/model.onnx" in bundle.members
-    assert bundle.manifest["runtime"] == selected.runtime
+    assert bundle.manifest.runtime == selected.runtime
 
 
 def test_openvino_only_board_ships_an_ir_whose_selftest_passes_in_openvino(tmp_path, keys):
@@ -179,8 +179,8 @@ def test_openvino_only_board_ships_an_ir_whose_selftest_passes_in_openvino(tmp_p
     assert result.exit_code == 0 and report.selected.startswith("ov-") and report.runtime == "openvino"
     bundle = open_bundle(Path(report.bundle.path), [load_public_key(public)])
     assert {"model/model.xml", "model/model.bin"} <= set(bundle.members)
-    assert bundle.manifest["model"] == "model/model.xml" and bundle.manifest["model_format"] == "openvino-ir"
-    assert bundle.manifest["model_files"] == ["model/model.bin", "model/model.xml"]
+    assert bundle.manifest.model == "model/model.xml" and bundle.manifest.model_format == "openvino-ir"
+    assert bundle.manifest.model_files == ["model/model.bin", "model/model.xml"]
     unpacked = bundle.extract(tmp_path / "unpacked")
     selftest = json.loads((unpacked / "selftest" / "cases.json").read_text())
     adapter = get_adapter("openvino")

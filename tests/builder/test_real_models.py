@@ -43,8 +43,8 @@ def test_ppocr_classifier_builds_for_x86_vnni_with_a_verified_int8_variant(tmp_p
     if int8.latency_ms.p50 > fp32.latency_ms.p50 * 1.05:
         assert any("int8 does not pay here" in note for note in report.notes)
     bundle = open_bundle(Path(report.bundle.path), [load_public_key(public)])
-    assert bundle.manifest["io"]["inputs"][0]["shape"] == [1, 3, 48, 192]
-    assert bundle.manifest["lineage"]["source_model_sha256"] == source["sha256"]
+    assert bundle.manifest.io.inputs[0].shape == [1, 3, 48, 192]
+    assert bundle.manifest.lineage.source_model_sha256 == source["sha256"]
 
 
 def test_silero_vad_builds_where_shapes_may_stay_dynamic(tmp_path):

@@ -79,11 +79,11 @@ def test_coral_ships_the_full_int8_tflite_with_its_edgetpu_placement_and_compile
     bundle = open_bundle(Path(report.bundle.path), [load_public_key(shared["public"])])
     assert "model/model.tflite" in bundle.members
     manifest = bundle.manifest
-    assert manifest["runtime"] == "tflite" and manifest["delegates"] == ["edgetpu"]
-    assert manifest["io_quantization"]["inputs"][0]["dtype"] == "int8"
-    assert manifest["io_quantization"]["outputs"][0]["dtype"] == "int8"
-    assert manifest["edgetpu"]["compiler_command"] == placement["compiler_command"]
-    assert manifest["edgetpu"]["placement"] == placement["placement"]
+    assert manifest.runtime == "tflite" and manifest.delegates == ["edgetpu"]
+    assert manifest.io_quantization.inputs[0].dtype == "int8"
+    assert manifest.io_quantization.outputs[0].dtype == "int8"
+    assert manifest.edgetpu.compiler_command == placement["compiler_command"]
+    assert manifest.edgetpu.model_dump()["placement"] == placement["placement"]
 
 
 def test_an_op_onnx2tf_cannot_convert_is_one_line_and_a_log_while_onnxruntime_builds(tmp_path):

@@ -151,7 +151,7 @@ def onnx_variant_bundle(dest: Path, model_bytes: bytes, keys_dir: Path, template
 
     with tarfile.open(template.path) as tar:
         members["reference/stats.json"] = tar.extractfile("reference/stats.json").read()
-    manifest = {k: v for k, v in read_manifest_unverified(template.path).items() if k not in ("format", "files")}
+    manifest = {k: v for k, v in read_manifest_unverified(template.path).to_json_dict().items() if k not in ("format", "files")}
     manifest["version"] = version
     info = write_bundle(dest, members, manifest, load_private_key(keys_dir / "edgepack.key"))
     digest = hashlib.sha256(info.path.read_bytes()).hexdigest()

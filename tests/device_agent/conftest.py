@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
+from edgepack.manifest import BundleManifest
 from edgepack.protocol import BundleRef, DeviceStatus, decode, status_topic
 from tests.support import REPO
 
@@ -34,7 +35,7 @@ DIGITS_CONFIG = REPO / "examples" / "digits" / "edgepack.yaml"
 class BuiltBundle:
     path: Path
     ref: BundleRef
-    manifest: dict
+    manifest: BundleManifest
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,9 @@ class BundleSet:
                 self.onnx, self.onnx_as_tensorrt]
 
 
-def _ref(path: Path, manifest: dict) -> BuiltBundle:
+def _ref(path: Path, manifest: BundleManifest) -> BuiltBundle:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    ref = BundleRef(id=digest, name=manifest["name"], version=manifest["version"], profile=manifest["profile"],
+    ref = BundleRef(id=digest, name=manifest.name, version=manifest.version, profile=manifest.profile,
                     sha256=digest, size=path.stat().st_size, url=f"/api/v1/bundles/{digest}/download")
     return BuiltBundle(path=path, ref=ref, manifest=manifest)
 
@@ -129,11 +130,11 @@ def _onnx_bundle(source: Path, dest: Path, key, *, runtime: str) -> BuiltBundle:
     members["reference/stats.json"] = _member(source, "reference/stats.json")
     from edgepack.bundle import read_manifest_unverified, write_bundle
 
-    manifest = {k: v for k, v in read_manifest_unverified(source).items() if k not in ("format", "files", "io_quantization")}
+    manifest = {k: v for k, v in read_manifest_unverified(source).to_json_dict().items() if k not in ("format", "files", "io_quantization")}
     manifest.update({"version": "1.0.0-" + runtime, "runtime": runtime, "model": "model/model.onnx",
                      "model_files": ["model/model.onnx"], "model_format": "onnx", "precision": "fp32",
                      "execution_providers": ["CPUExecutionProvider"], "delegates": []})
-    manifest.pop("sbom", None)
+    members["sbom.cdx.json"] = _member(source, "sbom.cdx.json")
     info = write_bundle(dest, members, manifest, key)
     return _ref(info.path, info.manifest)
 
@@ -177,7 +178,7 @@ def bundles(tmp_path_factory) -> BundleSet:
         bad_dir = root / "bad"
         selftest_fails = _rewrite(v2.path, bad_dir / "selftest-fails.edgepack", key,
                                   manifest_update={"version": "3.0.0"}, member_update=zeros)
-        tampered = _flip_model_byte(v2.path, bad_dir / "tampered.edgepack", v2.manifest["model"])
+        tampered = _flip_model_byte(v2.path, bad_dir / "tampered.edgepack", v2.manifest.model)
         untrusted = _rewrite(v2.path, bad_dir / "untrusted.edgepack", load_private_key(other_private),
                              manifest_update={"version": "2.0.1"})
         other_runtime = _rewrite(v2.path, bad_dir / "rknn.edgepack", key,

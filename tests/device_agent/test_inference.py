@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
@@ -18,7 +19,9 @@ import pytest
 
 from device_agent.http_server import InferenceServer
 from device_agent.inference import InferenceEngine, InferenceError, InferenceEvent, InferenceFailed, InvalidInput, NoActiveModel
-from edgepack.bundle import open_bundle
+from edgepack.bundle import manifest_from_bytes, open_bundle
+from edgepack.manifest import BUNDLE_FORMAT, BundleManifest, parse_manifest
+from tests.edgepack.samples import manifest_content
 from edgepack.signing import load_public_key
 
 SAMPLE = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
@@ -32,17 +35,17 @@ def _extract(bundle, root: Path, public_key: Path) -> tuple[Path, dict, str]:
     slot = root / f"slot-{bundle.ref.id[:12]}"
     verified = open_bundle(bundle.path, [load_public_key(public_key)])
     verified.extract(slot)
-    return slot, json.loads((slot / "manifest.json").read_bytes()), bundle.ref.id
+    return slot, manifest_from_bytes((slot / "manifest.json").read_bytes()), bundle.ref.id
 
 
 @pytest.fixture(scope="module")
-def slots(bundles, tmp_path_factory) -> dict[str, tuple[Path, dict, str]]:
+def slots(bundles, tmp_path_factory) -> dict[str, tuple[Path, BundleManifest, str]]:
     root = tmp_path_factory.mktemp("slots")
     return {name: _extract(getattr(bundles, name), root, bundles.public_key) for name in ("onnx", "onnx_as_tensorrt", "v1")}
 
 
 @pytest.fixture(scope="module")
-def openvino_slot(bundles, tmp_path_factory) -> tuple[Path, dict, str]:
+def openvino_slot(bundles, tmp_path_factory) -> tuple[Path, BundleManifest, str]:
     """The onnx bundle remade around an OpenVINO IR of the same model (its self-test stays valid)."""
     import sys
 
@@ -65,7 +68,7 @@ def openvino_slot(bundles, tmp_path_factory) -> tuple[Path, dict, str]:
     info = write_bundle(root / "openvino.edgepack", members, manifest, load_private_key(bundles.keys_dir / "edgepack.key"))
     slot = root / "slot"
     open_bundle(info.path, [load_public_key(bundles.public_key)]).extract(slot)
-    return slot, json.loads((slot / "manifest.json").read_bytes()), "openvino-" + secrets.token_hex(4)
+    return slot, manifest_from_bytes((slot / "manifest.json").read_bytes()), "openvino-" + secrets.token_hex(4)
 
 
 def _bare_logits(slot: Path, sample: np.ndarray) -> np.ndarray:
@@ -157,11 +160,12 @@ def test_an_input_with_a_dynamic_batch_takes_any_batch_and_still_checks_every_fi
     # the example model as exported (batch dimension left dynamic), in a slot whose manifest says so
     slot = tmp_path / "slot"
     (slot / "model").mkdir(parents=True)
-    (slot / "model" / "model.onnx").write_bytes((Path(__file__).resolve().parents[2] / "examples/digits/model.onnx").read_bytes())
-    manifest = {"name": "digits", "version": "dyn", "runtime": "onnxruntime", "model": "model/model.onnx",
-                "files": {"model/model.onnx": {}},
-                "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
-                       "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]}}
+    model = (Path(__file__).resolve().parents[2] / "examples/digits/model.onnx").read_bytes()
+    (slot / "model" / "model.onnx").write_bytes(model)
+    io_signature = {"inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
+                    "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]}
+    manifest = parse_manifest({**manifest_content(version="dyn", io=io_signature), "format": BUNDLE_FORMAT,
+                               "files": {"model/model.onnx": {"sha256": hashlib.sha256(model).hexdigest(), "size": len(model)}}})
     engine = InferenceEngine()
     engine.swap(slot, manifest)
     try:
@@ -324,7 +328,7 @@ def test_openvino_and_litert_bundles_are_served_through_their_runtimes(runtime, 
     from device_agent.selftest import check_selftest
 
     slot, manifest, bundle_id = openvino_slot if runtime == "openvino" else slots["v1"]
-    assert manifest["runtime"] == runtime
+    assert manifest.runtime == runtime
     engine = InferenceEngine()
 
     engine.swap(slot, manifest, bundle_id=bundle_id)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import tarfile
+
 import pytest
 
 from device_agent.downloader import Downloader, DownloadSettings
 from device_agent.fleet_api import FleetClient
 from device_agent.installer import Installer
 from device_agent.state import AgentState, verify_slot_dir
-from edgepack.signing import load_public_key
+from edgepack.bundle import canonical_json
+from edgepack.protocol import BundleRef
+from edgepack.signing import load_private_key, load_public_key, sign_manifest
 
 
 def _installer(tmp_path, server, bundles, *, profile="rpi4", **options) -> Installer:
@@ -88,7 +95,7 @@ def test_onnxruntime_runs_the_selftest_of_onnxruntime_and_tensorrt_bundles(tmp_p
     outcome = installer.install(bundle.ref)
 
     assert outcome.phase == "active", outcome.error
-    assert outcome.selftest.runtime == bundle.manifest["runtime"] and outcome.selftest.cases == 3
+    assert outcome.selftest.runtime == bundle.manifest.runtime and outcome.selftest.cases == 3
 
 
 def test_a_profile_alias_is_accepted(tmp_path, bundle_server, bundles):
@@ -132,7 +139,7 @@ def test_rollback_refuses_a_slot_that_no_longer_verifies(tmp_path, bundle_server
     installer = _installer(tmp_path, bundle_server, bundles)
     installer.install(bundles.v1.ref)
     installer.install(bundles.v2.ref)
-    model = installer.state.slot_dir("a") / bundles.v1.manifest["model"]
+    model = installer.state.slot_dir("a") / bundles.v1.manifest.model
     model.write_bytes(model.read_bytes()[:-1] + b"\x00")
 
     outcome = installer.rollback(None)
@@ -149,3 +156,41 @@ def test_rollback_to_a_bundle_in_neither_slot_downloads_it(tmp_path, bundle_serv
     outcome = installer.rollback(bundles.v1.ref)
 
     assert (outcome.phase, outcome.current_bundle, outcome.downloaded) == ("rolled_back", bundles.v1.ref.id, True)
+
+
+def _resigned_with_manifest(source, dest, key, change) -> BundleRef:
+    """`source` with its manifest JSON changed by `change` (which may break its shape), re-signed with `key`."""
+    with tarfile.open(source) as tar:
+        entries = [(info, tar.extractfile(info).read() if info.isreg() else None) for info in tar.getmembers()]
+    document = json.loads(dict((info.name, data) for info, data in entries)["manifest.json"])
+    change(document)
+    manifest_bytes = canonical_json(document)
+    replaced = {"manifest.json": manifest_bytes, "manifest.sig": canonical_json(sign_manifest(manifest_bytes, key))}
+    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            data = replaced.get(info.name, data)
+            if data is None:
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    return BundleRef(id=digest, name=document["name"], version=document["version"], profile=document["profile"],
+                     sha256=digest, size=dest.stat().st_size, url=f"/api/v1/bundles/{digest}/download")
+
+
+def test_a_signed_bundle_whose_manifest_lacks_a_field_is_refused_naming_it(tmp_path, bundle_server, bundles):
+    _serve_all(bundle_server, bundles)
+    ref = _resigned_with_manifest(bundles.v2.path, tmp_path / "no-inputs.edgepack",
+                                  load_private_key(bundles.keys_dir / "edgepack.key"),
+                                  lambda manifest: manifest["io"].pop("inputs"))
+    bundle_server.files[ref.id] = tmp_path / "no-inputs.edgepack"
+    installer = _installer(tmp_path, bundle_server, bundles)
+    installer.install(bundles.v1.ref)
+
+    outcome = installer.install(ref)
+
+    assert outcome.phase == "failed"
+    assert outcome.error == "bundle refused: manifest.json: field 'io.inputs' is missing"
+    assert outcome.current_bundle == bundles.v1.ref.id
+    assert installer.state.active_bundle().version == "1.0.0"

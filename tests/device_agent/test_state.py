@@ -137,7 +137,7 @@ def test_leftovers_of_a_crash_are_cleaned_up_and_do_not_block_the_next_install(t
 
 def test_a_damaged_active_slot_falls_back_to_the_previous_one(tmp_path, bundle_server, bundles, two_installed):
     state = _state(two_installed, bundles)
-    model = state.slot_dir("b") / bundles.v2.manifest["model"]
+    model = state.slot_dir("b") / bundles.v2.manifest.model
     model.write_bytes(b"\0" + model.read_bytes()[1:])
 
     report = state.recover()

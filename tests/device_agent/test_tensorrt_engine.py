@@ -20,7 +20,7 @@ from device_agent.tensorrt_engine import (
     engine_cache_key,
     tensorrt_available,
 )
-from edgepack.bundle import inspect_bundle, open_bundle
+from edgepack.bundle import open_bundle, read_manifest_unverified
 from edgepack.errors import BundleError, ModelError
 from edgepack.signing import dev_key_path, load_public_key
 from tests.support import REPO
@@ -41,7 +41,7 @@ def jetson_model(jetson_bundle: Path, tmp_path: Path) -> tuple[Path, EngineSpec]
     """The extracted ONNX of the jetson bundle and its parsed engine spec."""
     bundle = open_bundle(jetson_bundle, [load_public_key(dev_key_path().with_suffix(".pub"))])
     root = bundle.extract(tmp_path / "bundle")
-    spec = EngineSpec.from_manifest(bundle.manifest["tensorrt"])
+    spec = EngineSpec.from_manifest(bundle.manifest.tensorrt)
     return root / spec.onnx_member, spec
 
 
@@ -53,15 +53,15 @@ def test_tensorrt_available_looks_without_importing():
 
 
 def test_spec_the_builder_writes_for_jetson_parses(jetson_bundle: Path):
-    manifest = inspect_bundle(jetson_bundle)["manifest"]
+    manifest = read_manifest_unverified(jetson_bundle)
 
-    spec = EngineSpec.from_manifest(manifest["tensorrt"])
+    spec = EngineSpec.from_manifest(manifest.tensorrt)
 
-    assert manifest["runtime"] == "tensorrt"
-    assert spec.onnx_member == manifest["model"] == "model/model.onnx"
-    assert (spec.int8, spec.fp16) == (manifest["precision"] == "int8", manifest["precision"] in ("int8", "fp16"))
-    assert spec.sparse_weights is manifest["tensorrt"]["sparse_tensor_cores"]
-    assert spec.trtexec == manifest["tensorrt"]["trtexec"]
+    assert manifest.runtime == "tensorrt"
+    assert spec.onnx_member == manifest.model == "model/model.onnx"
+    assert (spec.int8, spec.fp16) == (manifest.precision == "int8", manifest.precision in ("int8", "fp16"))
+    assert spec.sparse_weights is manifest.tensorrt.sparse_tensor_cores
+    assert spec.trtexec == manifest.tensorrt.trtexec
     assert "INT8" in spec.build_flags
 
 

@@ -39,15 +39,15 @@ def test_digits_builds_for_all_eight_profiles_in_one_command(tmp_path, keys):
         assert abs(chosen.accuracy_delta) <= 0.005, (entry.profile, chosen)
         runtimes_seen.add(chosen.verified_in)
         bundle = open_bundle(Path(entry.bundle.path), trusted)
-        assert bundle.manifest["profile"] == entry.profile and bundle.manifest["runtime"] == chosen.runtime
+        assert bundle.manifest.profile == entry.profile and bundle.manifest.runtime == chosen.runtime
     assert runtimes_seen == {"onnxruntime", "openvino", "tflite"}
 
     coral = next(e for e in matrix.profiles if e.profile == "coral-devboard")
     bundle = open_bundle(Path(coral.bundle.path), trusted)
-    io = bundle.manifest["io_quantization"]
-    assert {t["dtype"] for t in io["inputs"] + io["outputs"]} == {"int8"}
-    placement = bundle.manifest["edgetpu"]
-    assert placement["compiler_command"].startswith("edgetpu_compiler") and placement["placement"]
+    io = bundle.manifest.io_quantization
+    assert {t.dtype for t in io.inputs + io.outputs} == {"int8"}
+    placement = bundle.manifest.edgetpu
+    assert placement.compiler_command.startswith("edgetpu_compiler") and placement.placement
     assert (out / "digits-cnn-1.0.0.matrix.html").is_file()
 
 

@@ -25,7 +25,9 @@ from edgepack.bundle import (
     write_bundle,
 )
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError, UnsafeMemberError
+from edgepack.manifest import FileEntry
 from edgepack.signing import key_id, sign_manifest
+from tests.edgepack.samples import manifest_content
 
 MEMBERS = {
     "model/model.onnx": b"\x08\x07onnx-model-bytes" * 64,
@@ -33,15 +35,7 @@ MEMBERS = {
     "selftest/inputs.npz": bytes(range(256)) * 4,
     "sbom.cdx.json": b'{"bomFormat":"CycloneDX","components":[]}',
 }
-MANIFEST = {
-    "name": "digits",
-    "version": "1.2.0",
-    "profile": "rpi4-cpu",
-    "runtime": "onnxruntime",
-    "precision": "int8",
-    "metrics": {"accuracy": 0.975, "latency_ms_p50": 1.5},
-    "lineage": {"note": "grüße"},
-}
+MANIFEST = manifest_content()
 EXPECTED_ORDER = [
     "manifest.json",
     "manifest.sig",
@@ -131,9 +125,9 @@ def test_round_trip(bundle_path: Path, signing_key: Ed25519PrivateKey, tmp_path:
     bundle = open_bundle(bundle_path, [signing_key.public_key()])
 
     assert bundle.key_id == key_id(signing_key.public_key())
-    assert bundle.manifest["name"] == "digits"
-    assert bundle.manifest["format"] == BUNDLE_FORMAT
-    assert bundle.manifest["lineage"] == {"note": "grüße"}
+    assert bundle.manifest.name == "digits"
+    assert bundle.manifest.format == BUNDLE_FORMAT
+    assert bundle.manifest.lineage.tools["note"] == "grüße"
     assert bundle.members == tuple(sorted(MEMBERS))
     for name, data in MEMBERS.items():
         assert bundle.read(name) == data
@@ -145,7 +139,7 @@ def test_round_trip(bundle_path: Path, signing_key: Ed25519PrivateKey, tmp_path:
     )
     for name, data in MEMBERS.items():
         assert (dest / name).read_bytes() == data
-    assert json.loads((dest / "manifest.json").read_text("utf-8")) == bundle.manifest
+    assert json.loads((dest / "manifest.json").read_text("utf-8")) == bundle.manifest.to_json_dict()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -155,9 +149,9 @@ def test_write_fills_files_and_leaves_callers_manifest_alone(tmp_path: Path, sig
     info = write_bundle(tmp_path / "b.edgepack", MEMBERS, manifest, signing_key)
 
     assert manifest == MANIFEST
-    assert info.manifest["format"] == BUNDLE_FORMAT
-    assert info.manifest["files"] == {
-        name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in MEMBERS.items()
+    assert info.manifest.format == BUNDLE_FORMAT
+    assert info.manifest.files == {
+        name: FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data)) for name, data in MEMBERS.items()
     }
     assert info.sha256 == hashlib.sha256(info.path.read_bytes()).hexdigest()
     assert info.size_bytes == info.path.stat().st_size
@@ -243,7 +237,7 @@ def test_failed_write_keeps_previous_bundle_and_leaves_no_temp_file(
     before = bundle_path.read_bytes()
 
     with pytest.raises(BundleError):
-        write_bundle(bundle_path, MEMBERS, dict(MANIFEST, metrics={"accuracy": float("nan")}), signing_key)
+        write_bundle(bundle_path, MEMBERS, dict(MANIFEST, metrics={**MANIFEST["metrics"], "accuracy": float("nan")}), signing_key)
 
     assert bundle_path.read_bytes() == before
     assert [p.name for p in bundle_path.parent.iterdir()] == [bundle_path.name]
@@ -488,4 +482,81 @@ def test_inspect_reports_manifest_and_member_status(bundle_path: Path, signing_k
     assert {row["path"]: row["status"] for row in clean["files"]} == dict.fromkeys(MEMBERS, "ok")
     assert {row["path"]: row["status"] for row in tampered["files"]}["sbom.cdx.json"] == "sha256 mismatch"
     assert tampered["bundle_sha256"] == hashlib.sha256(bundle_path.read_bytes()).hexdigest()
-    assert read_manifest_unverified(bundle_path) == clean["manifest"]
+    assert read_manifest_unverified(bundle_path).to_json_dict() == clean["manifest"]
+    assert clean["manifest_problem"] is None
+
+
+# --- the manifest's shape ---------------------------------------------------------------------------
+
+
+def _signed_with(tmp_path: Path, signing_key: Ed25519PrivateKey, document: dict) -> Path:
+    """A bundle whose (signed) manifest is `document` plus real members listed in it."""
+    files = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in MEMBERS.items()}
+    manifest_bytes = canonical_json({**document, "format": BUNDLE_FORMAT, "files": files})
+    path = _signed_bundle_with_manifest(tmp_path / "shape.edgepack", manifest_bytes, signing_key)
+    with tarfile.open(path, "a", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in MEMBERS.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_signed_manifest_missing_a_field_is_refused_naming_it(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    document = manifest_content()
+    del document["io"]["inputs"]
+    crafted = _signed_with(tmp_path, signing_key, document)
+
+    with pytest.raises(BundleError) as caught:
+        open_bundle(crafted, [signing_key.public_key()])
+
+    assert str(caught.value) == "manifest.json: field 'io.inputs' is missing"
+    assert caught.value.field == "io.inputs"
+
+
+def test_signed_manifest_with_a_wrong_type_is_refused_naming_it(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    document = manifest_content(metrics={**MANIFEST["metrics"], "accuracy": "high"})
+    crafted = _signed_with(tmp_path, signing_key, document)
+
+    with pytest.raises(BundleError, match=r"^manifest\.json: field 'metrics\.accuracy': Input should be a valid number.*'high'"):
+        open_bundle(crafted, [signing_key.public_key()])
+    with pytest.raises(BundleError, match=r"^manifest\.json: field 'metrics\.accuracy'"):
+        read_manifest_unverified(crafted)
+
+
+def test_signed_manifest_with_an_unknown_field_is_refused(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    crafted = _signed_with(tmp_path, signing_key, manifest_content(latency_ms={"p50": 1.0}))
+
+    with pytest.raises(BundleError, match=r"^manifest\.json: unknown field 'latency_ms'$"):
+        open_bundle(crafted, [signing_key.public_key()])
+
+
+def test_manifest_without_schema_version_is_read_as_version_1(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    document = manifest_content()
+    del document["schema_version"]
+
+    assert open_bundle(_signed_with(tmp_path, signing_key, document), [signing_key.public_key()]).manifest.schema_version == 1
+
+
+def test_manifest_of_a_later_schema_version_is_refused(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    crafted = _signed_with(tmp_path, signing_key, manifest_content(schema_version=2))
+
+    with pytest.raises(BundleError, match=r"^manifest\.json: field 'schema_version': Input should be 1"):
+        open_bundle(crafted, [signing_key.public_key()])
+
+
+def test_inspect_still_describes_a_malformed_manifest(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    document = manifest_content()
+    del document["lineage"]
+
+    described = inspect_bundle(_signed_with(tmp_path, signing_key, document))
+
+    assert described["manifest_problem"] == "manifest.json: field 'lineage' is missing"
+    assert {row["path"]: row["status"] for row in described["files"]} == dict.fromkeys(MEMBERS, "ok")
+
+
+def test_a_malformed_manifest_is_never_signed(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    with pytest.raises(BundleError, match=r"^manifest: field 'precision': Input should be 'fp32', 'fp16' or 'int8'"):
+        write_bundle(tmp_path / "x.edgepack", MEMBERS, manifest_content(precision="int4"), signing_key)
+
+    assert list(tmp_path.iterdir()) == []

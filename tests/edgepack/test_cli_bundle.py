@@ -14,13 +14,14 @@ import pytest
 
 from edgepack.bundle import write_bundle
 from edgepack.signing import generate_keypair, key_id, load_private_key, load_public_key
+from tests.edgepack.samples import manifest_content
 
 MEMBERS = {
     "model/model.onnx": b"\x08\x07onnx-model-bytes" * 32,
     "reference/stats.json": b'{"outputs":{"bins":[0.2,0.8]}}',
     "sbom.cdx.json": b'{"bomFormat":"CycloneDX"}',
 }
-MANIFEST = {"name": "digits", "version": "1.2.0", "profile": "rpi4-cpu", "runtime": "onnxruntime"}
+MANIFEST = manifest_content()
 
 
 def run_edgepack(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -77,7 +77,7 @@ class BundleFactory:
     def __post_init__(self) -> None:
         verified = open_bundle(self.source, [load_public_key(self.keys.trusted_public)])
         self._members = {name: verified.read(name) for name in verified.members}
-        self._manifest = {k: v for k, v in verified.manifest.items() if k not in ("format", "files")}
+        self._manifest = verified.manifest.content.to_json_dict()
 
     def make(self, version: str, *, signed_by: Path | None = None, profile: str | None = None) -> Path:
         manifest = copy.deepcopy(self._manifest)

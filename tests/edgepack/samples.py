@@ -1,0 +1,45 @@
+"""A valid bundle manifest's content for tests that write bundles by hand (not through the builder)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_SHA = "ab" * 32
+
+MANIFEST_CONTENT: dict[str, Any] = {
+    "schema_version": 1,
+    "name": "digits",
+    "version": "1.2.0",
+    "profile": "rpi4-cpu",
+    "profile_aliases": ["rpi4"],
+    "runtime": "onnxruntime",
+    "execution_providers": ["CPUExecutionProvider"],
+    "delegates": [],
+    "devices": [],
+    "precision": "int8",
+    "variant": "int8",
+    "model": "model/model.onnx",
+    "model_files": ["model/model.onnx"],
+    "model_format": "onnx",
+    "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
+           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]},
+    "selftest": "selftest/cases.json",
+    "reference_stats": "reference/stats.json",
+    "sbom": "sbom.cdx.json",
+    "lineage": {"source_model_sha256": _SHA, "calibration_sha256": None, "validation_sha256": _SHA,
+                "config_sha256": _SHA, "profile_sha256": _SHA, "tools": {"edgepack": "0.1.0", "note": "grüße"}},
+    "metrics": {"metric": "top1", "accuracy": 0.975, "accuracy_delta": -0.0025, "agreement": 0.99, "cosine": 0.9999,
+                "max_abs_error": 0.2, "mean_abs_error": 0.05, "size_bytes": 1024, "size_ratio": 0.25,
+                "estimated_target_latency_ms": 0.5, "fallback_nodes": [], "sparsity": None},
+    "reference_metrics": {"accuracy": 0.9775, "size_bytes": 4096},
+    "gates": {"max_accuracy_drop": 0.005, "max_p95_latency_ms": None, "max_size_mb": 1.0, "min_agreement": None},
+    "envelope": {"estimated_target_latency_ms": 0.5, "latency_note": "estimate", "output_distribution": "reference/stats.json#outputs"},
+    "quantization": {"format": "QDQ", "per_channel": True},
+    "created_by": "edgepack 0.1.0",
+}
+
+
+def manifest_content(**changes: Any) -> dict[str, Any]:
+    """A fresh copy of MANIFEST_CONTENT with top-level keys replaced."""
+    return {**copy.deepcopy(MANIFEST_CONTENT), **changes}

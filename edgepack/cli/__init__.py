@@ -67,6 +67,7 @@ MOUNTS = (
     Mount("profiles", "edgepack.cli.profiles"),
     Mount("keys", "edgepack.cli.keys"),
     Mount("bundle", "edgepack.cli.bundle"),
+    Mount("schema", "edgepack.cli.schema"),
     Mount("fleet", "fleet.cli.server"),
     Mount("devices", "fleet.cli.devices"),
     Mount("rollout", "fleet.cli.rollout"),

@@ -3,11 +3,15 @@ the PP-OCR classifier builds for intel-nuc and rpi5."""
 
 from __future__ import annotations
 
+import json
+import tarfile
 from pathlib import Path
 
+import jsonschema
 import pytest
 
-from edgepack.bundle import open_bundle
+from edgepack.bundle import canonical_json, open_bundle
+from edgepack.manifest import parse_manifest
 from edgepack.report import BuildMatrix
 from edgepack.signing import generate_keypair, load_public_key
 from hardware_profiles import list_profiles
@@ -31,8 +35,15 @@ def test_digits_builds_for_all_eight_profiles_in_one_command(tmp_path, keys):
     matrix = BuildMatrix.model_validate_json(result.stdout)
     assert sorted(e.profile for e in matrix.profiles) == sorted(p.name for p in list_profiles())
     trusted = [load_public_key(public)]
+    # every manifest the builder writes validates against `edgepack schema manifest` (checked by jsonschema,
+    # not pydantic) and reads back through the typed model to the very bytes that were signed
+    manifest_schema = jsonschema.Draft202012Validator(json.loads(run_cli("schema", "manifest").stdout))
     runtimes_seen = set()
     for entry in matrix.profiles:
+        with tarfile.open(entry.bundle.path) as tar:
+            written = tar.extractfile("manifest.json").read()
+        assert [error.message for error in manifest_schema.iter_errors(json.loads(written))] == [], entry.profile
+        assert canonical_json(parse_manifest(json.loads(written)).to_json_dict()) == written, entry.profile
         chosen = next(v for v in entry.variants if v.name == entry.selected)
         # verified in the runtime that will run it, and within half a point of float
         assert chosen.verified_in == RUNTIME_OF[chosen.runtime]

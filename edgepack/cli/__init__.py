@@ -4,7 +4,7 @@
     edgepack fleet|devices|rollout …    fleet/cli/            needs the fleet extra
     edgepack agent run|status           device_agent/cli.py   needs the agent extra
     edgepack testbed list|run           testbeds/cli.py       needs builder, fleet and agent
-    edgepack profiles|keys|bundle|schema  edgepack/cli/       the shared contracts: core install only
+    edgepack profiles|keys|certs|bundle|schema  edgepack/cli/ the shared contracts: core install only
 
 A component's CLI module imports only typer, rich and edgepack's core, and declares the extras its
 commands need (`EXTRAS`); its heavy imports happen inside the commands. So `edgepack --help` lists
@@ -66,6 +66,7 @@ MOUNTS = (
     Mount("build", "builder.cli", "build"),
     Mount("profiles", "edgepack.cli.profiles"),
     Mount("keys", "edgepack.cli.keys"),
+    Mount("certs", "edgepack.cli.certs"),
     Mount("bundle", "edgepack.cli.bundle"),
     Mount("schema", "edgepack.cli.schema"),
     Mount("fleet", "fleet.cli.server"),

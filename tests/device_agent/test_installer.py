@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import tarfile
 
 import pytest
 
@@ -13,9 +10,9 @@ from device_agent.downloader import Downloader, DownloadSettings
 from device_agent.fleet_api import FleetClient
 from device_agent.installer import Installer
 from device_agent.state import AgentState, verify_slot_dir
-from edgepack.bundle import canonical_json
 from edgepack.protocol import BundleRef
-from edgepack.signing import load_private_key, load_public_key, sign_manifest
+from edgepack.signing import load_public_key
+from tests.edgepack.samples import resign_with_manifest
 
 
 def _installer(tmp_path, server, bundles, *, profile="rpi4", **options) -> Installer:
@@ -158,22 +155,9 @@ def test_rollback_to_a_bundle_in_neither_slot_downloads_it(tmp_path, bundle_serv
     assert (outcome.phase, outcome.current_bundle, outcome.downloaded) == ("rolled_back", bundles.v1.ref.id, True)
 
 
-def _resigned_with_manifest(source, dest, key, change) -> BundleRef:
-    """`source` with its manifest JSON changed by `change` (which may break its shape), re-signed with `key`."""
-    with tarfile.open(source) as tar:
-        entries = [(info, tar.extractfile(info).read() if info.isreg() else None) for info in tar.getmembers()]
-    document = json.loads(dict((info.name, data) for info, data in entries)["manifest.json"])
-    change(document)
-    manifest_bytes = canonical_json(document)
-    replaced = {"manifest.json": manifest_bytes, "manifest.sig": canonical_json(sign_manifest(manifest_bytes, key))}
-    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
-        for info, data in entries:
-            data = replaced.get(info.name, data)
-            if data is None:
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+def _resigned_with_manifest(source, dest, private_key, change) -> BundleRef:
+    """`source` with its manifest JSON changed by `change` (which may break its shape), re-signed with `private_key`."""
+    document = resign_with_manifest(source, dest, private_key, change)
     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
     return BundleRef(id=digest, name=document["name"], version=document["version"], profile=document["profile"],
                      sha256=digest, size=dest.stat().st_size, url=f"/api/v1/bundles/{digest}/download")
@@ -182,7 +166,7 @@ def _resigned_with_manifest(source, dest, key, change) -> BundleRef:
 def test_a_signed_bundle_whose_manifest_lacks_a_field_is_refused_naming_it(tmp_path, bundle_server, bundles):
     _serve_all(bundle_server, bundles)
     ref = _resigned_with_manifest(bundles.v2.path, tmp_path / "no-inputs.edgepack",
-                                  load_private_key(bundles.keys_dir / "edgepack.key"),
+                                  bundles.keys_dir / "edgepack.key",
                                   lambda manifest: manifest["io"].pop("inputs"))
     bundle_server.files[ref.id] = tmp_path / "no-inputs.edgepack"
     installer = _installer(tmp_path, bundle_server, bundles)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import copy
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from edgepack.bundle import canonical_json
+from edgepack.signing import load_private_key, sign_manifest
 
 _SHA = "ab" * 32
 
@@ -43,3 +51,25 @@ MANIFEST_CONTENT: dict[str, Any] = {
 def manifest_content(**changes: Any) -> dict[str, Any]:
     """A fresh copy of MANIFEST_CONTENT with top-level keys replaced."""
     return {**copy.deepcopy(MANIFEST_CONTENT), **changes}
+
+
+def resign_with_manifest(source: Path, dest: Path, private_key: Path, change: Callable[[dict], object]) -> dict:
+    """Copy the bundle `source` to `dest` with its manifest JSON changed by `change` (which may break the
+    manifest's shape) and signed again with `private_key`: a validly signed, possibly malformed bundle.
+    Returns the changed manifest document."""
+    with tarfile.open(source) as tar:
+        entries = [(info, tar.extractfile(info).read() if info.isreg() else None) for info in tar.getmembers()]
+    document = json.loads(dict((info.name, data) for info, data in entries)["manifest.json"])
+    change(document)
+    manifest_bytes = canonical_json(document)
+    replaced = {"manifest.json": manifest_bytes,
+                "manifest.sig": canonical_json(sign_manifest(manifest_bytes, load_private_key(private_key)))}
+    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            data = replaced.get(info.name, data)
+            if data is None:
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return document

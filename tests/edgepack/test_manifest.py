@@ -4,7 +4,6 @@ naming the field (in the library, `edgepack bundle verify`), and the validation-
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -15,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgepack.bundle import canonical_json, open_bundle, write_bundle
 from edgepack.errors import BundleError, first_validation_error, validation_error_field
 from edgepack.manifest import BundleManifest, ManifestContent, SelftestSpec, parse_manifest, parse_selftest_spec
-from edgepack.signing import generate_keypair, load_private_key, load_public_key, sign_manifest
+from edgepack.signing import generate_keypair, load_private_key, load_public_key
+from tests.edgepack.samples import resign_with_manifest
 from tests.support import REPO, run_cli
 
 
@@ -69,22 +69,7 @@ def test_the_selftest_spec_reads_back_to_the_same_bytes(jetson):
 
 
 def _resigned(bundle: Path, dest: Path, private: Path, change) -> Path:
-    """`bundle` with its manifest JSON changed by `change` and signed again with `private`."""
-    with tarfile.open(bundle) as tar:
-        entries = [(info, tar.extractfile(info).read() if info.isreg() else None) for info in tar.getmembers()]
-    document = json.loads(dict((info.name, data) for info, data in entries)["manifest.json"])
-    change(document)
-    manifest_bytes = canonical_json(document)
-    replaced = {"manifest.json": manifest_bytes,
-                "manifest.sig": canonical_json(sign_manifest(manifest_bytes, load_private_key(private)))}
-    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
-        for info, data in entries:
-            data = replaced.get(info.name, data)
-            if data is None:
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    resign_with_manifest(bundle, dest, private, change)
     return dest
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet.models import Bundle
+from tests.edgepack.samples import resign_with_manifest
 from tests.fleet.conftest import BundleFactory, Fleet, StartFleet, sha256_of
 
 RAW = {"Content-Type": "application/octet-stream"}
@@ -63,7 +64,8 @@ def test_the_same_bundle_twice_and_by_multipart(fleet: Fleet, bundles: BundleFac
     assert len(fleet.store_files()) == 1
 
 
-@pytest.mark.parametrize("problem", ["untrusted key", "tampered byte", "not a bundle", "empty", "no file field"])
+@pytest.mark.parametrize("problem", ["untrusted key", "tampered byte", "manifest lacks a field", "not a bundle", "empty",
+                                     "no file field"])
 def test_a_bundle_that_does_not_verify_is_refused_and_nothing_is_stored(
         fleet: Fleet, bundles: BundleFactory, keys, unique: str, tmp_path: Path, problem: str) -> None:
     good = bundles.make(f"3.0.0-{unique}")
@@ -76,6 +78,11 @@ def test_a_bundle_that_does_not_verify_is_refused_and_nothing_is_stored(
         member = _flip_model_byte(good, path)
         response = fleet.upload(path)
         expected = ("IntegrityError", f"{member}: sha256 mismatch")
+    elif problem == "manifest lacks a field":
+        path = tmp_path / "no-envelope.edgepack"
+        resign_with_manifest(good, path, keys.trusted_private, lambda manifest: manifest.pop("envelope"))
+        response = fleet.upload(path)
+        expected = ("BundleError", "manifest.json: field 'envelope' is missing")
     elif problem == "not a bundle":
         path = tmp_path / "noise.edgepack"
         path.write_bytes(b"\x89PNG not a tar at all" * 100)

@@ -13,7 +13,7 @@ PYTEST := $(BIN)/python -m pytest -q
 # browser that checks the report pages.
 SYSTEM_PACKAGES := mosquitto postgresql chromium
 
-.PHONY: venv demo test test-fast system-packages lock bench clean
+.PHONY: venv demo test test-fast system-packages lock docs bench clean
 
 $(STAMP): pyproject.toml requirements-testmodels.txt $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ lock:
 	  $(BIN)/python -m pip freeze --all --exclude-editable; } > $(CONSTRAINTS).tmp
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	@if [ -f $(STAMP) ]; then touch $(STAMP); fi  # the venv is what the file now says
+
+# The generated references, docs/CLI.md and docs/REFERENCE.md (tests/test_docs.py fails while they are stale).
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_build.py

@@ -137,23 +137,22 @@ def build_release(root: Path, key: Path, version: str, profiles: list[str], *, b
 
 def _with_wrong_selftest(source: Path, key: Path) -> Path:
     """The same bundle, re-signed, with self-test expectations the model cannot meet."""
-    from edgepack.bundle import inspect_bundle, write_bundle
+    from edgepack.bundle import read_manifest_unverified, write_bundle
     from edgepack.signing import load_private_key
 
-    described = inspect_bundle(source)
-    manifest = {k: v for k, v in described["manifest"].items() if k not in ("format", "files")}
+    manifest = read_manifest_unverified(source)
     members: dict[str, bytes] = {}
     with tarfile.open(source) as tar:
-        for row in described["files"]:
-            data = tar.extractfile(row["path"]).read()
-            if row["path"].startswith("selftest/") and "/out" in row["path"]:
+        for name in manifest.files:
+            data = tar.extractfile(name).read()
+            if name.startswith("selftest/") and "/out" in name:
                 array = np.load(io.BytesIO(data))
                 buffer = io.BytesIO()
                 np.save(buffer, (array + 100.0).astype(array.dtype), allow_pickle=False)
                 data = buffer.getvalue()
-            members[row["path"]] = data
+            members[name] = data
     dest = source.with_name(source.stem + "-broken.edgepack")
-    write_bundle(dest, members, manifest, load_private_key(key))
+    write_bundle(dest, members, manifest.content, load_private_key(key))
     return dest
 
 

@@ -350,7 +350,7 @@ def main() -> int:
         cases, atol, rtol = load_selftest(root, manifest)
         variants = [Variant(f"bundle ({manifest.variant}, selected)", root / spec.onnx_member, spec, cases, atol, rtol)]
         fp16 = fp16_from_cache(cache)
-        if fp16 is not None and manifest["precision"] != "fp16":
+        if fp16 is not None and manifest.precision != "fp16":
             # The bundle's vectors hold the selected variant's outputs; fp16 is checked against itself on the CPU.
             cpu_run, _ = onnxruntime_runner(fp16, ["CPUExecutionProvider"])
             fp16_cases = [(feeds, cpu_run(feeds)) for feeds, _ in cases]

@@ -71,10 +71,10 @@ def create_lab_ca(directory: Path, common_name: str = "edgepack lab CA", days: i
 
 
 def issue_certificate(directory: Path, name: str, sans: list[str] | tuple[str, ...] = (), *, client: bool = False,
-                      days: int = LEAF_DAYS) -> IssuedCertificate:
+                      loopback: bool = True, days: int = LEAF_DAYS) -> IssuedCertificate:
     """Write DIR/NAME.pem and DIR/NAME.key, signed by the lab CA in DIR.
 
-    A server certificate is valid for 127.0.0.1, localhost and `sans`; a client certificate (`client=True`)
+    A server certificate is valid for 127.0.0.1, localhost (unless `loopback=False`) and `sans`; a client certificate (`client=True`)
     names `name` as its common name (and carries `sans` if given)."""
     directory = Path(directory)
     if not name or "/" in name or name.startswith("."):
@@ -84,7 +84,7 @@ def issue_certificate(directory: Path, name: str, sans: list[str] | tuple[str, .
     ca_cert, ca_key = load_ca(directory)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     _refuse_overwrite(cert_path, key_path)
-    all_sans = tuple(dict.fromkeys([*(() if client else LOOPBACK_SANS), *sans]))
+    all_sans = tuple(dict.fromkeys([*(LOOPBACK_SANS if loopback and not client else ()), *sans]))
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH

@@ -2,16 +2,42 @@
 
 Tests and the simulated fleet use their own broker, never the machine's: isolation, and restarts
 and ACLs can be tested. `with MosquittoBroker() as broker: broker.url` → "mqtt://127.0.0.1:PORT".
+`MosquittoBroker(tls=BrokerTls(cafile, certfile, keyfile))` listens with TLS instead → "mqtts://127.0.0.1:PORT"
+(certificates from `edgepack.tls`, e.g. the lab CA; `require_certificate` also asks clients for one).
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+import json
+import os
+import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The TLS listener's files: the CA clients' certificates must chain to, the broker's own pair."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+    def listener_config(self) -> str:
+        # Started as root, mosquitto drops to the `mosquitto` user before it reads the key, which is 0600:
+        # stay the user that made the key (a no-op when not root).
+        return (f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+                f"cafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
+                f"require_certificate {'true' if self.require_certificate else 'false'}\n")
 
 
 def free_port() -> int:
@@ -28,21 +54,60 @@ def find_mosquitto() -> str:
 
 
 class MosquittoBroker:
-    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(self, port: int | None = None, extra_config: str = "", tls: BrokerTls | None = None,
+                 secure: bool = False) -> None:
         self.port = port or free_port()
         self.extra_config = extra_config
+        self.tls = tls
+        # secure: the production settings (fleet.broker.config): no anonymous clients, the dynamic security
+        # plugin holding the fleet's identity; devices get theirs from the fleet as they enroll.
+        self.secure = secure
+        self.fleet_password = secrets.token_urlsafe(24) if secure else None
         self.process: subprocess.Popen | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="edgepack-mosquitto-"))
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def fleet_url(self) -> str:
+        """The URL the fleet server connects with: its identity in it when the broker is secure."""
+        if not self.secure:
+            return self.url
+        from fleet.broker.rights import FLEET_USERNAME
+
+        return self.url.replace("://", f"://{FLEET_USERNAME}:{self.fleet_password}@", 1)
+
+    def _auth_config(self) -> str:
+        if not self.secure:
+            return "allow_anonymous true\n"
+        from fleet.broker.config import find_dynsec_plugin
+        from fleet.broker.dynsec import bootstrap_config
+
+        dynsec = self.dir / "dynamic-security.json"
+        if not dynsec.exists():  # a restart keeps the identities the fleet created
+            dynsec.write_text(json.dumps(bootstrap_config(self.fleet_password)))
+        return f"allow_anonymous false\nplugin {find_dynsec_plugin()}\nplugin_opt_config_file {dynsec}\n"
+
+    def _let_broker_write(self) -> None:
+        """Run as root, Mosquitto drops to the `mosquitto` user: give it the folder, where it writes its log
+        and the plugin its state."""
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return
+        for path in (self.dir, *self.dir.iterdir()):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
 
     def start(self) -> "MosquittoBroker":
         config = self.dir / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + (self.tls.listener_config() if self.tls else "")
+            + self._auth_config() +
             "persistence false\n"
             "max_packet_size 1048576\n"
             # a fleet server subscribes to every device: let bursts queue instead of dropping QoS 1 messages,
@@ -51,6 +116,8 @@ class MosquittoBroker:
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             + self.extra_config
         )
+        if self.secure:
+            self._let_broker_write()
         self.process = subprocess.Popen([find_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self._wait_listening(10.0)

@@ -42,12 +42,13 @@ def issue(
     name: str = typer.Option(..., "--name", help="File name (NAME.pem, NAME.key) and common name, e.g. fleet or broker."),
     sans: list[str] = typer.Option([], "--san", help="A host name or IP address the server is reached at (repeatable)."),
     client: bool = typer.Option(False, "--client", help="A client certificate (for brokers that require one)."),
+    loopback: bool = typer.Option(True, "--loopback/--no-loopback", help="Also valid for 127.0.0.1 and localhost."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
 ) -> None:
     """Issue a server (or client) certificate signed by the lab CA in DIR."""
     from edgepack.tls import describe, issue_certificate
 
-    issued = issue_certificate(directory, name, sans, client=client)
+    issued = issue_certificate(directory, name, sans, client=client, loopback=loopback)
     info = describe(issued.cert)
     if as_json:
         typer.echo(json.dumps({**info, "cert": str(issued.cert), "key": str(issued.key)}))

@@ -8,8 +8,6 @@ and ACLs can be tested. `with MosquittoBroker() as broker: broker.url` → "mqtt
 
 from __future__ import annotations
 
-import os
-import pwd
 import json
 import os
 import pwd

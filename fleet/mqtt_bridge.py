@@ -30,11 +30,11 @@ import threading
 import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable
-from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgepack.errors import ConfigError, ProtocolError
+from edgepack.mqtt import MqttEndpoint, redact_url
 from edgepack.protocol import (
     MAX_PAYLOAD_BYTES, SCHEMA_VERSION, TOPIC_ROOT, DesiredState, DeviceStatus, Telemetry, decode, desired_topic, encode,
     parse_topic,
@@ -54,40 +54,29 @@ MALFORMED_REASONS = ("bad_topic", "oversized", "malformed_json", "unknown_schema
 
 
 def parse_mqtt_url(url: str) -> dict[str, Any]:
-    """host, port, tls, username, password of `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
-        raise ConfigError(f"MQTT URL {url!r}: expected mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError(f"MQTT URL {url!r}: the port is not a number") from None
-    return {"host": parts.hostname, "port": port, "tls": tls,
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None}
+    """host, port, tls, username, password of `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS).
+    (edgepack.mqtt.MqttEndpoint.from_url is the parser; this dict form is kept for existing callers.)"""
+    return MqttEndpoint.from_url(url).model_dump(include={"host", "port", "tls", "username", "password"})
 
 
 def redact_mqtt_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
-    return parts._replace(netloc=netloc).geturl()
+    return redact_url(url)
 
 
-def check_broker(url: str, timeout_s: float = 5.0) -> None:
-    """Refuse to start against a broker nothing answers at: one ConfigError naming the URL (no password),
-    before anything else starts. A running bridge keeps retrying instead (a broker may restart under it)."""
-    endpoint = parse_mqtt_url(url)
+def check_broker(url: str | MqttEndpoint, timeout_s: float = 5.0) -> None:
+    """Refuse to start against a broker nothing answers at, or one whose TLS certificate the configured CA
+    does not trust: one ConfigError naming the URL (no password), before anything else starts. A running
+    bridge keeps retrying instead (a broker may restart under it)."""
+    endpoint = url if isinstance(url, MqttEndpoint) else MqttEndpoint.from_url(url)
     try:
-        with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=timeout_s):
-            return
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s):
+            pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-    raise ConfigError(f"MQTT broker {redact_mqtt_url(url)} is unreachable: {reason} (check --mqtt-url)",
-                      url=redact_mqtt_url(url)) from None
+        raise ConfigError(f"MQTT broker {endpoint.redacted()} is unreachable: {reason} (check --mqtt-url)",
+                          url=endpoint.redacted()) from None
+    endpoint.probe_tls(timeout_s)
 
 
 def _malformed_reason(payload: bytes) -> str:
@@ -142,9 +131,11 @@ class MqttBridge:
         persistent_session: bool = False,
         drift_policy: DriftAlertPolicy | None = None,
         on_alert: Callable[[Alert], None] | None = None,
+        endpoint: MqttEndpoint | None = None,
     ) -> None:
         self.mqtt_url = mqtt_url
-        self.endpoint = parse_mqtt_url(mqtt_url)
+        # The URL's host, port and credentials, plus the TLS files (FleetSettings.mqtt_endpoint) when given.
+        self.endpoint = endpoint or MqttEndpoint.from_url(mqtt_url)
         self.session_factory = session_factory
         self.client_id = client_id
         self.publish_timeout_s = publish_timeout_s
@@ -172,17 +163,14 @@ class MqttBridge:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=not self.persistent_session,
                              protocol=mqtt.MQTTv311)
-        if self.endpoint["username"]:
-            client.username_pw_set(self.endpoint["username"], self.endpoint["password"])
-        if self.endpoint["tls"]:
-            client.tls_set()
+        self.endpoint.apply(client)  # credentials; with mqtts:// the broker verified against the CA, host name included
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self._client = client
-        client.connect_async(self.endpoint["host"], self.endpoint["port"], keepalive=self.keepalive_s)
+        client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=self.keepalive_s)
         client.loop_start()
         return self
 
@@ -327,10 +315,13 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     webhook = settings.alert_webhook_url
     dispatcher = AlertDispatcher(session_factory, webhook) if webhook else None
     bridge = MqttBridge(settings.mqtt_url, session_factory, client_id=resolve_mqtt_client_id(settings),
+                        endpoint=settings.mqtt_endpoint(),
                         persistent_session=settings.mqtt_persistent_session,
                         drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None).start()
+    from fleet.director import director_for  # every stored desired state is signed with the fleet's key
+
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
-                                   gate_settle_s=settings.gate_settle_s)
+                                   gate_settle_s=settings.gate_settle_s, signer=director_for(settings.data_dir))
     stop = threading.Event()
     threads = [controller.start_thread(stop, settings.controller_interval_s)]
     if dispatcher is not None:

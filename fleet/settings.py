@@ -12,6 +12,9 @@ value wins over the environment. `tests/fleet/test_settings.py` keeps the three 
                    data_dir/mqtt-client-id, so a restarted server resumes its broker session
     mqtt_persistent_session  True (default): clean_session=False, the broker queues QoS 1 telemetry for the
                    server while it is down and delivers it when it comes back
+    mqtt_ca, mqtt_cert, mqtt_key  with an mqtts:// broker: the CA its certificate must chain to (None: the system
+                   store) and the client certificate to present, if the broker asks for one
+    tls_cert, tls_key       PEM certificate and key: the API is served over HTTPS (uvicorn's TLS); None → HTTP
     public_url     base URL devices reach the server at, for bundle download URLs; None → relative URLs
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
     admin_token    the admin bearer token (EDGEPACK_ADMIN_TOKEN); None → generated on first start
@@ -33,9 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from edgepack.errors import ConfigError
 from edgepack.files import atomic_write
+from edgepack.mqtt import MqttEndpoint
 from fleet.db import sqlite_url
 
 ENV_PREFIX = "EDGEPACK_"
@@ -67,6 +72,13 @@ class FleetSettings(BaseModel):
     mqtt_persistent_session: bool = _field(True, env="EDGEPACK_MQTT_PERSISTENT_SESSION",
                                            description="Keep the broker session (and the QoS 1 messages queued in it) "
                                                        "across restarts; False asks for a clean session.")
+    mqtt_ca: Path | None = _field(None, env="EDGEPACK_MQTT_CA",
+                                  description="CA file the mqtts:// broker's certificate must chain to; None: system store.")
+    mqtt_cert: Path | None = _field(None, env="EDGEPACK_MQTT_CERT",
+                                    description="Client certificate for a broker that requires one (PEM).")
+    mqtt_key: Path | None = _field(None, env="EDGEPACK_MQTT_KEY", description="Key of mqtt_cert (PEM).")
+    tls_cert: Path | None = _field(None, env="EDGEPACK_TLS_CERT", description="Certificate (PEM) to serve the API over HTTPS.")
+    tls_key: Path | None = _field(None, env="EDGEPACK_TLS_KEY", description="Key (PEM) of tls_cert.")
     public_url: str | None = _field(None, env="EDGEPACK_PUBLIC_URL", description="Base URL devices use for bundle downloads.")
     trusted_keys: list[Path] = _field([], env="EDGEPACK_TRUSTED_KEYS",
                                       description="Public keys allowed to sign bundles (env: split by os.pathsep).")
@@ -108,6 +120,22 @@ class FleetSettings(BaseModel):
         if value is not None and len(value.get_secret_value().strip()) < 16:
             raise ValueError("admin token must be at least 16 characters")
         return value
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> "FleetSettings":
+        if (self.tls_key is None) != (self.tls_cert is None):
+            raise ValueError("tls_cert and tls_key go together: give both (HTTPS) or neither (HTTP)")
+        return self
+
+    @property
+    def https(self) -> bool:
+        return self.tls_cert is not None
+
+    def mqtt_endpoint(self) -> MqttEndpoint:
+        """The broker as the fleet's bridge reaches it: the URL plus the TLS files configured here."""
+        if not self.mqtt_url:
+            raise ConfigError("settings.mqtt_url is not set: the fleet server needs an MQTT broker")
+        return MqttEndpoint.from_url(self.mqtt_url, ca_file=self.mqtt_ca, certfile=self.mqtt_cert, keyfile=self.mqtt_key)
 
     @property
     def database_url(self) -> str:

@@ -45,6 +45,11 @@ def serve(
     mqtt_persistent_session: Optional[bool] = typer.Option(
         None, "--mqtt-persistent-session/--mqtt-clean-session",
         help="Keep the broker session across restarts, so telemetry sent while the server is down is stored when it is back (default on)."),
+    mqtt_ca: Optional[Path] = typer.Option(None, "--mqtt-ca", help="CA file the mqtts:// broker's certificate must chain to (default the system store)."),
+    mqtt_cert: Optional[Path] = typer.Option(None, "--mqtt-cert", help="Client certificate (PEM) for a broker that requires one."),
+    mqtt_key: Optional[Path] = typer.Option(None, "--mqtt-key", help="Key (PEM) of --mqtt-cert."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Certificate (PEM, chain first) to serve the API over HTTPS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Key (PEM) of --tls-cert."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
     trusted_keys: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
     max_bundle_bytes: Optional[int] = typer.Option(None, "--max-bundle-bytes", help="Largest bundle upload accepted (default 4 GiB)."),
@@ -76,20 +81,24 @@ def serve(
                "trusted_keys": [key.resolve() for key in keys] or None, "max_bundle_bytes": max_bundle_bytes,
                "controller_interval_s": controller_interval_s, "alert_webhook_url": alert_webhook_url or None,
                "gate_settle_s": gate_settle_s, "drift_alert_threshold": drift_alert_threshold,
-               "alert_repeat_s": alert_repeat_s}
+               "alert_repeat_s": alert_repeat_s, "mqtt_ca": mqtt_ca, "mqtt_cert": mqtt_cert, "mqtt_key": mqtt_key,
+               "tls_cert": tls_cert, "tls_key": tls_key}
     # Everything is checked before anything starts: the settings, the HTTP port, the broker, the database.
     try:
         settings = FleetSettings.from_env(**options)
     except ValidationError as exc:  # an option or environment value out of range
         raise ConfigError(first_validation_error(exc, "fleet settings")) from None
     embedded = settings.mqtt_url is None
+    if settings.https:
+        _check_tls_pair(settings.tls_cert, settings.tls_key)
+    scheme = "https" if settings.https else "http"
     with ExitStack() as started:
         listener = _listen(settings.host, settings.port)
         started.callback(listener.close)
         derived: dict[str, object] = {"port": listener.getsockname()[1]}  # the port --port 0 picked
         if not settings.public_url and settings.host not in ("0.0.0.0", "::", ""):
             # on a wildcard address download URLs stay relative to the fleet URL
-            derived["public_url"] = f"http://{settings.host}:{derived['port']}"
+            derived["public_url"] = f"{scheme}://{settings.host}:{derived['port']}"
         if not settings.trusted_keys:
             console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
         if embedded:
@@ -99,17 +108,33 @@ def serve(
             derived["mqtt_url"] = f"mqtt://127.0.0.1:{settings.embedded_mqtt_port}"
             console.print(f"embedded MQTT broker on {broker.host}:{settings.embedded_mqtt_port} (use --mqtt-url for Mosquitto)")
         else:
-            check_broker(settings.mqtt_url)
+            check_broker(settings.mqtt_endpoint())  # reachable, and with mqtts:// trusted by --mqtt-ca
         settings = settings.model_copy(update=derived)
         engine = make_engine(settings.database_url)
         started.callback(engine.dispose)
         new_token = prepare(settings, engine)
         if new_token:
             console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
-        console.print(f"fleet on http://{settings.host}:{settings.port}  database {engine.url.render_as_string(hide_password=True)}  "
+        console.print(f"fleet on {scheme}://{settings.host}:{settings.port}  database {engine.url.render_as_string(hide_password=True)}  "
                       f"mqtt {redact_mqtt_url(settings.mqtt_url or '')}  trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
         api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
-        uvicorn.Server(uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")).run(sockets=[listener])
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} if settings.https else {}
+        uvicorn.Server(uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning", **tls)).run(sockets=[listener])
+
+
+def _check_tls_pair(cert: Path, key: Path) -> None:
+    """Load the HTTPS certificate and key once before anything starts: a missing file or a key that does
+    not match is one line here, not a uvicorn traceback after the broker and the database started."""
+    import ssl
+
+    for path in (cert, key):
+        if not Path(path).is_file():
+            raise ConfigError(f"TLS file {path} does not exist (check --tls-cert/--tls-key)", path=str(path))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS certificate {cert} and key {key} cannot be used: {exc.reason or exc}",
+                          path=str(cert)) from None
 
 
 def _trusted_keys(given: Optional[list[Path]]) -> list[Path]:

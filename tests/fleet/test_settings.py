@@ -35,6 +35,11 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "alert_webhook_url": ("https://ml.example/retrain", "https://ml.example/retrain"),
     "gate_settle_s": ("12", 12.0),
     "alert_repeat_s": ("60", 60.0),
+    "mqtt_ca": ("/etc/edgepack/ca.pem", Path("/etc/edgepack/ca.pem")),
+    "mqtt_cert": ("/etc/edgepack/fleet-client.pem", Path("/etc/edgepack/fleet-client.pem")),
+    "mqtt_key": ("/etc/edgepack/fleet-client.key", Path("/etc/edgepack/fleet-client.key")),
+    "tls_cert": ("/etc/edgepack/fleet.pem", Path("/etc/edgepack/fleet.pem")),
+    "tls_key": ("/etc/edgepack/fleet.key", Path("/etc/edgepack/fleet.key")),
 }
 
 

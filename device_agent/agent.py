@@ -35,19 +35,19 @@ from __future__ import annotations
 
 import logging
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
 
 from edgepack import __version__
 from edgepack.clock import SYSTEM_CLOCK, Clock
 from edgepack.errors import ConfigError, EdgepackError, ProtocolError
+from edgepack.mqtt import connect_client, redact_url
 from edgepack.protocol import DesiredState, DeviceStatus, decode, desired_topic, encode, status_topic
 
 from device_agent.buffer import DiskBuffer
 from device_agent.config import AgentConfig
+from device_agent.director import DesiredVerifier, PinnedKeyError, downgrade_refusal, load_pinned_key
 from device_agent.downloader import Downloader, DownloadSettings
 from device_agent.fleet_api import FleetClient, enroll_until_done
 from device_agent.http_server import InferenceServer
@@ -72,7 +72,9 @@ class Agent:
         self.clock = clock  # telemetry windows and the safety watch; MQTT, downloads and retries run on real time
         self.device_id = config.device_id
         self.state = AgentState(config.state_dir, config.load_trusted_keys(), fault=fault)
-        self.fleet = FleetClient(config.fleet_url, config.device_id, timeout_s=config.download.timeout_s)
+        self.fleet = FleetClient(config.fleet_url, config.device_id, timeout_s=config.download.timeout_s,
+                                 ssl_context=config.https_context(),
+                                 ca_label=f"CA {config.ca_file}" if config.ca_file else "the system CA store")
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._cond = threading.Condition()
@@ -89,6 +91,10 @@ class Agent:
         self._started = False
         self.malformed_messages = 0
         self.ignored_desired = 0
+        self.refused_desired = 0  # unsigned, another key or device, expired: refused without acting (director.py)
+        self._refused_seq: int | None = None
+        self._last_refusal_report = 0.0
+        self.verifier = self._verifier()
         self.applied_desired = 0
         downloader = Downloader(self.state.downloads_dir, self.fleet, DownloadSettings(
             chunk_bytes=config.download.chunk_bytes, retries=config.download.retries, backoff_s=config.download.backoff_s,
@@ -268,23 +274,49 @@ class Agent:
                                        should_stop=self._stop.is_set, backoff_s=max(self.config.download.backoff_s, 0.1),
                                        max_backoff_s=self.config.download.max_backoff_s)
         if credential is not None:
+            # The fleet key goes to disk before the credential: a crash in between re-enrolls rather than
+            # leaving a device that holds a credential and no key (it would accept unsigned states).
+            self._pin_fleet_key(self.fleet.fleet_key)
             self.state.write_credential(credential)
             log.info("device %s enrolled at %s", self.device_id, self.config.fleet_url)
         return credential
+
+    def _pin_fleet_key(self, document: dict | None) -> None:
+        if document is None:
+            log.warning("the fleet at %s handed out no fleet key: desired states cannot be verified",
+                        self.config.fleet_url)
+            return
+        try:
+            load_pinned_key(document)
+        except PinnedKeyError as exc:
+            raise ConfigError(f"enrollment at {self.config.fleet_url}: {exc}", device_id=self.device_id) from None
+        self.state.write_fleet_key(document)
+        self.verifier = self._verifier()
+        log.info("pinned fleet key %s", self.verifier.key_id)
+
+    def _verifier(self) -> DesiredVerifier:
+        try:
+            return DesiredVerifier(self.device_id, self.state.read_fleet_key(),
+                                   require_signed=self.config.require_signed_desired,
+                                   max_age_s=self.config.desired_max_age_s)
+        except PinnedKeyError as exc:
+            raise ConfigError(f"pinned fleet key in {self.state.root}: {exc}", device_id=self.device_id) from None
 
     # -- MQTT ----------------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         import paho.mqtt.client as mqtt
 
-        url = urlsplit(self.config.mqtt_url)
-        tls = url.scheme in ("mqtts", "ssl")
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-agent-{self.device_id}",
+        # mqtt_url plus ca_file and the client certificate: with mqtts:// the broker is verified (host name
+        # included) and an untrusted one is a ConfigError line here, not an endless silent reconnect.
+        # The device's MQTT identity is its id and its fleet credential (one secret for both planes, so a
+        # revocation or rotation acts on both); a user:password@ in mqtt_url wins (a broker managed by hand).
+        identity = {}
+        if not self.config.mqtt_endpoint().username and self.fleet.credential:
+            identity = {"username": self.device_id, "password": self.fleet.credential}
+        endpoint = self.config.mqtt_endpoint(**identity)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=endpoint.client_id,
                              protocol=mqtt.MQTTv311, clean_session=True)
-        if url.username:
-            client.username_pw_set(unquote(url.username), unquote(url.password) if url.password else None)
-        if tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
         offline = (self._status or self._base_status()).model_copy(update={"state": "offline"})
         client.will_set(status_topic(self.device_id), encode(offline), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -292,7 +324,7 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
-        client.connect_async(url.hostname, url.port or (8883 if tls else 1883), keepalive=self.config.mqtt_keepalive_s)
+        connect_client(client, endpoint, keepalive_s=self.config.mqtt_keepalive_s)
         client.loop_start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -305,7 +337,7 @@ class Agent:
             status = self._status or self._base_status()
             client.publish(status_topic(self.device_id), encode(status.model_copy(update={"state": "online", "ts": time.time()})),
                            qos=1, retain=True)
-        log.info("connected to %s as %s", self.config.mqtt_url, self.device_id)
+        log.info("connected to %s as %s", redact_url(self.config.mqtt_url), self.device_id)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
@@ -346,12 +378,32 @@ class Agent:
                 self.ignored_desired += 1
                 log.debug("ignored desired seq %d (have %d)", desired.seq, floor)
                 return False
+            # Checked only above the floor: the retained copy of a state already finished may have expired
+            # since, and ignoring it is enough. A refused state leaves the floor where it was.
+            refusal = self.verifier.check(desired)
+            if refusal is not None:
+                self._refuse_desired(desired, refusal)
+                return False
+            self.verifier.accepted(desired)
             if self._pending is not None:
                 log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
             self._pending = desired
             self._not_before = 0.0
             self._cond.notify_all()
         return True
+
+    def _refuse_desired(self, desired: DesiredState, reason: str) -> None:
+        """Report a refused desired state (error and refused_seq) without acting on it or moving the seq."""
+        self.refused_desired += 1
+        log.warning("%s (%d refused so far)", reason, self.refused_desired)
+        self._refused_seq = desired.seq
+        now = time.monotonic()
+        if now - self._last_refusal_report < 1.0:
+            return  # a flood of forgeries gets one report a second; the counter has them all
+        self._last_refusal_report = now
+        with self._status_lock:
+            current = self._status or self._base_status()
+        self._set_status(current.phase, seq=current.seq, rollout_id=current.rollout_id, error=reason)
 
     def _work(self) -> None:
         while True:
@@ -411,6 +463,11 @@ class Agent:
     def _install(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
         if desired.bundle is None:
             return self._refuse("desired state 'install' names no bundle")
+        active = self.state.active_bundle()
+        downgrade = downgrade_refusal(desired, active.name if active else None, active.version if active else None)
+        if downgrade is not None:
+            log.warning("desired seq %d: %s", desired.seq, downgrade)
+            return self._refuse(downgrade)
         return self.installer.install(desired.bundle, on_phase)
 
     def _rollback(self, desired: DesiredState, on_phase: PhaseCallback) -> InstallOutcome:
@@ -466,7 +523,8 @@ class Agent:
 
     def _set_status(self, phase: str, *, seq: int, rollout_id: str | None, error: str | None = None, send: bool = True) -> None:
         with self._status_lock:
-            status = self._base_status().model_copy(update={"phase": phase, "seq": seq, "rollout_id": rollout_id, "error": error})
+            status = self._base_status().model_copy(update={"phase": phase, "seq": seq, "rollout_id": rollout_id, "error": error,
+                                                            "refused_seq": self._refused_seq})
             self._status = status
             payload = encode(status)
             client = self._client

@@ -4,6 +4,8 @@
     profile: rpi4                              # hardware profile name (or one of its aliases)
     fleet_url: http://fleet.local:8000         # enrollment, bundle downloads
     mqtt_url: mqtt://fleet.local:1883          # mqtts:// for TLS; user:password@ in the URL if the broker wants them
+    ca_file: /etc/edgepack/ca.pem              # CA the fleet's HTTPS and the mqtts:// broker must chain to (default: system store)
+    client_cert: /etc/edgepack/cam-017.pem     # optional client certificate (+ client_key) for a broker that requires one
     enrollment_token: et_…                     # first start only; the credential it buys is kept in state_dir
     state_dir: /var/lib/edgepack-agent
     trusted_keys: [/etc/edgepack/edgepack.pub]
@@ -22,6 +24,7 @@ naming the file and the field.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -30,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgepack.errors import ConfigError, first_validation_error, validation_error_field
+from edgepack.mqtt import MqttEndpoint
 from edgepack.protocol import DeviceId
 
 
@@ -117,8 +121,17 @@ class AgentConfig(BaseModel):
     telemetry: TelemetryConfig = TelemetryConfig()
     shadow: ShadowConfig = ShadowConfig()
     safety: SafetyConfig = SafetyConfig()
+    ca_file: Path | None = Field(default=None, description="PEM CA the fleet's https:// certificate and the mqtts:// "
+                                                           "broker's must chain to; None: the system CA store.")
+    client_cert: Path | None = Field(default=None, description="PEM client certificate for a broker that requires one.")
+    client_key: Path | None = Field(default=None, description="PEM key of client_cert (omit when client_cert holds both).")
     report_status_over_http: bool = Field(default=False,
                                           description="Also POST every status to {fleet_url}/api/v1/devices/{id}/status.")
+    require_signed_desired: bool = Field(default=False,
+                                         description="Refuse unsigned desired states even when enrollment pinned no "
+                                                     "fleet key (with a pinned key they are always refused).")
+    desired_max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0, allow_inf_nan=False,
+                                     description="Refuse a signed desired state issued longer ago than this.")
 
     @field_validator("fleet_url")
     @classmethod
@@ -183,8 +196,33 @@ class AgentConfig(BaseModel):
             config = config.model_copy(update={
                 "state_dir": _resolve(base_dir, config.state_dir),
                 "trusted_keys": [_resolve(base_dir, key) for key in config.trusted_keys],
+                **{name: _resolve(base_dir, getattr(config, name)) for name in ("ca_file", "client_cert", "client_key")
+                   if getattr(config, name) is not None},
             })
         return config
+
+    def mqtt_endpoint(self, **overrides: object) -> MqttEndpoint:
+        """The broker as this device reaches it: mqtt_url plus ca_file and the client certificate
+        (overrides, e.g. the device's MQTT username and password, win when not None)."""
+        return MqttEndpoint.from_url(self.mqtt_url, ca_file=self.ca_file, certfile=self.client_cert,
+                                     keyfile=self.client_key, client_id=f"edgepack-agent-{self.device_id}", **overrides)
+
+    def https_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the fleet's https:// URLs: ca_file (host name checked) and the client
+        certificate; None without either, which leaves urllib to the system CA store."""
+        if self.ca_file is None and self.client_cert is None:
+            return None
+        for name in ("ca_file", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"agent config: {name} {path} does not exist", field=name)
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            if self.client_cert is not None:
+                context.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"agent config: TLS files cannot be loaded: {exc.reason or exc}", field="ca_file") from None
+        return context
 
     def load_trusted_keys(self) -> list:
         """The trusted Ed25519 public keys (ConfigError naming a missing or malformed one)."""

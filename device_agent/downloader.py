@@ -145,7 +145,7 @@ class Downloader:
             headers["Range"] = f"bytes={have}-"
         request = urllib.request.Request(url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=self.settings.timeout_s)
+            response = urllib.request.urlopen(request, timeout=self.settings.timeout_s, context=self.client.context_for(url))
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:
                 # The server thinks our prefix is past its end: our .part cannot belong to this file.
@@ -156,6 +156,11 @@ class Downloader:
                 raise DownloadRefused(f"download of bundle {ref.id[:12]} refused: HTTP {exc.code} {exc.reason} ({url})",
                                       bundle_id=ref.id) from None
             raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            untrusted = self.client.certificate_error(url, exc)
+            if untrusted is not None:  # retrying will not make the certificate trusted
+                raise DownloadRefused(f"download of bundle {ref.id[:12]} refused: {untrusted}", bundle_id=ref.id) from None
+            raise
         with response:
             mode = "ab"
             if have and response.status == 206:

@@ -1,11 +1,15 @@
 """The few fleet HTTP routes the agent calls, over the standard library (no HTTP client dependency).
 
-    POST {fleet_url}/api/v1/devices/enroll          {device_id, profile, labels, token} → {device_id, credential}
+    POST {fleet_url}/api/v1/devices/enroll          {device_id, profile, labels, token} → {device_id, credential,
+                                                                                            fleet_key}
     GET  {fleet_url}/api/v1/bundles/{id}/download   Authorization: Bearer <credential>, Range: bytes=N-
     POST {fleet_url}/api/v1/devices/{id}/status     a DeviceStatus (optional; MQTT is the main channel)
 
 Bundle URLs in a desired state may be relative to the fleet URL. The device credential is only ever
-sent to the fleet's own origin, never to a third-party URL a desired state names.
+sent to the fleet's own origin, never to a third-party URL a desired state names. An https:// fleet is
+verified against `ssl_context` (the agent's `ca_file`, host name included; the system store without one);
+a certificate it does not vouch for is a ConfigError line ("fleet certificate not trusted by ..."), never
+retried: waiting will not make it trusted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -37,11 +42,15 @@ class EnrollmentError(EdgepackError):
 class FleetClient:
     """Fleet URLs and credentials for one device."""
 
-    def __init__(self, fleet_url: str, device_id: str, *, credential: str | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, fleet_url: str, device_id: str, *, credential: str | None = None, timeout_s: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None, ca_label: str = "the system CA store") -> None:
         self.fleet_url = fleet_url.rstrip("/")
         self.device_id = device_id
         self.credential = credential
+        self.fleet_key: dict | None = None  # the director key the last enrollment answer carried
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
+        self.ca_label = ca_label
         parts = urlsplit(self.fleet_url)
         self._origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
@@ -56,6 +65,20 @@ class FleetClient:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return (parts.scheme, parts.hostname, port) == self._origin
 
+    def context_for(self, url: str) -> ssl.SSLContext | None:
+        """The fleet's TLS context for its own origin; other https:// URLs use the system store."""
+        return self.ssl_context if self.same_origin(url) else None
+
+    def certificate_error(self, url: str, exc: BaseException) -> ConfigError | None:
+        """The one line an untrusted server certificate becomes, or None for any other failure."""
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if not isinstance(reason, ssl.SSLCertVerificationError):
+            return None
+        who = "fleet" if self.same_origin(url) else urlsplit(url).hostname
+        label = self.ca_label if self.same_origin(url) else "the system CA store"
+        return ConfigError(f"{who} certificate not trusted by {label}: {reason.verify_message or reason.reason} "
+                           f"({urlsplit(url).scheme}://{urlsplit(url).netloc})", device_id=self.device_id)
+
     def headers_for(self, url: str) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT}
         if self.credential and self.same_origin(url):
@@ -63,7 +86,8 @@ class FleetClient:
         return headers
 
     def enroll(self, *, profile: str, labels: dict[str, str], token: str) -> str:
-        """Present the one-time enrollment token; return the device credential.
+        """Present the one-time enrollment token; return the device credential (the fleet's director key, when
+        the answer has one, is left in `self.fleet_key` for the caller to pin).
 
         A refusal (4xx) is a ConfigError naming the status and the fleet's reason; an unreachable
         fleet or a 5xx is an EnrollmentError the caller may retry.
@@ -80,11 +104,16 @@ class FleetClient:
             raise EnrollmentError(f"enrollment failed at {self.fleet_url}: HTTP {exc.code} {reason}",
                                   device_id=self.device_id) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
+            untrusted = self.certificate_error(url, exc)
+            if untrusted is not None:
+                raise untrusted from None
             raise EnrollmentError(f"cannot reach the fleet at {self.fleet_url} to enroll: {_reason(exc)}",
                                   device_id=self.device_id) from None
         credential = document.get("credential") if isinstance(document, dict) else None
         if not isinstance(credential, str) or not credential:
             raise EnrollmentError(f"enrollment answer from {self.fleet_url} has no credential", device_id=self.device_id)
+        fleet_key = document.get("fleet_key")
+        self.fleet_key = fleet_key if isinstance(fleet_key, dict) else None
         return credential
 
     def post_status(self, payload: bytes) -> None:
@@ -93,7 +122,7 @@ class FleetClient:
         request = urllib.request.Request(url, data=payload, method="POST",
                                          headers={**self.headers_for(url), "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context_for(url)) as response:
                 response.read(_MAX_JSON_RESPONSE)
         except (urllib.error.URLError, OSError) as exc:
             log.info("status over HTTP not delivered: %s", _reason(exc))
@@ -102,7 +131,7 @@ class FleetClient:
         headers = self.headers_for(url) if authorized else {"User-Agent": USER_AGENT}
         request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                          headers={**headers, "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context_for(url)) as response:
             return json.loads(response.read(_MAX_JSON_RESPONSE))
 
 

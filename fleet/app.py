@@ -6,7 +6,9 @@ an admin token exists, then enters each `lifespan_hooks` entry — async context
 which is how the rollout controller and the MQTT bridge attach — and leaves them in reverse on shutdown.
 
 Errors: every `EdgepackError` a route or service raises becomes `{"detail", "error"}` with the class's
-`http_status` (401 adds `WWW-Authenticate`, 416 adds `Content-Range: bytes */size`).
+`http_status` (401 adds `WWW-Authenticate`, 416 adds `Content-Range: bytes */size`); each route documents
+the statuses it answers (`fleet.api.params.error_responses`). A request body over `MAX_BODY_BYTES` is a 413,
+except a bundle upload, which streams to disk under its own limit (`max_bundle_bytes`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from edgepack.errors import ConfigError, EdgepackError, RangeNotSatisfiable
+from edgepack.errors import ConfigError, EdgepackError, PayloadTooLarge, RangeNotSatisfiable
 from edgepack.signing import load_public_key
 from fleet import metrics
-from fleet.api import api_router, system_router
+from fleet.api import API_PREFIX, api_router, system_router
 from fleet.auth import bootstrap_admin_token
 from fleet.db import make_engine, make_session_factory, migrate
 from fleet.settings import FleetSettings
@@ -37,6 +40,9 @@ from fleet.store import BundleStore, FileBundleStore
 log = logging.getLogger(__name__)
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
+
+MAX_BODY_BYTES = 1024 * 1024  # every JSON body the API takes (a status, a rollout) is a few kilobytes
+_UPLOAD_PATH = f"{API_PREFIX}/bundles"
 
 
 def check_database(engine: Engine) -> None:
@@ -71,6 +77,62 @@ async def _edgepack_error(request: Request, exc: EdgepackError) -> JSONResponse:
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
     return JSONResponse({"detail": exc.message, "error": type(exc).__name__}, status_code=exc.http_status,
                         headers=headers)
+
+
+def _too_large_body() -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes", limit=MAX_BODY_BYTES)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's and Starlette's own refusals (a body that is not UTF-8, an unknown path or method) in the
+    # same {"detail", "error"} shape as ours, so one error model documents every non-validation error.
+    return JSONResponse({"detail": str(exc.detail), "error": "HTTPException"}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over MAX_BODY_BYTES with a 413 before a route parses them: a declared
+    Content-Length at once, a chunked body when its bytes pass the limit. The bundle upload is left to
+    its own, larger limit."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] == _UPLOAD_PATH):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await self._refuse(scope, receive, send)
+            return
+        received, refused = 0, False
+
+        async def counting_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    # Answer now and tell the route the client left: its own answer (FastAPI words a
+                    # failed body read as a 400) is then dropped by guarded_send.
+                    refused = True
+                    await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    @staticmethod
+    async def _refuse(scope, receive, send) -> None:
+        exc = _too_large_body()
+        response = JSONResponse({"detail": exc.message, "error": type(exc).__name__}, status_code=413,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class RequestMetricsMiddleware:
@@ -151,10 +213,12 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: 
     app.state.trusted_keys = trusted_keys
     app.state.new_admin_token = None
     app.add_exception_handler(EdgepackError, _edgepack_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestMetricsMiddleware, api=app)
     app.include_router(api_router)
     app.include_router(system_router)
     return app
 
 
-__all__ = ["LifespanHook", "RequestMetricsMiddleware", "check_database", "create_app", "prepare"]
+__all__ = ["BodyLimitMiddleware", "LifespanHook", "MAX_BODY_BYTES", "RequestMetricsMiddleware", "check_database", "create_app", "prepare"]

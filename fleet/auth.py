@@ -1,6 +1,9 @@
 """Who is calling: bearer API tokens with roles, and per-device credentials.
 
     viewer < operator < admin      roles of API tokens (`ApiToken.role`); a higher role may do what a lower may
+    scopes                         optional on a token (`ApiToken.scopes`): the route groups it may call, each
+                                   within its role (`SCOPES` names the role each needs); none means all its role may
+    expiry                         optional (`ApiToken.expires_at`): past it the token is refused with a 401
     device credential              issued at enrollment; may download bundles and report for its own id, nothing else
 
 Only sha256 hashes of secrets are stored. A secret is looked up by its hash (an index lookup on a value
@@ -11,6 +14,7 @@ FastAPI dependencies, as `Annotated` aliases for route signatures:
     SessionDep     a database session for the request
     PrincipalDep   any valid credential
     ViewerDep, OperatorDep, AdminDep    an API token with at least that role
+    BundlesRead, RolloutsWrite, …       an API token with that scope's role, and the scope when it is scoped
     DeviceDep      a device credential (its `device_id` is the device's identity)
     ViewerOrDeviceDep                   either (bundle downloads)
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import datetime as dt
 import logging
 import secrets
 from collections.abc import Callable, Iterator
@@ -31,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from edgepack.errors import ConfigError, NotAuthenticated, PermissionDenied
 from edgepack.files import atomic_write
-from fleet.models import ApiToken, Device
+from fleet.models import ApiToken, Device, utcnow
 from fleet.settings import FleetSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,23 @@ DEVICE_CREDENTIAL_PREFIX = "epd_"
 ENROLLMENT_TOKEN_PREFIX = "epe_"
 BOOTSTRAP_TOKEN_NAME = "admin (bootstrap)"
 ENV_TOKEN_NAME = "admin (EDGEPACK_ADMIN_TOKEN)"
+
+# The route groups a token may be scoped to, and the least role each needs (a scope narrows what a
+# token's role allows; it never widens it). `read` is every GET of the group, `write` every change.
+SCOPES: dict[str, str] = {
+    "bundles:read": "viewer",
+    "bundles:write": "operator",
+    "devices:read": "viewer",
+    "devices:write": "operator",
+    "rollouts:read": "viewer",
+    "rollouts:write": "operator",
+    "alerts:read": "viewer",
+    "tokens:read": "admin",
+    "tokens:write": "admin",
+    "audit:read": "admin",
+}
+Scope = Literal["bundles:read", "bundles:write", "devices:read", "devices:write", "rollouts:read",
+                "rollouts:write", "alerts:read", "tokens:read", "tokens:write", "audit:read"]
 
 
 def role_rank(role: str) -> int:
@@ -65,13 +87,21 @@ def same_hash(stored: str, presented: str) -> bool:
     return hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
 
 
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite hands timestamps back naive; everything this server stores is UTC.
+    return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+
+
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: an API token (name, role) or a device (device_id)."""
+    """An authenticated caller: an API token (name, role, its scopes or None for all, its row id) or a
+    device (device_id)."""
 
     name: str
     role: str | None = None
     device_id: str | None = None
+    scopes: frozenset[str] | None = None
+    token_id: int | None = None
 
     @property
     def is_device(self) -> bool:
@@ -91,6 +121,14 @@ class Principal:
             raise PermissionDenied(f"this needs the {role} role; token {self.name!r} has {self.role}", role=self.role)
         return self
 
+    def require_scope(self, scope: str) -> Principal:
+        """The scope's role, and the scope itself when the token is scoped."""
+        self.require_role(SCOPES[scope])
+        if self.scopes is not None and scope not in self.scopes:
+            held = ", ".join(sorted(self.scopes)) or "none"
+            raise PermissionDenied(f"this needs the {scope} scope; token {self.name!r} has {held}", scope=scope)
+        return self
+
     def require_device(self, device_id: str | None = None) -> Principal:
         if not self.is_device:
             raise PermissionDenied("this needs a device credential")
@@ -102,13 +140,17 @@ class Principal:
 
 
 def authenticate(session: Session, secret: str) -> Principal:
-    """The principal a bearer secret belongs to; NotAuthenticated when it is unknown or revoked."""
+    """The principal a bearer secret belongs to; NotAuthenticated when it is unknown, revoked or expired."""
     presented = hash_secret(secret)
     token = session.scalars(select(ApiToken).where(ApiToken.token_hash == presented)).first()
     if token is not None and same_hash(token.token_hash, presented):
         if token.revoked:
             raise NotAuthenticated("this API token has been revoked")
-        return Principal(name=token.name, role=token.role)
+        expires_at = as_utc(token.expires_at)
+        if expires_at is not None and expires_at <= utcnow():
+            raise NotAuthenticated(f"this API token expired at {expires_at.isoformat()}; ask an admin for a new one")
+        scopes = frozenset(token.scopes) if token.scopes is not None else None
+        return Principal(name=token.name, role=token.role, scopes=scopes, token_id=token.id)
     device = session.scalars(select(Device).where(Device.credential_hash == presented)).first()
     if device is not None and same_hash(device.credential_hash, presented):
         return Principal(name=device.id, device_id=device.id)
@@ -196,12 +238,20 @@ def requires(role: Role) -> Callable[[Principal], Principal]:
     return dependency
 
 
+def requires_scope(scope: Scope) -> Callable[[Principal], Principal]:
+    def dependency(principal: PrincipalDep) -> Principal:
+        return principal.require_scope(scope)
+
+    dependency.__name__ = f"requires_{scope.replace(':', '_')}"
+    return dependency
+
+
 def _device_principal(principal: PrincipalDep) -> Principal:
     return principal.require_device()
 
 
 def _viewer_or_device(principal: PrincipalDep) -> Principal:
-    return principal if principal.is_device else principal.require_role("viewer")
+    return principal if principal.is_device else principal.require_scope("bundles:read")
 
 
 ViewerDep = Annotated[Principal, Depends(requires("viewer"))]
@@ -209,10 +259,30 @@ OperatorDep = Annotated[Principal, Depends(requires("operator"))]
 AdminDep = Annotated[Principal, Depends(requires("admin"))]
 DeviceDep = Annotated[Principal, Depends(_device_principal)]
 ViewerOrDeviceDep = Annotated[Principal, Depends(_viewer_or_device)]
+BundlesRead = Annotated[Principal, Depends(requires_scope("bundles:read"))]
+BundlesWrite = Annotated[Principal, Depends(requires_scope("bundles:write"))]
+DevicesRead = Annotated[Principal, Depends(requires_scope("devices:read"))]
+DevicesWrite = Annotated[Principal, Depends(requires_scope("devices:write"))]
+RolloutsRead = Annotated[Principal, Depends(requires_scope("rollouts:read"))]
+RolloutsWrite = Annotated[Principal, Depends(requires_scope("rollouts:write"))]
+AlertsRead = Annotated[Principal, Depends(requires_scope("alerts:read"))]
+TokensRead = Annotated[Principal, Depends(requires_scope("tokens:read"))]
+TokensWrite = Annotated[Principal, Depends(requires_scope("tokens:write"))]
+AuditRead = Annotated[Principal, Depends(requires_scope("audit:read"))]
 
 __all__ = [
     "API_TOKEN_PREFIX",
     "AdminDep",
+    "AlertsRead",
+    "AuditRead",
+    "BundlesRead",
+    "BundlesWrite",
+    "DevicesRead",
+    "DevicesWrite",
+    "RolloutsRead",
+    "RolloutsWrite",
+    "TokensRead",
+    "TokensWrite",
     "DEVICE_CREDENTIAL_PREFIX",
     "DeviceDep",
     "ENROLLMENT_TOKEN_PREFIX",
@@ -221,9 +291,12 @@ __all__ = [
     "PrincipalDep",
     "ROLES",
     "Role",
+    "SCOPES",
+    "Scope",
     "SessionDep",
     "ViewerDep",
     "ViewerOrDeviceDep",
+    "as_utc",
     "authenticate",
     "bootstrap_admin_token",
     "hash_secret",

@@ -49,6 +49,10 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    scopes: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True,
+                                                     doc="Route groups it may call (fleet.auth.SCOPES); None: all its role may")
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                           doc="Refused from then on; None never expires")
 
 
 class EnrollmentToken(Base):

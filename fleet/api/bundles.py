@@ -10,13 +10,28 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from edgepack.errors import BundleError, PayloadTooLarge
+from fleet.api.params import (
+    AUTHED,
+    WITH_BODY,
+    BundleIdPath,
+    NameQuery,
+    ProfileQuery,
+    StageQuery,
+    error_responses,
+)
 from fleet.api.schemas import BundleDetail, BundlePublic, PromoteRequest
-from fleet.auth import OperatorDep, SessionDep, ViewerDep, ViewerOrDeviceDep
+from fleet.auth import BundlesRead, BundlesWrite, SessionDep, ViewerOrDeviceDep
 from fleet.services import bundles
 from fleet.store import BundleStore
 
 router = APIRouter(prefix="/bundles", tags=["bundles"])
 _COPY_CHUNK = 1024 * 1024
+_DOWNLOAD_RESPONSES = {
+    200: {"description": "The bundle file", "content": {"application/octet-stream": {}}},
+    206: {"description": "The requested byte range", "content": {"application/octet-stream": {}}},
+    304: {"description": "If-None-Match named the bundle's ETag"},
+    **error_responses(400, *AUTHED, 404, 416),
+}
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -54,8 +69,10 @@ async def _receive_upload(request: Request, store: BundleStore, limit: int) -> P
     return upload
 
 
-@router.post("", status_code=201, response_model=BundleDetail)
-async def upload_bundle(request: Request, response: Response, principal: OperatorDep,
+@router.post("", status_code=201, response_model=BundleDetail, responses={
+    200: {"model": BundleDetail, "description": "The same bundle was already stored"},
+    **error_responses(400, *WITH_BODY)})
+async def upload_bundle(request: Request, response: Response, principal: BundlesWrite,
                         session: SessionDep) -> BundleDetail:
     """Upload a bundle as the raw body (application/octet-stream) or multipart field `bundle`.
     201 when new, 200 when the same bundle was already stored; 400 naming the problem when it does
@@ -70,32 +87,33 @@ async def upload_bundle(request: Request, response: Response, principal: Operato
     return BundleDetail.model_validate(bundle)
 
 
-@router.get("", response_model=list[BundlePublic])
-def list_bundles(_: ViewerDep, session: SessionDep, name: str | None = None, profile: str | None = None,
-                 stage: str | None = None) -> list[BundlePublic]:
+@router.get("", response_model=list[BundlePublic], responses=error_responses(*AUTHED))
+def list_bundles(_: BundlesRead, session: SessionDep, name: NameQuery = None, profile: ProfileQuery = None,
+                 stage: StageQuery = None) -> list[BundlePublic]:
     return [BundlePublic.model_validate(b) for b in bundles.list_bundles(session, name=name, profile=profile,
                                                                          stage=stage)]
 
 
-@router.get("/{bundle_id}", response_model=BundleDetail)
-def get_bundle(bundle_id: str, _: ViewerDep, session: SessionDep) -> BundleDetail:
+@router.get("/{bundle_id}", response_model=BundleDetail, responses=error_responses(400, *AUTHED, 404))
+def get_bundle(bundle_id: BundleIdPath, _: BundlesRead, session: SessionDep) -> BundleDetail:
     return BundleDetail.model_validate(bundles.get_bundle(session, bundle_id))
 
 
-@router.post("/{bundle_id}/promote", response_model=BundlePublic)
-def promote_bundle(bundle_id: str, body: PromoteRequest, principal: OperatorDep, session: SessionDep) -> BundlePublic:
+@router.post("/{bundle_id}/promote", response_model=BundlePublic, responses=error_responses(400, *WITH_BODY, 404))
+def promote_bundle(bundle_id: BundleIdPath, body: PromoteRequest, principal: BundlesWrite,
+                   session: SessionDep) -> BundlePublic:
     return BundlePublic.model_validate(bundles.promote(session, bundle_id, body.stage, actor=principal.actor))
 
 
-@router.head("/{bundle_id}/download", response_class=Response)
-def bundle_download_headers(bundle_id: str, request: Request, principal: ViewerOrDeviceDep,
+@router.head("/{bundle_id}/download", response_class=Response, responses=_DOWNLOAD_RESPONSES)
+def bundle_download_headers(bundle_id: BundleIdPath, request: Request, principal: ViewerOrDeviceDep,
                             session: SessionDep) -> Response:
     """The download's headers (size, ETag, Accept-Ranges) without the body."""
     return download_bundle(bundle_id, request, principal, session)
 
 
-@router.get("/{bundle_id}/download", response_class=StreamingResponse)
-def download_bundle(bundle_id: str, request: Request, principal: ViewerOrDeviceDep, session: SessionDep) -> Response:
+@router.get("/{bundle_id}/download", response_class=StreamingResponse, responses=_DOWNLOAD_RESPONSES)
+def download_bundle(bundle_id: BundleIdPath, request: Request, principal: ViewerOrDeviceDep, session: SessionDep) -> Response:
     """The bundle file; a single `Range` (`bytes=a-b`, `bytes=a-`, `bytes=-n`) gives 206 with
     Content-Range, an unsatisfiable one 416; `If-Range` and `If-None-Match` take the ETag (the sha256)."""
     store = request.app.state.store

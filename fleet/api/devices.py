@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from edgepack.errors import PermissionDenied
-from edgepack.protocol import DeviceStatus
 from fleet import metrics
+from fleet.api.params import AUTHED, WITH_BODY, DeviceIdPath, ProfileQuery, SelectorQuery, error_responses
 from fleet.api.schemas import (
     DevicePublic,
     EnrollmentTokenCreate,
@@ -14,15 +14,17 @@ from fleet.api.schemas import (
     EnrollRequest,
     EnrollResponse,
     StatusAccepted,
+    StatusReport,
 )
-from fleet.auth import DeviceDep, OperatorDep, SessionDep, ViewerDep
+from fleet.auth import DeviceDep, DevicesRead, DevicesWrite, SessionDep
 from fleet.services import devices
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
 
-@router.post("/enrollment-tokens", status_code=201, response_model=EnrollmentTokenCreated)
-def create_enrollment_token(body: EnrollmentTokenCreate, principal: OperatorDep,
+@router.post("/enrollment-tokens", status_code=201, response_model=EnrollmentTokenCreated,
+             responses=error_responses(400, *WITH_BODY))
+def create_enrollment_token(body: EnrollmentTokenCreate, principal: DevicesWrite,
                             session: SessionDep) -> EnrollmentTokenCreated:
     plain, row = devices.create_enrollment_token(session, principal.actor, labels=body.labels, uses=body.uses,
                                                  ttl_s=body.ttl_s)
@@ -30,29 +32,31 @@ def create_enrollment_token(body: EnrollmentTokenCreate, principal: OperatorDep,
                                   expires_at=row.expires_at)
 
 
-@router.post("/enroll", status_code=201, response_model=EnrollResponse)
+@router.post("/enroll", status_code=201, response_model=EnrollResponse,
+             responses=error_responses(400, *WITH_BODY, 409))
 def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
-    """No bearer token: the enrollment token in the body is the credential (spent by this call)."""
+    """No bearer token: the enrollment token in the body is the credential (spent by this call); 401 when
+    it is unknown, 403 when used up or expired, 409 when another request enrolled the same id at once."""
     credential, device, created = devices.enroll(session, token=body.token, device_id=body.device_id,
                                                  profile=body.profile, labels=body.labels)
     return EnrollResponse(device_id=device.id, credential=credential, profile=device.profile,
                           labels=device.labels, reenrolled=not created)
 
 
-@router.get("", response_model=list[DevicePublic])
-def list_devices(_: ViewerDep, session: SessionDep, selector: str | None = None, profile: str | None = None,
+@router.get("", response_model=list[DevicePublic], responses=error_responses(400, *AUTHED))
+def list_devices(_: DevicesRead, session: SessionDep, selector: SelectorQuery = None, profile: ProfileQuery = None,
                  online: bool | None = None) -> list[DevicePublic]:
     return [DevicePublic.model_validate(d) for d in devices.list_devices(session, selector=selector,
                                                                          profile=profile, online=online)]
 
 
-@router.get("/{device_id}", response_model=DevicePublic)
-def get_device(device_id: str, _: ViewerDep, session: SessionDep) -> DevicePublic:
+@router.get("/{device_id}", response_model=DevicePublic, responses=error_responses(*AUTHED, 404))
+def get_device(device_id: DeviceIdPath, _: DevicesRead, session: SessionDep) -> DevicePublic:
     return DevicePublic.model_validate(devices.get_device(session, device_id))
 
 
-@router.post("/{device_id}/status", response_model=StatusAccepted)
-def report_status(device_id: str, status: DeviceStatus, principal: DeviceDep, session: SessionDep,
+@router.post("/{device_id}/status", response_model=StatusAccepted, responses=error_responses(400, *WITH_BODY))
+def report_status(device_id: DeviceIdPath, status: StatusReport, principal: DeviceDep, session: SessionDep,
                   request: Request) -> StatusAccepted:
     """A device reports its status over HTTP (the same DeviceStatus it publishes over MQTT); only for
     its own id: another id in the path or in the body is 403."""

@@ -1,7 +1,9 @@
 """Request and response bodies of the fleet API: `…Create`/`…Request` in, `…Public` out.
 
 Responses are built from ORM rows (`from_attributes`); secrets appear only in the `…Created` bodies
-of the request that made them.
+of the request that made them. Every request field is bounded (strings by their column, lists and
+label maps by count, numbers by range, no inf/NaN), so no value a client sends reaches the database
+unchecked (see `fleet.api.params`).
 """
 
 from __future__ import annotations
@@ -9,9 +11,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
+from edgepack.protocol import DeviceStatus
+from edgepack.selectors import MAX_LABELS
+from fleet.api.params import MAX_ROW_ID
+from fleet.auth import Scope
 from fleet.services.bundles import download_path
+from fleet.services.tokens import MAX_TTL_S
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -21,13 +28,21 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 UtcDateTime = Annotated[dt.datetime, AfterValidator(_utc)]
 
+# Caps on what reaches the services, whose grammar checks (edgepack.selectors: keys and values of at
+# most 63; device ids of at most 128, profiles 64) refuse tighter with a 400 naming the value.
+_CAP = 256
+LabelKey = Annotated[str, StringConstraints(max_length=_CAP)]
+LabelValue = Annotated[str, StringConstraints(max_length=_CAP)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
+WEEK_S = 7 * 24 * 3600.0
+
 
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- bundles
@@ -69,9 +84,10 @@ class PromoteRequest(_Request):
 
 
 class EnrollmentTokenCreate(_Request):
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels every device enrolled with it gets")
+    labels: Labels = Field(default_factory=dict, description="Labels every device enrolled with it gets")
     uses: int = Field(default=1, ge=1, le=1_000_000)
-    ttl_s: float | None = Field(default=24 * 3600.0, gt=0, description="Lifetime in seconds; null never expires")
+    ttl_s: float | None = Field(default=24 * 3600.0, gt=0, le=MAX_TTL_S,
+                                description="Lifetime in seconds; null never expires")
 
 
 class EnrollmentTokenCreated(BaseModel):
@@ -83,10 +99,10 @@ class EnrollmentTokenCreated(BaseModel):
 
 
 class EnrollRequest(_Request):
-    device_id: str
-    profile: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    token: str = Field(description="An enrollment token")
+    device_id: str = Field(max_length=_CAP)
+    profile: str = Field(max_length=_CAP)
+    labels: Labels = Field(default_factory=dict)
+    token: str = Field(max_length=256, description="An enrollment token")
 
 
 class EnrollResponse(BaseModel):
@@ -114,6 +130,21 @@ class DevicePublic(_Public):
     error: str | None
 
 
+class StatusReport(DeviceStatus):
+    """A DeviceStatus as the HTTP route takes it: the same message, each field bounded by the column it
+    is stored in (the seq by the INTEGER of `desired_seq`)."""
+
+    seq: int = Field(default=0, ge=0, le=MAX_ROW_ID, description="The desired-state seq this status answers.")
+    rollout_id: str | None = Field(default=None, max_length=36)
+    current_bundle: str | None = Field(default=None, max_length=64, description="Id of the active bundle.")
+    previous_bundle: str | None = Field(default=None, max_length=64, description="Id of the bundle in the other slot.")
+    shadow_bundle: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, max_length=4096)
+    ts: float = Field(default=0.0, allow_inf_nan=False)
+    agent_version: str | None = Field(default=None, max_length=64)
+
+
 class StatusAccepted(BaseModel):
     device_id: str
     applied: bool = Field(description="False when the status answered an older desired state (stale)")
@@ -125,14 +156,19 @@ class StatusAccepted(BaseModel):
 class TokenCreate(_Request):
     name: str = Field(min_length=1, max_length=128)
     role: Literal["viewer", "operator", "admin"]
+    scopes: list[Scope] | None = Field(default=None, max_length=16,
+                                       description="Route groups it may call, each within its role; null: all")
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_TTL_S, description="Lifetime in seconds; null never expires")
 
 
 class TokenPublic(_Public):
     id: int
     name: str
     role: str
+    scopes: list[str] | None = Field(description="Null: every scope its role allows")
     revoked: bool
     created_at: UtcDateTime
+    expires_at: UtcDateTime | None
 
 
 class TokenCreated(TokenPublic):
@@ -152,14 +188,16 @@ class AuditEntryPublic(_Public):
 
 
 class RolloutCreate(_Request):
-    bundle_id: str = Field(description="Bundle id or an unambiguous prefix (8+ hex digits)")
-    selector: dict[str, str] | str = Field(default_factory=dict, description="{k: v} or 'k=v,k2=v2'")
-    waves: list[float] = Field(default_factory=lambda: [1, 10, 50, 100], min_length=1, max_length=100)
-    gates: list[str | dict[str, Any]] = Field(default_factory=list,
-                                              description="e.g. 'install_failure_ratio<=0.1'; empty → defaults")
-    bake_s: float = Field(default=30.0, ge=0)
-    min_reports: int = Field(default=1, ge=0)
-    install_timeout_s: float = Field(default=300.0, gt=0)
+    bundle_id: str = Field(max_length=64, description="Bundle id or an unambiguous prefix (8+ hex digits)")
+    selector: Labels | Annotated[str, StringConstraints(max_length=4096)] = Field(
+        default_factory=dict, description="{k: v} or 'k=v,k2=v2'")
+    waves: list[Annotated[float, Field(ge=0, le=100)]] = Field(default_factory=lambda: [1, 10, 50, 100],
+                                                              min_length=1, max_length=100)
+    gates: list[Annotated[str, StringConstraints(max_length=256)] | Annotated[dict[str, Any], Field(max_length=8)]] = Field(
+        default_factory=list, max_length=32, description="e.g. 'install_failure_ratio<=0.1'; empty → defaults")
+    bake_s: float = Field(default=30.0, ge=0, le=WEEK_S)
+    min_reports: int = Field(default=1, ge=0, le=1_000_000)
+    install_timeout_s: float = Field(default=300.0, gt=0, le=WEEK_S)
 
 
 RolloutAction = Literal["pause", "resume", "abort", "rollback"]

@@ -158,5 +158,5 @@ def test_tokens_are_stored_hashed_and_their_creation_audited(fleet: Fleet) -> No
         assert stored.token_hash != created["token"] and len(stored.token_hash) == 64
         assert created["token"] not in {t.token_hash for t in session.scalars(select(ApiToken))}
     entries = fleet.admin.get("/api/v1/audit", params={"action": "token.create", "target": str(created["id"])}).json()
-    assert entries[0]["details"] == {"name": "ci", "role": "operator"}
+    assert entries[0]["details"] == {"name": "ci", "role": "operator", "scopes": None, "expires_at": None}
     assert entries[0]["actor"].startswith("token:admin")

@@ -381,15 +381,16 @@ class Agent:
             # Checked only above the floor: the retained copy of a state already finished may have expired
             # since, and ignoring it is enough. A refused state leaves the floor where it was.
             refusal = self.verifier.check(desired)
-            if refusal is not None:
-                self._refuse_desired(desired, refusal)
-                return False
-            self.verifier.accepted(desired)
-            if self._pending is not None:
-                log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
-            self._pending = desired
-            self._not_before = 0.0
-            self._cond.notify_all()
+            if refusal is None:
+                self.verifier.accepted(desired)
+                if self._pending is not None:
+                    log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
+                self._pending = desired
+                self._not_before = 0.0
+                self._cond.notify_all()
+        if refusal is not None:
+            self._refuse_desired(desired, refusal)  # outside the lock: it publishes
+            return False
         return True
 
     def _refuse_desired(self, desired: DesiredState, reason: str) -> None:

@@ -2,6 +2,7 @@
 
     state_dir/
       credential              the device credential from enrollment (mode 0600)
+      fleet_key.json          the fleet's director key, pinned at enrollment: {alg, key_id, public_key}
       current                 the pointer: JSON {"active": {"slot", "bundle_id"}, "previous": {…} | null}
       journal.json            the last desired state handled: seq, rollout_id, phase, error
       slots/a/  slots/b/      extracted bundles (manifest.json, manifest.sig, members)
@@ -45,6 +46,7 @@ SLOTS = ("a", "b")
 POINTER_NAME = "current"
 JOURNAL_NAME = "journal.json"
 CREDENTIAL_NAME = "credential"
+FLEET_KEY_NAME = "fleet_key.json"
 STATE_SCHEMA = 1
 _MAX_SMALL_JSON = 16 * 1024 * 1024
 
@@ -307,6 +309,19 @@ class AgentState:
 
     def write_credential(self, credential: str) -> None:
         write_atomic(self.credential_path, credential.encode() + b"\n", mode=0o600)
+
+    def read_fleet_key(self) -> dict | None:
+        """The pinned fleet key document, or None when the fleet that enrolled this device gave none. A file
+        that is there but unreadable is a ConfigError: reading it as "no key" would accept unsigned states."""
+        path = self.root / FLEET_KEY_NAME
+        document = _read_json(path)
+        if document is None and (path.exists() or path.is_symlink()):
+            raise ConfigError(f"pinned fleet key {path} is damaged; remove the credential and enroll again",
+                              path=path)
+        return document
+
+    def write_fleet_key(self, document: dict) -> None:
+        write_atomic(self.root / FLEET_KEY_NAME, _json_bytes(document))
 
     # -- pointer and slot records --------------------------------------------------------------------
 

@@ -99,14 +99,37 @@ class BundleRef(BaseModel):
         return value
 
 
+class DesiredSignature(BaseModel):
+    """The fleet's Ed25519 signature over `signing_bytes(desired)` (the state without `sig`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(min_length=1, max_length=64, description="First 16 hex of sha256 over the raw public key.")
+    sig: str = Field(min_length=1, max_length=256, description="Base64 of the 64-byte signature.")
+
+
 class DesiredState(_Message):
-    """What the fleet wants a device to run; retained, so an offline device converges on reconnect."""
+    """What the fleet wants a device to run; retained, so an offline device converges on reconnect.
+
+    The fleet signs it (`sig`) with its director key over `signing_bytes`: the device it is addressed to,
+    the seq, when it was issued and until when it is valid are all inside the signature, so a copy
+    cannot be redirected to another device, replayed after it expired, or stripped of its action."""
 
     rollout_id: str | None = None
     seq: int = Field(ge=0, description="Increases with every new desired state for this device.")
     action: Action
     bundle: BundleRef | None = Field(default=None, description="The bundle to install, roll back to, or shadow.")
-    issued_at: float = Field(default=0.0, description="Unix time the fleet issued this state.")
+    issued_at: float = Field(default=0.0, description="Unix time the fleet issued (or last re-signed) this state.")
+    device_id: DeviceId | None = Field(default=None, description="The device this state is addressed to (signed).")
+    expires_at: float | None = Field(default=None, description="Unix time after which the device refuses it (signed).")
+    sig: DesiredSignature | None = Field(default=None, description="The fleet's signature; None: unsigned.")
+
+
+def signing_bytes(desired: DesiredState) -> bytes:
+    """What the fleet signs: canonical JSON (sorted keys, no spaces) of the state without `sig`."""
+    document = desired.model_dump(mode="json", exclude={"sig"})
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 class DeviceStatus(_Message):
@@ -122,6 +145,9 @@ class DeviceStatus(_Message):
     shadow_bundle: str | None = None
     profile: str | None = None
     error: str | None = None
+    refused_seq: int | None = Field(default=None, ge=0,
+                                    description="Seq of the last desired state the device refused without acting "
+                                                "(unsigned, another key or device, expired, a downgrade); `error` says why.")
     ts: float = 0.0
     agent_version: str | None = None
 

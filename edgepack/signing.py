@@ -32,7 +32,9 @@ __all__ = [
     "PUBLIC_KEY_NAME",
     "SIGNATURE_ALG",
     "SIGNING_KEY_ENV",
+    "decode_public_key",
     "dev_key_path",
+    "encode_public_key",
     "generate_keypair",
     "key_id",
     "load_private_key",
@@ -144,6 +146,23 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex characters of sha256 over the raw 32-byte public key."""
     raw = public_key.public_bytes(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def encode_public_key(public_key: Ed25519PublicKey) -> str:
+    """Base64 of the raw 32-byte public key (how the fleet hands its director key to devices)."""
+    raw = public_key.public_bytes(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_public_key(encoded: str) -> Ed25519PublicKey:
+    """The key `encode_public_key` wrote; ValueError when it is not base64 of 32 bytes."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError("public key is not valid base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"public key is {len(raw)} bytes; an Ed25519 public key is 32")
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> dict:

@@ -18,6 +18,12 @@ pause) cannot both start the same wave: no device ever gets two different desire
 
 The publisher is a seam: anything with `publish_desired(device_id, DesiredState) -> bool` (True once
 the broker has it). The MQTT bridge is the real one.
+
+Signing. With a `signer` (fleet.director.FleetDirector, which `fleet serve` always passes) every desired
+state is signed when it is stored: addressed to its device, issued now, valid `signer.validity_s`. A
+retained state must outlive a device that is offline for a while, so `refresh_expiring()` (every
+`refresh_interval_s`) re-signs a state its device has not finished before half its validity is gone —
+the same seq with a new issued_at/expires_at — and publishes it again.
 """
 
 from __future__ import annotations
@@ -48,6 +54,16 @@ ACTOR = "controller"
 class DesiredStatePublisher(Protocol):
     def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
         """Publish retained; True once the broker acknowledged it."""
+
+
+class DesiredStateSigner(Protocol):
+    validity_s: float
+
+    def sign(self, desired: DesiredState, *, device_id: str, now: float) -> DesiredState:
+        """`desired` addressed to `device_id`, issued `now`, and signed."""
+
+    def needs_refresh(self, desired: DesiredState, now: float) -> bool:
+        """True when a stored state should be signed again before it expires."""
 
 
 def count_metric(name: str, **labels: str) -> None:
@@ -85,8 +101,14 @@ class RolloutController:
         clock: Callable[[], float] = time.time,
         bundle_url: Callable[[Bundle], str] = default_bundle_url,
         gate_settle_s: float = 0.0,
+        signer: DesiredStateSigner | None = None,
+        refresh_interval_s: float = 60.0,
     ) -> None:
         self.gate_settle_s = gate_settle_s
+        self.signer = signer
+        self.refresh_interval_s = refresh_interval_s
+        self._last_refresh: float | None = None
+        self._refresh_unpublished: set[str] = set()  # re-signed and stored, but the broker did not take it
         self.session_factory = session_factory
         self.publisher = publisher
         self.clock = clock
@@ -128,7 +150,11 @@ class RolloutController:
             except Exception:
                 log.exception("rollout %s: step failed; retrying next tick", rollout_id)
         published, unpublished = self.publish_assigned()
-        return {"decisions": decisions, "published": published, "unpublished": unpublished}
+        refreshed = 0
+        if self.signer is not None and (self._last_refresh is None or now - self._last_refresh >= self.refresh_interval_s):
+            self._last_refresh = now
+            refreshed = self.refresh_expiring(now)
+        return {"decisions": decisions, "published": published, "unpublished": unpublished, "refreshed": refreshed}
 
     def step(self, session: Session, rollout_id: str, now: float) -> tuple[str, int, str] | None:
         """Advance one rollout; returns (rollout_id, wave, decision) when a decision was taken."""
@@ -239,6 +265,8 @@ class RolloutController:
         """Store the next desired state for a device; publish_assigned() sends it."""
         seq = max(device.desired_seq or 0, device.acked_seq or 0) + 1
         desired = DesiredState(rollout_id=member.rollout_id, seq=seq, action=action, bundle=ref, issued_at=now)
+        if self.signer is not None:
+            desired = self.signer.sign(desired, device_id=device.id, now=now)
         device.desired_seq = seq
         device.desired = desired.model_dump(mode="json")
         member.desired_seq = seq
@@ -342,5 +370,56 @@ class RolloutController:
                 session.commit()
         return sum(1 for *_, phase in published if phase == PENDING), unpublished
 
+    def refresh_expiring(self, now: float | None = None) -> int:
+        """Re-sign and publish again the stored desired state of every device that has not finished it and
+        whose signature is past half its validity (or by another key); returns how many went out.
 
-__all__ = ["DesiredStatePublisher", "RolloutController", "bundle_ref", "count_metric", "default_bundle_url"]
+        Finished states are left alone: the device's journal keeps their seq, so it never needs them again."""
+        if self.signer is None:
+            return 0
+        now = self.clock() if now is None else now
+        due: list[tuple[str, DesiredState]] = []
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(Device.id, Device.desired, Device.desired_seq, Device.acked_seq, Device.phase)
+                .where(Device.desired.is_not(None), Device.desired_seq > 0)
+            ).all()
+            for device_id, stored, desired_seq, acked_seq, phase in rows:
+                unfinished = (acked_seq or 0) < desired_seq or phase in IN_PROGRESS_PHASES
+                try:
+                    current = DesiredState.model_validate(stored)
+                except ValueError:
+                    log.warning("device %s: stored desired state is not valid; not re-signing it", device_id)
+                    continue
+                if device_id in self._refresh_unpublished:
+                    due.append((device_id, current))
+                    continue
+                if not unfinished or current.seq != desired_seq or not self.signer.needs_refresh(current, now):
+                    continue
+                fresh = self.signer.sign(current, device_id=device_id, now=now)
+                # Only over the state it re-signs: a newer one stored meanwhile must not be replaced.
+                changed = session.execute(
+                    update(Device).where(Device.id == device_id, Device.desired_seq == desired_seq)
+                    .values(desired=fresh.model_dump(mode="json")).execution_options(synchronize_session=False)
+                ).rowcount
+                if changed == 1:
+                    due.append((device_id, fresh))
+            session.commit()
+        sent = 0
+        for device_id, desired in due:
+            try:
+                ok = self.publisher.publish_desired(device_id, desired)
+            except Exception as exc:  # a broker outage: retried on the next refresh
+                log.warning("device %s: re-publishing desired seq %s failed: %s", device_id, desired.seq, exc)
+                ok = False
+            if ok:
+                self._refresh_unpublished.discard(device_id)
+                sent += 1
+            else:
+                self._refresh_unpublished.add(device_id)
+        if sent:
+            log.info("re-signed and re-published %d desired states before they expire", sent)
+        return sent
+
+
+__all__ = ["DesiredStatePublisher", "DesiredStateSigner", "RolloutController", "bundle_ref", "count_metric", "default_bundle_url"]

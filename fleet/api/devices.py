@@ -13,10 +13,12 @@ from fleet.api.schemas import (
     EnrollmentTokenCreated,
     EnrollRequest,
     EnrollResponse,
+    FleetKey,
     StatusAccepted,
     StatusReport,
 )
 from fleet.auth import DeviceDep, DevicesRead, DevicesWrite, SessionDep
+from fleet.director import director_for
 from fleet.services import devices
 
 router = APIRouter(prefix="/devices", tags=["devices"])
@@ -34,13 +36,15 @@ def create_enrollment_token(body: EnrollmentTokenCreate, principal: DevicesWrite
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponse,
              responses=error_responses(400, *WITH_BODY, 409))
-def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
+def enroll(body: EnrollRequest, session: SessionDep, request: Request) -> EnrollResponse:
     """No bearer token: the enrollment token in the body is the credential (spent by this call); 401 when
-    it is unknown, 403 when used up or expired, 409 when another request enrolled the same id at once."""
+    it is unknown, 403 when used up or expired, 409 when another request enrolled the same id at once.
+    The answer carries the fleet's director key, which the device pins to check every desired state."""
     credential, device, created = devices.enroll(session, token=body.token, device_id=body.device_id,
                                                  profile=body.profile, labels=body.labels)
+    fleet_key = director_for(request.app.state.settings.data_dir).public()
     return EnrollResponse(device_id=device.id, credential=credential, profile=device.profile,
-                          labels=device.labels, reenrolled=not created)
+                          labels=device.labels, reenrolled=not created, fleet_key=FleetKey(**fleet_key.model_dump()))
 
 
 @router.get("", response_model=list[DevicePublic], responses=error_responses(400, *AUTHED))

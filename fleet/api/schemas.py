@@ -105,12 +105,21 @@ class EnrollRequest(_Request):
     token: str = Field(max_length=256, description="An enrollment token")
 
 
+class FleetKey(BaseModel):
+    """The fleet's director key (fleet.director): the device pins it and accepts only desired states it signed."""
+
+    alg: str = Field(description="Always ed25519")
+    key_id: str = Field(description="First 16 hex characters of sha256 over the raw public key")
+    public_key: str = Field(description="Base64 of the raw 32-byte Ed25519 public key")
+
+
 class EnrollResponse(BaseModel):
     device_id: str
     credential: str = Field(description="The device's bearer credential; shown once")
     profile: str
     labels: dict[str, str]
     reenrolled: bool
+    fleet_key: FleetKey = Field(description="The key every desired state for this device is signed with")
 
 
 class DevicePublic(_Public):

@@ -38,8 +38,11 @@ class FleetProcess:
     """`edgepack fleet serve` as a child process on a free port."""
 
     def __init__(self, root: Path, mqtt_url: str, *, trusted_key: Path, db_url: str | None = None,
-                 admin_token: str = ADMIN_TOKEN, extra_args: list[str] | None = None) -> None:
+                 admin_token: str = ADMIN_TOKEN, extra_args: list[str] | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.root = root
+        # (certificate, key, CA): serve the API over HTTPS (--tls-cert/--tls-key); the CA verifies it here.
+        self.tls = tls
         self.extra_args = list(extra_args or [])
         self.mqtt_url = mqtt_url
         self.trusted_key = trusted_key
@@ -51,7 +54,7 @@ class FleetProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> "FleetProcess":
         command = [sys.executable, "-m", "edgepack", "fleet", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -59,6 +62,8 @@ class FleetProcess:
                    "--trusted-key", str(self.trusted_key), "--public-url", self.url]
         if self.db_url:
             command += ["--db-url", self.db_url]
+        if self.tls:
+            command += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         command += self.extra_args
         env = {**os.environ, "EDGEPACK_ADMIN_TOKEN": self.admin_token}
         log = open(self.log_path, "ab")
@@ -72,14 +77,17 @@ class FleetProcess:
         return self
 
     def _wait_healthy(self, timeout_s: float) -> None:
+        import ssl
+
         import httpx
 
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"fleet exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

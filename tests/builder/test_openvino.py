@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 
@@ -107,6 +110,32 @@ def test_int8_ir_of_digits_is_quantized_and_keeps_top1(tmp_path):
     assert fp32_top1 > 0.95 and abs(int8_top1 - fp32_top1) <= 0.01
 
 
+def _layer_names(xml: Path) -> list[str]:
+    return [layer.get("name", "") for layer in ElementTree.parse(xml).getroot().iter("layer")]
+
+
+def test_ir_bytes_keep_onnx_names_and_number_openvinos_own_in_graph_order(tiny_project, tmp_path):
+    # Old PyTorch exports name nodes the way OpenVINO's counter does (Conv_0, Relu_1): those names stay.
+    model = onnx.load(str(tiny_project / "model.onnx"))
+    for index, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type}_{index}"
+    onnx.save(model, str(tmp_path / "torch-style.onnx"))
+    irs = []
+    for run in ("first", "second"):  # the second conversion finds OpenVINO's node counter further on
+        ctx = _context(tiny_project / "edgepack.yaml", tmp_path / run, {"input": (1, 1, 8, 8)})
+        irs.append(_convert(tmp_path / "torch-style.onnx", ctx))
+
+    first, second = irs
+    assert first.model_path.read_bytes() == second.model_path.read_bytes()
+    assert first.sidecars[0].read_bytes() == second.sidecars[0].read_bytes()
+    names = _layer_names(first.model_path)
+    assert {"Conv_0/WithoutBiases", "Relu_1", "Relu_3", "Gemm_6/WithoutBiases"} <= set(names)
+    counter_like = [n for n in names if re.fullmatch(r"[A-Z][A-Za-z0-9]*_\d+", n)]
+    assert set(counter_like) <= {node.name for node in model.graph.node}, counter_like
+    assert any("#" in name for name in names), "OpenVINO named some folded constants itself"
+    assert '<input_model value="DIR/model.onnx" />' in first.model_path.read_text()
+
+
 def test_int8_config_is_checked_before_anything_runs():
     with pytest.raises(ConfigError, match="max_drop only applies with accuracy_control"):
         PASSES["ov-int8"].from_dict({"max_drop": 0.01})
@@ -191,6 +220,31 @@ def test_openvino_only_board_ships_an_ir_whose_selftest_passes_in_openvino(tmp_p
             expected = np.load(unpacked / member)
             tolerance = selftest["tolerance"]["atol"] + selftest["tolerance"]["rtol"] * np.abs(expected)
             assert np.all(np.abs(value[0].reshape(expected.shape) - expected) <= tolerance), name
+
+
+def test_openvino_bundle_bytes_depend_only_on_the_inputs(tiny_project, tmp_path, keys):
+    # OpenVINO numbers the nodes it names from a process-wide counter, and an IR records its source
+    # file (the cache's model.onnx, simplified.onnx without the cache): neither may reach the bundle.
+    private, _ = keys
+    profile = str(_openvino_only_profile(tmp_path))
+
+    def build(profile: str, name: str, **options) -> Path:
+        request = BuildRequest(config_path=tiny_project / "edgepack.yaml", profile=profile, out_dir=tmp_path / name,
+                               signing_key=private, **options)
+        result = run_build(request)
+        assert result.exit_code == 0
+        return Path(result.report.bundle.path)
+
+    first = build(profile, "first", cache_dir=tmp_path / "cache-first")
+    build("x86-avx2", "other", cache_dir=tmp_path / "cache-other")  # its OpenVINO passes move the counter on
+    again = build(profile, "again", cache_dir=tmp_path / "cache-again")
+    uncached = build(profile, "uncached", use_cache=False)
+
+    assert again.read_bytes() == first.read_bytes()
+    assert uncached.read_bytes() == first.read_bytes()
+    unpacked = open_bundle(first, [load_public_key(keys[1])]).extract(tmp_path / "unpacked")
+    names = _layer_names(unpacked / "model" / "model.xml")
+    assert any("#" in name for name in names), "the shipped IR had nodes OpenVINO named itself"
 
 
 def test_without_openvino_the_build_notes_it_and_ships_onnx(tiny_project, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.passes.base import Pass, PassConfig, PassContext, PassOutput
-from builder.passes.openvino import count_ops, save_ir
+from builder.passes.openvino import count_ops, save_ir, source_names
 from edgepack.errors import PassError
 
 
@@ -27,10 +27,11 @@ class OvConvert(Pass):
         from builder.runtimes.openvino import ov
 
         try:
+            source = source_names(input_model)
             model = ov.convert_model(str(input_model))
         except Exception as exc:
             raise PassError(f"OpenVINO cannot convert {input_model.name}: {conversion_problem(exc)}", pass_name=self.name) from None
-        xml, bin_ = save_ir(model, ctx.scratch("ov-fp32.xml"), compress_to_fp16=False)
+        xml, bin_ = save_ir(model, ctx.scratch("ov-fp32.xml"), compress_to_fp16=False, source=source)
         return PassOutput(
             model_path=xml,
             sidecars=[bin_],

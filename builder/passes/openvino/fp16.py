@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.passes.base import Pass, PassConfig, PassContext, PassOutput
-from builder.passes.openvino import read_model, save_ir
+from builder.passes.openvino import read_model, save_ir, source_names
 
 
 class OvFp16Config(PassConfig):
@@ -24,6 +24,7 @@ class OvFp16(Pass):
     uses_profile = False
 
     def run(self, input_model: Path, ctx: PassContext) -> PassOutput:
+        source = source_names(input_model)
         model = read_model(input_model)
-        xml, bin_ = save_ir(model, ctx.scratch("ov-fp16.xml"), compress_to_fp16=True)
+        xml, bin_ = save_ir(model, ctx.scratch("ov-fp16.xml"), compress_to_fp16=True, source=source)
         return PassOutput(model_path=xml, sidecars=[bin_], info={"weights": "fp16", "compute_on_cpu": "f32 (weights decompressed at load)"})

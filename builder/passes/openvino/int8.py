@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from builder.passes.base import Pass, PassConfig, PassContext, PassOutput
-from builder.passes.openvino import count_ops, onnx_node_name, quantized_ops, quiet_nncf, read_model, save_ir
+from builder.passes.openvino import count_ops, onnx_node_name, quantized_ops, quiet_nncf, read_model, save_ir, source_names, stable_names
 from edgepack.errors import DataError, PassError
 
 
@@ -55,6 +55,7 @@ class OvInt8(Pass):
 
         if ctx.data is None or ctx.data.calibration is None:
             raise DataError("int8 needs calibration data: set data.calibration in edgepack.yaml (or drop int8 from optimize.precisions)")
+        source = source_names(input_model)
         model = read_model(input_model)
         feeds = list(ctx.data.feeds("calibration", limit=self.config.subset_size))
         settings: dict[str, Any] = {
@@ -80,15 +81,17 @@ class OvInt8(Pass):
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise PassError(f"NNCF quantization failed: {type(exc).__name__}: {first}", pass_name=self.name) from None
+        # Before anything reads op names: the report then names the ops the saved IR has.
+        renamed = stable_names(quantized, source)
         info: dict[str, Any] = {}
         if self.config.accuracy_control:
-            control = _accuracy_control_summary(log.messages)
+            control = _accuracy_control_summary(log.messages, renamed)
             quantization.update({"max_drop": self.config.max_drop, "drop_type": "absolute", "metric": ctx.build.metric,
                                  "validation_samples": samples, **control})
             info["fallback_nodes"] = control["reverted_ops"] or []
         ops = quantized_ops(quantized)
         # Float parts stay fp32: they are what NNCF calibrated and (with accuracy control) validated.
-        xml, bin_ = save_ir(quantized, ctx.scratch("ov-int8.xml"), compress_to_fp16=False)
+        xml, bin_ = save_ir(quantized, ctx.scratch("ov-int8.xml"), compress_to_fp16=False, source=source)
         info.update({
             "quantized_nodes": len(ops),
             "quantized_ops": [onnx_node_name(op) for op in ops],
@@ -131,8 +134,9 @@ _REVERTED = re.compile(r"(\d+) out of (\d+) were reverted back to the floating-p
 _STEP_REVERTED = re.compile(r"Reverted \d+ operations to the floating-point precision")
 
 
-def _accuracy_control_summary(messages: list[str]) -> dict[str, Any]:
-    """What NNCF's accuracy control did, from its log: ops reverted to float and whether max_drop was met."""
+def _accuracy_control_summary(messages: list[str], renamed: dict[str, str]) -> dict[str, Any]:
+    """What NNCF's accuracy control did, from its log: ops reverted to float (by their names in the saved
+    IR) and whether max_drop was met."""
     reverted: list[str] | None = None
     steps: list[str] = []
     for message in messages:
@@ -148,7 +152,7 @@ def _accuracy_control_summary(messages: list[str]) -> dict[str, Any]:
     failed = any("could not achieve the required accuracy drop" in m for m in messages)
     summary = [m.splitlines()[0] for m in messages if m.startswith(("Accuracy drop", "Algorithm completed", "The algorithm could not"))]
     return {
-        "reverted_ops": [onnx_node_name(name) for name in reverted] if reverted is not None else None,
+        "reverted_ops": [onnx_node_name(renamed.get(name, name)) for name in reverted] if reverted is not None else None,
         "reached_max_drop": not failed,
         "nncf_log": list(dict.fromkeys(summary))[-4:],
     }

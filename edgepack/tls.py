@@ -127,6 +127,14 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     return cert, key
 
 
+def mosquitto_tls_config(cafile: Path, certfile: Path, keyfile: Path, *, require_certificate: bool = False) -> str:
+    """The lines that make the Mosquitto listener above them a TLS one (mqtts://); with `require_certificate`
+    clients must present a certificate the CA issued (their MQTT username still comes from CONNECT)."""
+    return (f"cafile {cafile}\ncertfile {certfile}\nkeyfile {keyfile}\n"
+            f"require_certificate {'true' if require_certificate else 'false'}\n"
+            "tls_version tlsv1.2\n")  # the oldest version accepted; TLS 1.3 is negotiated when both sides have it
+
+
 def describe(path: Path) -> dict[str, object]:
     """Subject, SANs and expiry of a PEM certificate (what `edgepack certs` prints)."""
     cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
@@ -169,4 +177,4 @@ def _now() -> dt.datetime:
 
 
 __all__ = ["CA_CERT_NAME", "CA_KEY_NAME", "LOOPBACK_SANS", "IssuedCertificate", "create_lab_ca", "describe",
-           "issue_certificate", "load_ca"]
+           "issue_certificate", "load_ca", "mosquitto_tls_config"]

@@ -33,9 +33,10 @@ class BrokerTls:
     def listener_config(self) -> str:
         # Started as root, mosquitto drops to the `mosquitto` user before it reads the key, which is 0600:
         # stay the user that made the key (a no-op when not root).
+        from edgepack.tls import mosquitto_tls_config
+
         return (f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-                f"cafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
-                f"require_certificate {'true' if self.require_certificate else 'false'}\n")
+                + mosquitto_tls_config(self.cafile, self.certfile, self.keyfile, require_certificate=self.require_certificate))
 
 
 def free_port() -> int:

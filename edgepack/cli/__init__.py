@@ -1,7 +1,7 @@
 """The `edgepack` command line: the root that mounts each component's commands.
 
     edgepack build                      builder/cli.py        needs the builder extra
-    edgepack fleet|devices|rollout …    fleet/cli/            needs the fleet extra
+    edgepack fleet|devices|rollout|tokens …  fleet/cli/       needs the fleet extra
     edgepack agent run|status           device_agent/cli.py   needs the agent extra
     edgepack testbed list|run           testbeds/cli.py       needs builder, fleet and agent
     edgepack profiles|keys|certs|bundle|schema  edgepack/cli/ the shared contracts: core install only
@@ -72,6 +72,7 @@ MOUNTS = (
     Mount("fleet", "fleet.cli.server"),
     Mount("devices", "fleet.cli.devices"),
     Mount("rollout", "fleet.cli.rollout"),
+    Mount("tokens", "fleet.cli.tokens"),
     Mount("agent", "device_agent.cli"),
     Mount("testbed", "testbeds.cli"),
 )

@@ -256,7 +256,7 @@ def test_help_imports_no_component_s_heavy_dependency(tmp_path):
 def test_each_mounted_name_carries_its_component_s_extras():
     from edgepack.cli import _extras
 
-    components = {"build": ("builder",), "fleet": ("fleet",), "devices": ("fleet",), "rollout": ("fleet",),
+    components = {"build": ("builder",), "fleet": ("fleet",), "devices": ("fleet",), "rollout": ("fleet",), "tokens": ("fleet",),
                   "agent": ("agent",), "testbed": ("builder", "fleet", "agent")}
     shared_contracts = {name: extras for name, extras in _extras.items() if name not in components}
 

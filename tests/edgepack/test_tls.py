@@ -5,6 +5,7 @@ client certificates takes a lab client certificate."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import stat
 import subprocess
@@ -137,3 +138,21 @@ def test_a_broker_that_requires_client_certificates_takes_a_lab_client_certifica
 
 def test_plain_mqtt_still_connects(mosquitto):
     assert _connect(MqttEndpoint.from_url(mosquitto.url)) == "Success"
+
+
+def test_fleet_serve_refuses_unusable_https_files_in_one_line(lab, tmp_path):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgepack", "fleet", "serve", "--port", "0", "--data-dir",
+                               str(tmp_path / "data"), "--mqtt-url", "mqtt://127.0.0.1:9", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "EDGEPACK_ADMIN_TOKEN": "tls-test-admin-token-0123456789"})
+
+    alone = serve("--tls-cert", str(lab / "ca" / "broker.pem"))
+    assert alone.returncode == 2
+    assert "tls_cert and tls_key go together" in alone.stderr.strip().splitlines()[-1]
+    mismatched = serve("--tls-cert", str(lab / "ca" / "broker.pem"), "--tls-key", str(lab / "ca" / "cam-1.key"))
+    assert mismatched.returncode == 2
+    assert mismatched.stderr.strip().splitlines()[-1] == (
+        f"error: TLS certificate {lab / 'ca' / 'broker.pem'} and key {lab / 'ca' / 'cam-1.key'} cannot be used: "
+        "KEY_VALUES_MISMATCH")
+    assert not (tmp_path / "data").exists()  # refused before anything started

@@ -156,3 +156,58 @@ def test_fleet_serve_refuses_unusable_https_files_in_one_line(lab, tmp_path):
         f"error: TLS certificate {lab / 'ca' / 'broker.pem'} and key {lab / 'ca' / 'cam-1.key'} cannot be used: "
         "KEY_VALUES_MISMATCH")
     assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+@pytest.fixture
+def https_server(lab):
+    """A real HTTPS server on loopback (the lab broker certificate, valid for 127.0.0.1) serving one payload."""
+    import hashlib
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload = bytes(range(256)) * 64
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(lab / "ca" / "broker.pem"), str(lab / "ca" / "broker.key"))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", payload, hashlib.sha256(payload).hexdigest()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_agent_downloads_over_https_verified_against_its_ca_and_refuses_another(lab, https_server, tmp_path):
+    import ssl
+
+    from device_agent.downloader import Downloader, DownloadRefused, DownloadSettings
+    from device_agent.fleet_api import FleetClient
+    from edgepack.protocol import BundleRef
+
+    url, payload, digest = https_server
+    ref = BundleRef(id=digest, name="m", version="1.0.0", profile="x86-avx2", sha256=digest, size=len(payload),
+                    url="/api/v1/bundles/x/download")
+    settings = DownloadSettings(retries=2, backoff_s=0.01, timeout_s=5)
+
+    def client(ca: str) -> FleetClient:
+        return FleetClient(url, "dev-1", credential="dc_x", ssl_context=ssl.create_default_context(cafile=str(lab / ca / "ca.pem")),
+                           ca_label=f"CA {lab / ca / 'ca.pem'}")
+
+    fetched = Downloader(tmp_path / "good", client("ca"), settings).fetch(ref)
+    assert fetched.path.read_bytes() == payload
+    with pytest.raises(DownloadRefused) as refused:  # not retried: waiting will not make it trusted
+        Downloader(tmp_path / "bad", client("other"), settings).fetch(ref)
+    assert str(refused.value) == (f"download of bundle {digest[:12]} refused: fleet certificate not trusted by CA "
+                                  f"{lab / 'other' / 'ca.pem'}: unable to get local issuer certificate ({url})")

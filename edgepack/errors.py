@@ -20,7 +20,8 @@
         ├── NotFound              the named bundle, device, rollout or token does not exist (HTTP 404)
         ├── Conflict              the request clashes with the current state (HTTP 409)
         ├── PayloadTooLarge       an upload larger than the server accepts (HTTP 413)
-        └── RangeNotSatisfiable   a download Range that lies outside the file (HTTP 416)
+        ├── RangeNotSatisfiable   a download Range that lies outside the file (HTTP 416)
+        └── BrokerUnavailable     the MQTT broker did not take a device identity change (HTTP 503)
 
 Only the edges (CLI, API) translate these into exit codes, status codes or log lines.
 `first_validation_error` turns a pydantic ValidationError into the one line those edges print.
@@ -150,6 +151,12 @@ class RangeNotSatisfiable(ApiError):
     """A download Range that lies outside the file (attribute: size)."""
 
     http_status = 416
+
+
+class BrokerUnavailable(ApiError):
+    """The MQTT broker did not confirm a device identity change (enrollment, rotation, revocation)."""
+
+    http_status = 503
 
 
 

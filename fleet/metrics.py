@@ -62,6 +62,25 @@ MQTT_MESSAGES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+MQTT_REJECTED = Counter(
+    "edgepack_mqtt_rejected_messages",
+    "Well-formed MQTT messages the fleet refused: the payload names another device than the topic "
+    "(device_mismatch), the device is not enrolled (unknown_device) or revoked (revoked_device).",
+    ["reason"],
+    registry=REGISTRY,
+)
+MQTT_THROTTLED = Counter(
+    "edgepack_mqtt_throttled_total",
+    "MQTT messages ignored because their device was over its message budget, by kind (status, telemetry).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CREDENTIAL_CHANGES = Counter(
+    "edgepack_device_credential_changes",
+    "Device credentials rotated or revoked, by action (rotated, revoked).",
+    ["action"],
+    registry=REGISTRY,
+)
 DESIRED_PUBLISHED = Counter(
     "edgepack_desired_states_published",
     "Desired states published to devices.",
@@ -92,6 +111,7 @@ __all__ = [
     "BUNDLES_REFUSED",
     "BUNDLES_UPLOADED",
     "BUNDLE_BYTES_SERVED",
+    "CREDENTIAL_CHANGES",
     "DESIRED_PUBLISHED",
     "DEVICE_STATUS_HTTP",
     "ENROLLMENTS",
@@ -99,6 +119,8 @@ __all__ = [
     "HTTP_REQUEST_SECONDS",
     "MQTT_MALFORMED",
     "MQTT_MESSAGES",
+    "MQTT_REJECTED",
+    "MQTT_THROTTLED",
     "REGISTRY",
     "ROLLOUT_DECISIONS",
 ]

@@ -65,6 +65,10 @@ class EnrollmentToken(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    profile: Mapped[str | None] = mapped_column(String(64), nullable=True,
+                                                doc="The only hardware profile it enrolls; None: any")
+    bind_labels: Mapped[bool] = mapped_column(Boolean, default=False,
+                                              doc="Devices may add labels but not change the token's")
 
 
 class Device(Base):
@@ -85,6 +89,8 @@ class Device(Base):
     desired: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="The last desired state published")
     last_status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                           doc="Its credential was revoked (HTTP and MQTT)")
 
 
 class Rollout(Base):

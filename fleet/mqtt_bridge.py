@@ -10,7 +10,14 @@ subscriptions are renewed on every connect. With a persistent session (`persiste
 server's default: clean_session=False under a client id kept across restarts) the broker queues the QoS 1
 status and telemetry published while the server is down and delivers them after its CONNACK; paho hands
 them to `on_message`, set before connecting, and acknowledges each only after `handle_message` returned,
-so a window is stored at least once (a crash between the commit and the PUBACK redelivers it). A message that is not a valid v1 message from the enrolled
+so a window is stored at least once (a crash between the commit and the PUBACK redelivers it).
+
+The broker already refuses a device any topic but its own (fleet.broker); the bridge checks again: a
+device over its message budget (a token bucket per device: `device_message_rate` messages a second,
+bursts of `device_message_burst`) is ignored past it, counted in `bridge.throttled` and
+`edgepack_mqtt_throttled_total`, before its payload is even decoded, so a flooding device costs the others
+nothing; a message whose payload names another device than its topic, or from a device that is not
+enrolled or was revoked, is dropped and counted (`edgepack_mqtt_rejected_messages{reason}`). A message that is not a valid v1 message from the enrolled
 device its topic names is dropped, counted in `bridge.malformed[reason]` (and in
 `fleet.metrics.MQTT_MALFORMED`), and logged in one line at most every `log_interval_s` per reason. No
 message can raise out of the callback.
@@ -40,7 +47,7 @@ from edgepack.protocol import (
     parse_topic,
 )
 from fleet.controller import RolloutController, count_metric, default_bundle_url
-from fleet.models import Alert
+from fleet.models import Alert, Device
 from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy, check_drift
 from fleet.services.status import apply_status, record_telemetry
 from fleet.settings import FleetSettings, resolve_mqtt_client_id
@@ -50,7 +57,9 @@ log = logging.getLogger(__name__)
 STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/status"
 TELEMETRY_SUBSCRIPTION = f"{TOPIC_ROOT}/+/telemetry"
 MALFORMED_REASONS = ("bad_topic", "oversized", "malformed_json", "unknown_schema", "invalid_message",
-                     "device_mismatch", "unknown_device")
+                     "device_mismatch", "unknown_device", "revoked_device")
+# well-formed messages from someone who may not speak for that device
+REJECTED_REASONS = ("device_mismatch", "unknown_device", "revoked_device")
 
 
 def parse_mqtt_url(url: str) -> dict[str, Any]:
@@ -116,6 +125,29 @@ class _RateLimitedLog:
         log.warning(message, *args)
 
 
+class DeviceBudget:
+    """A token bucket per device: `rate` messages a second, at most `burst` at once. Bounded memory: past
+    `max_devices` tracked ids the table starts over (every device gets a full bucket again)."""
+
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic,
+                 max_devices: int = 100_000) -> None:
+        self.rate, self.burst, self.clock, self.max_devices = rate, burst, clock, max_devices
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, device_id: str) -> bool:
+        """One message's worth; False when the device is over its budget."""
+        now = self.clock()
+        with self._lock:
+            if device_id not in self._buckets and len(self._buckets) >= self.max_devices:
+                self._buckets.clear()
+            tokens, last = self._buckets.get(device_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[device_id] = (tokens - 1.0 if allowed else tokens, now)
+            return allowed
+
+
 class MqttBridge:
     """The fleet's MQTT client; also the rollout controller's publisher."""
 
@@ -132,6 +164,7 @@ class MqttBridge:
         drift_policy: DriftAlertPolicy | None = None,
         on_alert: Callable[[Alert], None] | None = None,
         endpoint: MqttEndpoint | None = None,
+        budget: DeviceBudget | None = None,
     ) -> None:
         self.mqtt_url = mqtt_url
         # The URL's host, port and credentials, plus the TLS files (FleetSettings.mqtt_endpoint) when given.
@@ -147,6 +180,8 @@ class MqttBridge:
         self.drift_policy = drift_policy
         self.on_alert = on_alert
         self.malformed: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter()
+        self.budget = budget
         self.processed: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.connected = threading.Event()
@@ -238,6 +273,12 @@ class MqttBridge:
             return self._drop("bad_topic", topic, exc.message)
         if kind not in ("status", "telemetry"):
             return "ignored"
+        if self.budget is not None and not self.budget.take(device_id):
+            self.throttled[kind] += 1
+            count_metric("MQTT_THROTTLED", reason=kind)
+            self._log.warning(f"throttled:{device_id}", "MQTT bridge ignored a %s of device %s: over its message "
+                              "budget", kind, device_id)
+            return "throttled"
         model = DeviceStatus if kind == "status" else Telemetry
         try:
             message = decode(model, payload)
@@ -247,6 +288,9 @@ class MqttBridge:
             return self._drop("device_mismatch", topic, f"payload names device {message.device_id!r}")
         alert = None
         with self.session_factory() as session:
+            device = session.get(Device, device_id)
+            if device is not None and device.revoked_at is not None:
+                return self._drop("revoked_device", topic, f"device {device_id} is revoked")
             try:
                 if kind == "status":
                     apply_status(session, message)
@@ -267,6 +311,8 @@ class MqttBridge:
     def _drop(self, reason: str, topic: str, detail: str) -> str:
         self.malformed[reason] += 1
         count_metric("MQTT_MALFORMED", reason=reason)
+        if reason in REJECTED_REASONS:  # also by reason: who tried to speak for a device it is not
+            count_metric("MQTT_REJECTED", reason=reason)
         self._log.warning(f"malformed:{reason}", "MQTT bridge dropped a message on %r: %s: %s",
                           topic[:200], reason, detail[:200])
         return f"dropped:{reason}"
@@ -317,7 +363,8 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     bridge = MqttBridge(settings.mqtt_url, session_factory, client_id=resolve_mqtt_client_id(settings),
                         endpoint=settings.mqtt_endpoint(),
                         persistent_session=settings.mqtt_persistent_session,
-                        drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None).start()
+                        drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None,
+                        budget=DeviceBudget(settings.device_message_rate, settings.device_message_burst)).start()
     from fleet.director import director_for  # every stored desired state is signed with the fleet's key
 
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
@@ -340,4 +387,4 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
         bridge.stop()
 
 
-__all__ = ["MALFORMED_REASONS", "MqttBridge", "check_broker", "lifespan_hook", "parse_mqtt_url", "redact_mqtt_url"]
+__all__ = ["DeviceBudget", "MALFORMED_REASONS", "MqttBridge", "REJECTED_REASONS", "check_broker", "lifespan_hook", "parse_mqtt_url", "redact_mqtt_url"]

@@ -14,6 +14,9 @@ value wins over the environment. `tests/fleet/test_settings.py` keeps the three 
                    server while it is down and delivers it when it comes back
     mqtt_ca, mqtt_cert, mqtt_key  with an mqtts:// broker: the CA its certificate must chain to (None: the system
                    store) and the client certificate to present, if the broker asks for one
+    mqtt_dynsec    the broker is Mosquitto with the dynamic security plugin: device identities are created in it
+                   as devices enroll and deleted when they are revoked (the embedded broker reads the database)
+    device_message_rate, device_message_burst  one device's MQTT message budget; the fleet ignores the rest
     tls_cert, tls_key       PEM certificate and key: the API is served over HTTPS (uvicorn's TLS); None → HTTP
     public_url     base URL devices reach the server at, for bundle download URLs; None → relative URLs
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
@@ -77,6 +80,14 @@ class FleetSettings(BaseModel):
     mqtt_cert: Path | None = _field(None, env="EDGEPACK_MQTT_CERT",
                                     description="Client certificate for a broker that requires one (PEM).")
     mqtt_key: Path | None = _field(None, env="EDGEPACK_MQTT_KEY", description="Key of mqtt_cert (PEM).")
+    mqtt_dynsec: bool = _field(False, env="EDGEPACK_MQTT_DYNSEC",
+                               description="The broker is Mosquitto with the dynamic security plugin (edgepack fleet "
+                                           "broker-config): the fleet creates and deletes device identities in it.")
+    device_message_rate: float = _field(20.0, env="EDGEPACK_DEVICE_MESSAGE_RATE", gt=0, allow_inf_nan=False,
+                                        description="MQTT messages a second one device may send before the fleet "
+                                                    "ignores the rest (token bucket).")
+    device_message_burst: float = _field(200.0, env="EDGEPACK_DEVICE_MESSAGE_BURST", ge=1, allow_inf_nan=False,
+                                         description="Messages one device may send at once above its rate.")
     tls_cert: Path | None = _field(None, env="EDGEPACK_TLS_CERT", description="Certificate (PEM) to serve the API over HTTPS.")
     tls_key: Path | None = _field(None, env="EDGEPACK_TLS_KEY", description="Key (PEM) of tls_cert.")
     public_url: str | None = _field(None, env="EDGEPACK_PUBLIC_URL", description="Base URL devices use for bundle downloads.")

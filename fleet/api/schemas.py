@@ -88,6 +88,9 @@ class EnrollmentTokenCreate(_Request):
     uses: int = Field(default=1, ge=1, le=1_000_000)
     ttl_s: float | None = Field(default=24 * 3600.0, gt=0, le=MAX_TTL_S,
                                 description="Lifetime in seconds; null never expires")
+    profile: str | None = Field(default=None, max_length=64,
+                                description="The only hardware profile devices may enroll with it; null: any")
+    bind_labels: bool = Field(default=False, description="Devices may add labels but not change the token's")
 
 
 class EnrollmentTokenCreated(BaseModel):
@@ -122,6 +125,11 @@ class EnrollResponse(BaseModel):
     fleet_key: FleetKey = Field(description="The key every desired state for this device is signed with")
 
 
+class CredentialRotated(BaseModel):
+    device_id: str
+    credential: str = Field(description="The device's new secret (HTTP bearer and MQTT password); shown once")
+
+
 class DevicePublic(_Public):
     id: str
     profile: str
@@ -137,6 +145,7 @@ class DevicePublic(_Public):
     desired: dict[str, Any] | None
     last_status: dict[str, Any] | None
     error: str | None
+    revoked_at: UtcDateTime | None = None
 
 
 class StatusReport(DeviceStatus):

@@ -50,6 +50,11 @@ def serve(
     mqtt_key: Optional[Path] = typer.Option(None, "--mqtt-key", help="Key (PEM) of --mqtt-cert."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Certificate (PEM, chain first) to serve the API over HTTPS."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Key (PEM) of --tls-cert."),
+    mqtt_dynsec: Optional[bool] = typer.Option(
+        None, "--mqtt-dynsec/--no-mqtt-dynsec",
+        help="The broker runs the dynamic security plugin (see `fleet broker-config`): manage device identities in it."),
+    device_message_rate: Optional[float] = typer.Option(None, "--device-message-rate", help="MQTT messages a second one device may send; the rest are ignored (default 20)."),
+    device_message_burst: Optional[float] = typer.Option(None, "--device-message-burst", help="Messages one device may send at once above its rate (default 200)."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
     trusted_keys: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
     max_bundle_bytes: Optional[int] = typer.Option(None, "--max-bundle-bytes", help="Largest bundle upload accepted (default 4 GiB)."),
@@ -77,7 +82,8 @@ def serve(
     keys = _trusted_keys(trusted_keys)
     options = {"host": host, "port": port, "data_dir": data_dir, "db_url": db_url or None, "mqtt_url": mqtt_url or None,
                "embedded_mqtt_port": embedded_mqtt_port, "mqtt_client_id": mqtt_client_id,
-               "mqtt_persistent_session": mqtt_persistent_session, "public_url": public_url or None,
+               "mqtt_persistent_session": mqtt_persistent_session, "mqtt_dynsec": mqtt_dynsec,
+               "device_message_rate": device_message_rate, "device_message_burst": device_message_burst, "public_url": public_url or None,
                "trusted_keys": [key.resolve() for key in keys] or None, "max_bundle_bytes": max_bundle_bytes,
                "controller_interval_s": controller_interval_s, "alert_webhook_url": alert_webhook_url or None,
                "gate_settle_s": gate_settle_s, "drift_alert_threshold": drift_alert_threshold,
@@ -103,9 +109,12 @@ def serve(
             console.print("[yellow]no trusted bundle keys: every upload will be refused[/yellow] (pass --trusted-key KEY.pub)")
         if embedded:
             broker_host = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else "0.0.0.0"
-            broker = EmbeddedBroker(host=broker_host, port=settings.embedded_mqtt_port).start()
+            # secure like production: the fleet's identity with a password kept in the data dir, devices by credential
+            broker = EmbeddedBroker(host=broker_host, port=settings.embedded_mqtt_port,
+                                    fleet_password=_embedded_fleet_password(settings.data_dir)).start()
             started.callback(broker.stop)
-            derived["mqtt_url"] = f"mqtt://127.0.0.1:{settings.embedded_mqtt_port}"
+            _keep_embedded_fleet_password(settings.data_dir, broker.fleet_password)
+            derived["mqtt_url"] = broker.fleet_url.replace(f"@{broker.host}:", "@127.0.0.1:")
             console.print(f"embedded MQTT broker on {broker.host}:{settings.embedded_mqtt_port} (use --mqtt-url for Mosquitto)")
         else:
             check_broker(settings.mqtt_endpoint())  # reachable, and with mqtts:// trusted by --mqtt-ca
@@ -118,8 +127,61 @@ def serve(
         console.print(f"fleet on {scheme}://{settings.host}:{settings.port}  database {engine.url.render_as_string(hide_password=True)}  "
                       f"mqtt {redact_mqtt_url(settings.mqtt_url or '')}  trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
         api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
+        api.state.device_identities = _device_identities(settings, broker if embedded else None, api)
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} if settings.https else {}
         uvicorn.Server(uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning", **tls)).run(sockets=[listener])
+
+
+EMBEDDED_FLEET_PASSWORD_FILE = "mqtt-fleet-password"
+
+
+def _embedded_fleet_password(data_dir: Path) -> str | None:
+    """The fleet's password on its embedded broker, kept (0600) in the data dir; None: a new one."""
+    path = data_dir / EMBEDDED_FLEET_PASSWORD_FILE
+    stored = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    return stored or None
+
+
+def _keep_embedded_fleet_password(data_dir: Path, password: str) -> None:
+    """Written once the broker is up, so a server that could not start leaves no data dir behind."""
+    from edgepack.files import atomic_write
+
+    path = data_dir / EMBEDDED_FLEET_PASSWORD_FILE
+    if _embedded_fleet_password(data_dir) != password:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, password + "\n", mode=0o600)
+
+
+def _device_identities(settings, embedded, api):  # -> fleet.broker.DeviceIdentities
+    """Who the fleet tells about device identities: the embedded broker (it reads the database and closes
+    sessions), Mosquitto's dynsec plugin, or nobody (a broker the fleet does not manage)."""
+    from fleet.broker import NoBrokerIdentities
+
+    if embedded is not None:
+        embedded.use_fleet_database(api.state.session_factory)
+        return embedded
+    if settings.mqtt_dynsec:
+        from fleet.broker.dynsec import DynsecIdentities
+
+        return DynsecIdentities(settings.mqtt_endpoint())
+    return NoBrokerIdentities()
+
+
+@app.command("broker-config")
+def broker_config(
+    out: Path = typer.Option(..., "--out", help="Folder to write mosquitto.conf, dynamic-security.json and fleet-mqtt-password into."),
+    port: int = typer.Option(1883, "--port", min=1, max=65535, help="The broker's listener port."),
+    plugin: Optional[str] = typer.Option(None, "--plugin", help="Path of mosquitto_dynamic_security.so (default: found on this machine)."),
+    dynsec_path: Optional[str] = typer.Option(None, "--dynsec-path", help="Where the broker will read dynamic-security.json (e.g. inside a container)."),
+) -> None:
+    """Write the production Mosquitto config: no anonymous clients, the dynamic security plugin holding the
+    fleet's identity; then run the fleet with --mqtt-dynsec and the URL it prints."""
+    from fleet.broker.config import write_broker_config
+
+    files = write_broker_config(out, plugin_path=plugin, port=port, dynsec_path=dynsec_path)
+    console.print(f"wrote {files.config}, {files.dynsec} and {files.password_file}")
+    console.print(f"run the fleet with: --mqtt-dynsec --mqtt-url mqtt://{files.fleet_username}:PASSWORD@BROKER:{port} "
+                  f"(PASSWORD is in {files.password_file})")
 
 
 def _check_tls_pair(cert: Path, key: Path) -> None:

@@ -77,16 +77,30 @@ def test_fleet_serve_without_urls_starts_an_embedded_broker_and_sqlite(tmp_path)
         assert (tmp_path / "data" / "fleet.db").is_file()
         import paho.mqtt.client as mqtt
 
+        # secure like production: an anonymous client is refused, the fleet's identity (password in the data
+        # dir) may publish a desired state and read it back
+        refused = []
+        anonymous = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="anonymous-probe")
+        anonymous.on_connect = lambda c, u, f, rc, p: refused.append(rc.is_failure)
+        anonymous.connect("127.0.0.1", mqtt_port)
+        anonymous.loop_start()
+        deadline = time.monotonic() + 5
+        while not refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        anonymous.loop_stop()
+        assert refused == [True], "the embedded broker accepted an anonymous client"
+        password = (tmp_path / "data" / "mqtt-fleet-password").read_text().strip()
         received = []
         subscribed = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe")
+        client.username_pw_set("edgepack-fleet", password)
         client.on_message = lambda c, u, m: received.append(m.payload)
         client.on_subscribe = lambda *args: subscribed.set()
         client.connect("127.0.0.1", mqtt_port)
         client.loop_start()
-        client.subscribe("probe/#", qos=1)
+        client.subscribe("edgepack/v1/devices/probe/desired", qos=1)
         assert subscribed.wait(5), "the embedded broker did not acknowledge the subscription"  # SUBACK, then publish
-        client.publish("probe/x", b"hello", qos=1).wait_for_publish(5)
+        client.publish("edgepack/v1/devices/probe/desired", b"hello", qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 5
         while not received and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -40,6 +40,9 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "mqtt_key": ("/etc/edgepack/fleet-client.key", Path("/etc/edgepack/fleet-client.key")),
     "tls_cert": ("/etc/edgepack/fleet.pem", Path("/etc/edgepack/fleet.pem")),
     "tls_key": ("/etc/edgepack/fleet.key", Path("/etc/edgepack/fleet.key")),
+    "mqtt_dynsec": ("true", True),
+    "device_message_rate": ("5", 5.0),
+    "device_message_burst": ("50", 50.0),
 }
 
 

@@ -69,7 +69,15 @@ async def _receive_upload(request: Request, store: BundleStore, limit: int) -> P
     return upload
 
 
-@router.post("", status_code=201, response_model=BundleDetail, responses={
+# The body is read as a stream (not parsed by FastAPI), so its two forms are declared here for the OpenAPI.
+_UPLOAD_BODY = {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["bundle"],
+                                       "properties": {"bundle": {"type": "string", "format": "binary"}}}},
+}}
+
+
+@router.post("", status_code=201, response_model=BundleDetail, openapi_extra={"requestBody": _UPLOAD_BODY}, responses={
     200: {"model": BundleDetail, "description": "The same bundle was already stored"},
     **error_responses(400, *WITH_BODY)})
 async def upload_bundle(request: Request, response: Response, principal: BundlesWrite,

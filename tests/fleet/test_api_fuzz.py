@@ -4,12 +4,17 @@ Every operation of the live `/openapi.json` gets generated requests, valid (posi
 (negative), sent with a real admin token; the run fails on any 5xx, any status the OpenAPI does not
 document for that route, and any response body that does not match its documented schema. It is bounded
 (a few dozen cases per operation, derandomized, no deadline, no example database), so it runs in seconds
-and the same cases every time; a bigger run by hand is `st run URL/openapi.json -H 'Authorization: Bearer …'`.
+and the same cases every time. Schemathesis' coverage phase (each parameter's boundaries: the largest
+integer, a string one past max_length, a missing required field) runs too, through its CLI with a fixed
+seed. A bigger run by hand is `st run URL/openapi.json -H 'Authorization: Bearer …' --max-examples 150`.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +91,19 @@ def test_fuzzing_the_live_openapi_finds_no_server_error_and_no_undocumented_stat
 
     assert len(operations) >= 20 and sent >= len(operations) * 2  # every operation was exercised
     assert findings == []
+
+
+def test_the_coverage_phase_finds_nothing_at_any_parameter_boundary(fuzz_target: FuzzTarget) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_target.url}/openapi.json", "--phases", "coverage",
+         "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance", "--seed", "1",
+         "--workers", "1", "--continue-on-failure", "--no-color",
+         "-H", f"Authorization: {fuzz_target.headers['Authorization']}"],
+        capture_output=True, text=True, timeout=300)
+    counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert counts is not None and int(counts[1]) == int(counts[2]) >= 200, run.stdout[-2000:]
 
 
 @pytest.mark.parametrize("path", [

@@ -43,8 +43,8 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
+    enabled: bool = Field(default=True, description="False turns HTTP inference off and keeps the section.")
+    host: str = Field(default="127.0.0.1", description="Address the inference server listens on (loopback by default).")
     port: int = Field(default=8700, ge=0, le=65535, description="0 picks a free port.")
     max_body_bytes: int = Field(default=16 << 20, gt=0, le=1 << 30, description="Largest request body accepted (413 above).")
 
@@ -54,10 +54,12 @@ class DownloadConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    chunk_bytes: int = Field(default=1 << 20, gt=0, le=64 << 20)
+    chunk_bytes: int = Field(
+        default=1 << 20, gt=0, le=64 << 20,
+        description="Bytes read from the HTTP response at a time while downloading a bundle.")
     retries: int = Field(default=5, ge=0, description="Failures in a row without progress before giving up this try.")
     backoff_s: float = Field(default=0.5, ge=0, description="First wait between retries; doubles each time.")
-    max_backoff_s: float = Field(default=30.0, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0, description="Longest wait between two retries (the doubling stops here).")
     timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout of one HTTP request.")
     retry_interval_s: float = Field(default=30.0, ge=0,
                                     description="After a try gave up on the network, try the same desired state again this much later.")
@@ -91,7 +93,9 @@ class SafetyConfig(BaseModel):
     window_s: float = Field(default=120.0, gt=0, description="How long after a switch the error rate is watched.")
     max_error_rate: float = Field(default=0.5, ge=0, le=1,
                                   description="Roll back above max(this, error_rate_factor x the previous bundle's rate).")
-    error_rate_factor: float = Field(default=2.0, ge=1)
+    error_rate_factor: float = Field(default=2.0, ge=1,
+                                     description="Roll back when the new bundle's error rate exceeds this times the previous "
+                                                 "bundle's (and max_error_rate).")
     crash_loop_restarts: int = Field(default=3, ge=0,
                                      description="Roll back at start after more crash restarts than this (0: off).")
     crash_loop_window_s: float = Field(default=300.0, gt=0, description="Crash restarts count within this long of a switch.")
@@ -102,25 +106,40 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device_id: DeviceId
-    profile: str = Field(min_length=1)
-    fleet_url: str
-    mqtt_url: str
-    enrollment_token: str | None = None
-    state_dir: Path
-    trusted_keys: list[Path] = Field(min_length=1)
-    labels: dict[str, str] = Field(default_factory=dict)
-    serve: ServeConfig | None = None
-    download: DownloadConfig = DownloadConfig()
-    selftest_timeout_s: float = Field(default=60.0, gt=0)
+    device_id: DeviceId = Field(description="The device's id (letters, digits, '.', '_', '-'): names its MQTT topics and is its "
+                                            "MQTT username unless mqtt_url names one.")
+    profile: str = Field(min_length=1,
+                         description="The device's hardware profile name or alias; sent at enrollment, and a bundle built for "
+                                     "another profile is refused.")
+    fleet_url: str = Field(description="Base URL of the fleet API (http:// or https://): enrollment, bundle downloads, status "
+                                       "over HTTP.")
+    mqtt_url: str = Field(description="The broker (mqtt:// or mqtts://, user:password@ if it wants them): desired states in, "
+                                      "status and telemetry out.")
+    enrollment_token: str | None = Field(default=None,
+                                         description="One-use token (edgepack devices enroll-token) traded for a credential at "
+                                                     "the first start; unused once state_dir holds one.")
+    state_dir: Path = Field(description="The agent's own folder: credential, pinned fleet key, slots a/ and b/, journal, "
+                                        "downloads, telemetry buffer, shadow candidate.")
+    trusted_keys: list[Path] = Field(min_length=1,
+                                     description="Public keys (Ed25519 PEM) whose bundle signatures the agent accepts; at least "
+                                                 "one.")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="Labels sent at enrollment; rollouts select devices by them (site, line …).")
+    serve: ServeConfig | None = Field(default=None,
+                                      description="HTTP inference; omitted (None): the agent serves only its Python API.")
+    download: DownloadConfig = Field(default=DownloadConfig(), description="How bundles are downloaded.")
+    selftest_timeout_s: float = Field(default=60.0, gt=0,
+                                      description="Seconds a bundle's self-test may take before the install fails.")
     selftest_isolation: Literal["process", "thread"] = Field(
         default="process",
         description="process: a child process that can be killed on timeout and cannot crash the agent; "
                     "thread: in-process (cheaper, for simulated fleets).")
-    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
-    telemetry: TelemetryConfig = TelemetryConfig()
-    shadow: ShadowConfig = ShadowConfig()
-    safety: SafetyConfig = SafetyConfig()
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive interval, seconds.")
+    telemetry: TelemetryConfig = Field(default=TelemetryConfig(), description="Telemetry windows and the offline buffer.")
+    shadow: ShadowConfig = Field(default=ShadowConfig(),
+                                 description="Shadow mode: a candidate bundle runs beside the active one on a sample of "
+                                             "requests.")
+    safety: SafetyConfig = Field(default=SafetyConfig(), description="When the agent rolls back by itself.")
     ca_file: Path | None = Field(default=None, description="PEM CA the fleet's https:// certificate and the mqtts:// "
                                                            "broker's must chain to; None: the system CA store.")
     client_cert: Path | None = Field(default=None, description="PEM client certificate for a broker that requires one.")

@@ -36,7 +36,9 @@ SELFTEST_SCHEMA_VERSION = 1
 BUNDLE_FORMAT = "edgepack-bundle/1"
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
-Dimension = Annotated[int | str, Field(description="a size, or a name for a dimension of any size (e.g. 'batch')")]
+# ONNX dims are a size, a symbolic name, or neither (an unnamed dynamic dim, as Silero VAD's inputs have): null.
+Dimension = Annotated[int | str | None, Field(description="a size, a name for a dimension of any size (e.g. 'batch'), "
+                                                          "or null for an unnamed dimension of any size")]
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -78,7 +80,8 @@ class IoTensor(_ManifestModel):
 
     name: str = Field(description="The ONNX input or output name; requests and responses use it.")
     dtype: str = Field(description="numpy dtype name: float32, int64 …")
-    shape: list[Dimension] = Field(description="The ONNX shape; a string names a dimension of any size (e.g. 'batch').")
+    shape: list[Dimension] = Field(description="The ONNX shape; a string names a dimension of any size (e.g. 'batch'), "
+                                               "null is a dimension of any size without a name.")
 
 
 class IoSignature(_ManifestModel):

@@ -151,3 +151,21 @@ def test_docs_point_at_nothing_outside_the_repository():
         outside = ("..", "/shared/")  # spelled in two parts so this file does not match itself
         assert "".join(outside) not in text and "shared/DESIGN" + ".md" not in text, \
             f"{name} points at a file outside the repository"
+
+
+CONTRACT_TABLES = ("## Agent config (`agent.yaml`)", "## Bundle manifest (`manifest.json`)",
+                   "## Self-test spec (`selftest/cases.json`)", "## Build report (`<name>-<version>-<profile>.report.json`)",
+                   "## Matrix (`<name>-<version>.matrix.json`)")
+
+
+def test_every_contract_field_says_what_it_means():
+    # The meaning is the field's pydantic description: a field added without one fails here, not in review.
+    reference = (DOCS / "REFERENCE.md").read_text()
+    for heading in CONTRACT_TABLES:
+        rows = [line for line in _section(reference, heading).splitlines() if line.startswith("| `")]
+        assert rows, f"{heading} has no field rows in docs/REFERENCE.md"
+        for row in rows:
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]  # `\|` is a pipe inside a cell
+            assert len(cells) == 3, f"{heading}: malformed row {row!r}"
+            field, _type, meaning = cells
+            assert meaning, f"{heading}: {field} has no meaning: give it a description= and run python docs/gen_reference.py"

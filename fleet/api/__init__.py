@@ -1,19 +1,21 @@
 """The fleet HTTP API: `api_router` (mounted under /api/v1) and `system_router` (/healthz, /metrics).
 
-    method  path                                   who
-    POST    /bundles                               operator
-    GET     /bundles, /bundles/{id}                viewer
-    GET     /bundles/{id}/download  (and HEAD)     viewer, or any device credential
-    POST    /bundles/{id}/promote                  operator
-    POST    /devices/enrollment-tokens             operator
+    method  path                                   who                            scope (of a scoped token)
+    POST    /bundles                               operator                       bundles:write
+    GET     /bundles, /bundles/{id}                viewer                         bundles:read
+    GET     /bundles/{id}/download  (and HEAD)     viewer, or any device credential  bundles:read
+    POST    /bundles/{id}/promote                  operator                       bundles:write
+    POST    /devices/enrollment-tokens             operator                       devices:write
     POST    /devices/enroll                        an enrollment token, in the body
-    GET     /devices, /devices/{id}                viewer
+    GET     /devices, /devices/{id}                viewer                         devices:read
     POST    /devices/{id}/status                   that device's own credential
-    POST    /rollouts, /rollouts/{id}/{action}     operator
-    GET     /rollouts, /rollouts/{id}              viewer
-    POST    /tokens, /tokens/{id}/revoke           admin
-    GET     /tokens, /audit                        admin
-    GET     /alerts                                viewer
+    POST    /rollouts, /rollouts/{id}/{action}     operator                       rollouts:write
+    GET     /rollouts, /rollouts/{id}              viewer                         rollouts:read
+    POST    /tokens, /tokens/{id}/revoke           admin                          tokens:write
+    GET     /tokens, /audit                        admin                          tokens:read, audit:read
+    GET     /alerts                                viewer                         alerts:read
+
+Every route documents the statuses it answers and bounds what it takes (`fleet.api.params`).
 """
 
 from __future__ import annotations

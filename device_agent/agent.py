@@ -369,6 +369,7 @@ class Agent:
         return self._on_desired(desired)
 
     def _on_desired(self, desired: DesiredState) -> bool:
+        keys_changed, queued, refusal = False, False, None
         with self._cond:
             floor = self._journal.last_seq
             for known in (self._pending, self._in_flight):
@@ -377,21 +378,38 @@ class Agent:
             if desired.seq <= floor:
                 self.ignored_desired += 1
                 log.debug("ignored desired seq %d (have %d)", desired.seq, floor)
-                return False
-            # Checked only above the floor: the retained copy of a state already finished may have expired
-            # since, and ignoring it is enough. A refused state leaves the floor where it was.
-            refusal = self.verifier.check(desired)
-            if refusal is None:
-                self.verifier.accepted(desired)
-                if self._pending is not None:
-                    log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
-                self._pending = desired
-                self._not_before = 0.0
-                self._cond.notify_all()
+                # Not checked further: the retained copy of a state already finished may have expired since,
+                # and ignoring it is enough. But a finished state re-signed during a fleet key rotation carries
+                # the next key: pin it, act on nothing.
+                if desired.next_key is not None and self.verifier.check(desired) is None:
+                    keys_changed = self.verifier.learn(desired)
+            else:
+                # A refused state leaves the floor where it was.
+                refusal = self.verifier.check(desired)
+                if refusal is None:
+                    keys_changed = self.verifier.accepted(desired)
+                    if self._pending is not None:
+                        log.info("desired seq %d supersedes queued seq %d", desired.seq, self._pending.seq)
+                    self._pending = desired
+                    self._not_before = 0.0
+                    self._cond.notify_all()
+                    queued = True
+        if keys_changed:
+            self._save_fleet_keys()
         if refusal is not None:
             self._refuse_desired(desired, refusal)  # outside the lock: it publishes
-            return False
-        return True
+        return queued
+
+    def _save_fleet_keys(self) -> None:
+        """Write the pinned keys down and tell the fleet (`fleet_keys` in the status: how it sees a rotation reach)."""
+        document = self.verifier.pinned_document()
+        if document is None:
+            return
+        self.state.write_fleet_key(document)
+        with self._status_lock:
+            current = self._status
+        if current is not None:
+            self._set_status(current.phase, seq=current.seq, rollout_id=current.rollout_id, error=current.error)
 
     def _refuse_desired(self, desired: DesiredState, reason: str) -> None:
         """Report a refused desired state (error and refused_seq) without acting on it or moving the seq."""
@@ -520,7 +538,8 @@ class Agent:
         return DeviceStatus(device_id=self.device_id, profile=self.config.profile, agent_version=__version__,
                             current_bundle=pointer.active.bundle_id if pointer.active else None,
                             previous_bundle=pointer.previous.bundle_id if pointer.previous else None,
-                            shadow_bundle=self.shadow.bundle_id, ts=time.time())
+                            shadow_bundle=self.shadow.bundle_id, fleet_keys=self.verifier.key_ids() or None,
+                            ts=time.time())
 
     def _set_status(self, phase: str, *, seq: int, rollout_id: str | None, error: str | None = None, send: bool = True) -> None:
         with self._status_lock:

@@ -10,6 +10,11 @@ another device, has expired (`expires_at`), was issued longer than `max_age_s` a
 the newest state this agent accepted (a replay). A refused state never moves the agent's seq floor, so a
 forged state with a huge seq cannot freeze the device out of the fleet's next one.
 
+Key rotation: a state signed by the pinned key may announce the fleet's next key (`next_key`); the agent
+pins it beside the current one (`learn`, which the agent also applies to states at or below its seq floor,
+since that is how finished devices hear of it). Both keys verify until the first valid state signed by the
+next key, which retires the old one.
+
 An agent without a pinned key (enrolled by a fleet that handed none out) accepts unsigned states unless
 `require_signed` is set: that is the switch that makes signatures mandatory for such devices.
 
@@ -76,9 +81,16 @@ class DesiredVerifier:
         self.clock = clock
         self.key_id: str | None = None
         self._key: Ed25519PublicKey | None = None
+        self.next_key_id: str | None = None
+        self._next: tuple[dict[str, Any], Ed25519PublicKey] | None = None
+        self._document: dict[str, Any] | None = None
         self.newest_issued_at = 0.0
         if pinned is not None:
             self.key_id, self._key = load_pinned_key(pinned)
+            self._document = {k: pinned[k] for k in ("alg", "key_id", "public_key") if k in pinned}
+            if pinned.get("next") is not None:
+                self.next_key_id, next_key = load_pinned_key(pinned["next"])
+                self._next = (dict(pinned["next"]), next_key)
 
     @property
     def pinned(self) -> bool:
@@ -89,10 +101,47 @@ class DesiredVerifier:
         reason = self._signature_problem(desired) or self._freshness_problem(desired)
         return f"refused desired state seq {desired.seq}: {reason}" if reason else None
 
-    def accepted(self, desired: DesiredState) -> None:
-        """Remember an accepted state's issue time: an older one is a replay from now on."""
-        if self._key is not None:
-            self.newest_issued_at = max(self.newest_issued_at, desired.issued_at)
+    def accepted(self, desired: DesiredState) -> bool:
+        """Remember an accepted state's issue time (an older one is a replay from now on) and what it says
+        about the keys (`learn`); True when the pinned keys changed and should be written down."""
+        if self._key is None:
+            return False
+        self.newest_issued_at = max(self.newest_issued_at, desired.issued_at)
+        return self.learn(desired)
+
+    def learn(self, desired: DesiredState) -> bool:
+        """Key rotation from a state `check` accepted: pin the next key it announces (signed by the current
+        key), or, signed by the next key, make that one current. True when the pinned keys changed."""
+        if self._key is None or desired.sig is None:
+            return False
+        if self._next is not None and desired.sig.key_id == self.next_key_id:
+            document, self._key = self._next
+            self.key_id, self._document = self.next_key_id, document
+            self._next, self.next_key_id = None, None
+            log.info("fleet key rotated: now %s", self.key_id)
+            return True
+        announced = desired.next_key
+        if announced is None or desired.sig.key_id != self.key_id or announced.key_id in (self.key_id, self.next_key_id):
+            return False
+        document = announced.model_dump(mode="json")
+        try:
+            next_id, next_key = load_pinned_key(document)
+        except PinnedKeyError as exc:
+            log.warning("ignored the next fleet key announced in seq %d: %s", desired.seq, exc)
+            return False
+        self._next, self.next_key_id = (document, next_key), next_id
+        log.info("pinned the next fleet key %s beside %s", next_id, self.key_id)
+        return True
+
+    def key_ids(self) -> list[str]:
+        """The pinned key ids: the current one, then the next during a rotation."""
+        return [k for k in (self.key_id, self.next_key_id) if k]
+
+    def pinned_document(self) -> dict[str, Any] | None:
+        """What `fleet_key.json` should hold now: the current key and, during a rotation, the next."""
+        if self._document is None:
+            return None
+        return {**self._document, "next": self._next[0] if self._next else None}
 
     def _signature_problem(self, desired: DesiredState) -> str | None:
         if self._key is None:
@@ -101,16 +150,18 @@ class DesiredVerifier:
             return None  # no pinned key: the device was enrolled before the fleet signed; see the module doc
         if desired.sig is None:
             return "it is not signed"
-        if desired.sig.key_id != self.key_id:
+        key = self._key if desired.sig.key_id == self.key_id else (
+            self._next[1] if self._next is not None and desired.sig.key_id == self.next_key_id else None)
+        if key is None:
             return f"signed by key {desired.sig.key_id}, not the pinned fleet key {self.key_id}"
         try:
             signature = base64.b64decode(desired.sig.sig, validate=True)
         except (binascii.Error, ValueError):
             return "its signature is not valid base64"
         try:
-            self._key.verify(signature, signing_bytes(desired))
+            key.verify(signature, signing_bytes(desired))
         except InvalidSignature:
-            return f"its signature does not match (key {self.key_id}; altered in transit?)"
+            return f"its signature does not match (key {desired.sig.key_id}; altered in transit?)"
         return None
 
     def _freshness_problem(self, desired: DesiredState) -> str | None:

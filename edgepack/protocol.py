@@ -109,6 +109,17 @@ class DesiredSignature(BaseModel):
     sig: str = Field(min_length=1, max_length=256, description="Base64 of the 64-byte signature.")
 
 
+class NextFleetKey(BaseModel):
+    """The fleet key that will replace the current one (key rotation); inside the signed part, so the current
+    key vouches for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(min_length=1, max_length=64)
+    public_key: str = Field(min_length=1, max_length=128, description="Base64 of the raw 32-byte Ed25519 public key.")
+
+
 class DesiredState(_Message):
     """What the fleet wants a device to run; retained, so an offline device converges on reconnect.
 
@@ -123,6 +134,8 @@ class DesiredState(_Message):
     issued_at: float = Field(default=0.0, description="Unix time the fleet issued (or last re-signed) this state.")
     device_id: DeviceId | None = Field(default=None, description="The device this state is addressed to (signed).")
     expires_at: float | None = Field(default=None, description="Unix time after which the device refuses it (signed).")
+    next_key: NextFleetKey | None = Field(default=None, description="During a fleet key rotation: the next key "
+                                                                    "(signed by the current one); the device pins it too.")
     sig: DesiredSignature | None = Field(default=None, description="The fleet's signature; None: unsigned.")
 
 
@@ -148,6 +161,8 @@ class DeviceStatus(_Message):
     refused_seq: int | None = Field(default=None, ge=0,
                                     description="Seq of the last desired state the device refused without acting "
                                                 "(unsigned, another key or device, expired, a downgrade); `error` says why.")
+    fleet_keys: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, max_length=4, description="Key ids of the fleet keys the device pins (two during a rotation).")
     ts: float = 0.0
     agent_version: str | None = None
 

@@ -374,7 +374,8 @@ class RolloutController:
         """Re-sign and publish again the stored desired state of every device that has not finished it and
         whose signature is past half its validity (or by another key); returns how many went out.
 
-        Finished states are left alone: the device's journal keeps their seq, so it never needs them again."""
+        Finished states are left alone (the device's journal keeps their seq, so it never needs them again),
+        except during a key rotation (`signer.rotating`), when every state carries the next key to its device."""
         if self.signer is None:
             return 0
         now = self.clock() if now is None else now
@@ -394,7 +395,11 @@ class RolloutController:
                 if device_id in self._refresh_unpublished:
                     due.append((device_id, current))
                     continue
-                if not unfinished or current.seq != desired_seq or not self.signer.needs_refresh(current, now):
+                # During a key rotation finished states are re-signed too: that is how every device learns
+                # the next key (the agent reads `next_key` even from a state at or below its seq floor).
+                rotating = getattr(self.signer, "rotating", False)
+                if (not unfinished and not rotating) or current.seq != desired_seq \
+                        or not self.signer.needs_refresh(current, now):
                     continue
                 fresh = self.signer.sign(current, device_id=device_id, now=now)
                 # Only over the state it re-signs: a newer one stored meanwhile must not be replaced.

@@ -139,3 +139,36 @@ def test_only_a_rollback_may_install_a_lower_version_of_the_same_bundle():
     assert downgrade_refusal(state(version="1.0.0"), "other", "2.0.0") is None
     assert downgrade_refusal(state(version="1.0.0"), None, None) is None
     assert downgrade_refusal(state(version="nightly"), "digits", "2.0.0") is None
+
+
+def test_key_rotation_the_current_key_announces_the_next_which_then_replaces_it(clock):
+    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    during = FleetDirector(old, validity_s=3600, next_key=new)
+    after = FleetDirector(new, validity_s=3600)
+    verifier = DesiredVerifier("dev-1", FleetDirector(old).public().model_dump(), clock=clock)
+    assert "signed by key" in verifier.check(after.sign(state(seq=9), device_id="dev-1", now=NOW))  # not yet known
+
+    announcing = during.sign(state(seq=5), device_id="dev-1", now=NOW)
+    assert announcing.next_key.key_id == after.key_id and verifier.check(announcing) is None
+    assert verifier.accepted(announcing) is True  # the keys changed: the agent writes fleet_key.json
+    pinned = verifier.pinned_document()
+    assert (pinned["key_id"], pinned["next"]["key_id"]) == (during.key_id, after.key_id)
+    assert verifier.accepted(announcing) is False  # once is enough
+
+    # A restarted agent reads both keys back; the first state signed by the next key retires the old one.
+    restarted = DesiredVerifier("dev-1", pinned, clock=clock)
+    assert restarted.check(during.sign(state(seq=6), device_id="dev-1", now=NOW)) is None
+    by_new = after.sign(state(seq=7), device_id="dev-1", now=NOW)
+    assert restarted.check(by_new) is None and restarted.accepted(by_new) is True
+    assert restarted.pinned_document() == {**after.public().model_dump(), "next": None}
+    assert "signed by key" in restarted.check(during.sign(state(seq=8), device_id="dev-1", now=NOW))
+
+
+def test_a_next_key_announced_by_a_forger_is_never_pinned(director, clock):
+    verifier = verifier_for(director, clock)
+    forger = FleetDirector(Ed25519PrivateKey.generate(), next_key=Ed25519PrivateKey.generate())
+    forged = forger.sign(state(), device_id="dev-1", now=NOW)
+
+    assert "signed by key" in verifier.check(forged)
+    tampered = director.sign(state(), device_id="dev-1", now=NOW).model_copy(update={"next_key": forged.next_key})
+    assert "does not match" in verifier.check(tampered)

@@ -1,6 +1,7 @@
 """Issue 10 item 3, end to end: a real Mosquitto, `edgepack fleet serve` and a real agent. The agent pins the
 fleet key at enrollment, refuses and reports forged desired states (unsigned with a huge seq, signed by
-another key) and a fleet-signed downgrade that is not a rollback, and the fleet's next rollouts still reach it."""
+another key) and a fleet-signed downgrade that is not a rollback, and the fleet's next rollouts still reach it;
+then the fleet key is rotated under it (the current key announces the next, which then signs the next rollout)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgepack.protocol import BundleRef, DesiredState, desired_topic, encode
-from edgepack.signing import generate_keypair
-from fleet.director import FleetDirector
+from edgepack.signing import generate_keypair, load_private_key
+from fleet.director import FleetDirector, begin_rotation, finish_rotation
 from testbeds.fleet_harness import FleetProcess, agent_configs, build_release, wait_for
 from testbeds.mosquitto import MosquittoBroker
 
@@ -24,7 +25,7 @@ HUGE_SEQ = 10**9
 def releases(tmp_path_factory):
     root = tmp_path_factory.mktemp("releases")
     private, public = generate_keypair(root / "keys")
-    return {"pub": public, **{v: build_release(root, private, f"{v}.0.0", [PROFILE])[0] for v in ("1", "2", "3")}}
+    return {"pub": public, **{v: build_release(root, private, f"{v}.0.0", [PROFILE])[0] for v in ("1", "2", "3", "4")}}
 
 
 def _publish(broker_url: str, device_id: str, payload: bytes) -> None:
@@ -55,7 +56,7 @@ def _rollout(client, bundle_id: str) -> dict:
 def test_forged_and_downgrading_desired_states_are_refused_and_later_rollouts_still_arrive(tmp_path, releases):
     with MosquittoBroker() as broker, FleetProcess(tmp_path, broker.url, trusted_key=releases["pub"]) as fleet:
         client = fleet.client()
-        ids = {v: client.upload(releases[v])["id"] for v in ("1", "2", "3")}
+        ids = {v: client.upload(releases[v])["id"] for v in ("1", "2", "3", "4")}
         token = client.request("POST", "/devices/enrollment-tokens", json={"labels": {"fleet": "signed"}})["token"]
         [sim] = agent_configs(tmp_path, 1, [PROFILE], fleet.url, broker.url, token, releases["pub"])
         device = lambda: client.request("GET", f"/devices/{sim.device_id}")  # noqa: E731
@@ -101,5 +102,33 @@ def test_forged_and_downgrading_desired_states_are_refused_and_later_rollouts_st
                      what="v3 active")
             assert sim.agent.active_bundle().version == "3.0.0"
             assert sim.agent.status().seq < HUGE_SEQ
+
+            # --- key rotation: the server restarted with a next key re-signs the finished state with a
+            # `next_key` statement; the device pins it beside the current one and says so in its status
+            data_dir = tmp_path / "fleet-data"
+            keys_of = lambda: (device()["last_status"] or {}).get("fleet_keys")  # noqa: E731
+            assert keys_of() == [fleet_key.key_id]
+            fleet.stop()
+            announced = begin_rotation(data_dir)
+            fleet.start()
+            wait_for(lambda: keys_of() == [fleet_key.key_id, announced.key_id], 60, what="the device to pin the next key")
+            assert json.loads((sim.config.state_dir / "fleet_key.json").read_text())["next"]["key_id"] == announced.key_id
+            # once every device pins it, the next key takes over: the next rollout is signed by it alone
+            fleet.stop()
+            finish_rotation(data_dir)
+            fleet.start()
+            assert _rollout(client, ids["4"])["status"] == "succeeded"
+            assert device()["desired"]["sig"]["key_id"] == announced.key_id
+            wait_for(lambda: keys_of() == [announced.key_id], 60, what="the device to forget the old key")
+            assert sim.agent.active_bundle().version == "4.0.0"
+            # the retired key no longer speaks for the fleet
+            retired = FleetDirector(load_private_key(data_dir / f"director-retired-{fleet_key.key_id}" / "edgepack.key"))
+            stale = retired.sign(unsigned.model_copy(update={"seq": HUGE_SEQ + 2}), device_id=sim.device_id,
+                                 now=device()["desired"]["issued_at"])
+            _publish(broker.url, sim.device_id, encode(stale))
+            wait_for(lambda: (device()["last_status"] or {}).get("refused_seq") == stale.seq, 30,
+                     what="the refusal of a state signed by the retired key")
+            assert f"signed by key {fleet_key.key_id}" in device()["error"]
+            assert sim.agent.active_bundle().version == "4.0.0"
         finally:
             sim.stop()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 from sqlalchemy import select
 
 from device_agent.director import DesiredVerifier
+from edgepack.errors import ConfigError
 from edgepack.protocol import DesiredState
 from fleet.controller import RolloutController
 from fleet.director import FleetDirector, director_for
@@ -94,3 +96,32 @@ def test_unfinished_states_are_re_signed_before_they_expire_finished_ones_are_no
     assert verifier.check(dict(again)["dev-1"]) is None
     with session_factory() as session:
         assert all(d.desired["sig"]["key_id"] == director.key_id for d in session.scalars(select(Device)))
+
+
+def test_a_key_rotation_re_signs_every_stored_state_then_the_next_key_takes_over(tmp_path):
+    from fleet.director import begin_rotation, finish_rotation
+
+    data_dir = tmp_path / "data"
+    old = FleetDirector.load_or_create(data_dir, validity_s=VALIDITY_S)
+    session_factory = _fleet(tmp_path)
+    clock, publisher = FakeClock(), RecordingPublisher()
+    devices = SimulatedDevices(session_factory, publisher, clock)
+    RolloutController(session_factory, publisher, clock=clock, signer=old).tick()
+    devices.answer()  # every device finished its install
+
+    announced = begin_rotation(data_dir)
+    assert begin_rotation(data_dir) == announced
+    during = FleetDirector.load_or_create(data_dir, validity_s=VALIDITY_S)
+    assert during.key_id == old.key_id and during.next_key == announced
+    clock.advance(60)
+    # finished states too: that is how every device hears of the next key
+    assert RolloutController(session_factory, publisher, clock=clock, signer=during).tick()["refreshed"] == 3
+    for device_id, desired in publisher.messages[3:]:
+        assert desired.next_key == announced and desired.sig.key_id == old.key_id
+
+    assert finish_rotation(data_dir) == announced.key_id
+    after = FleetDirector.load_or_create(data_dir, validity_s=VALIDITY_S)
+    assert after.key_id == announced.key_id and after.next_key is None
+    assert (data_dir / f"director-retired-{old.key_id}" / "edgepack.key").exists()
+    with pytest.raises(ConfigError, match="no key rotation in progress"):
+        finish_rotation(data_dir)

@@ -386,6 +386,8 @@ class RolloutController:
                 .where(Device.desired.is_not(None), Device.desired_seq > 0)
             ).all()
             for device_id, stored, desired_seq, acked_seq, phase in rows:
+                if not stored:
+                    continue  # a JSON null passes IS NOT NULL
                 unfinished = (acked_seq or 0) < desired_seq or phase in IN_PROGRESS_PHASES
                 try:
                     current = DesiredState.model_validate(stored)

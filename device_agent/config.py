@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgepack.errors import ConfigError, first_validation_error, validation_error_field
+from edgepack.yamlfile import read_yaml_mapping
 from edgepack.mqtt import MqttEndpoint
 from edgepack.protocol import DeviceId
 
@@ -184,20 +184,7 @@ class AgentConfig(BaseModel):
     def from_yaml(cls, path: Path) -> "AgentConfig":
         """Read and validate `path`; relative paths resolve against its folder."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"agent config not found: {path}", path=path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read agent config {path}: {getattr(exc, 'strerror', None) or exc}", path=path) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where}", path=path) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings", path=path)
+        data = read_yaml_mapping(path, "agent config")
         return cls.from_mapping(data, base_dir=path.parent, source=str(path))
 
     @classmethod

@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepack.errors import ConfigError, first_validation_error, validation_error_field
+from edgepack.yamlfile import read_yaml_mapping
 
 Precision = Literal["fp32", "fp16", "int8"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -153,20 +153,7 @@ class BuildConfig(_Strict):
 
 def load_build_config(path: Path, overrides: dict | None = None) -> BuildConfig:
     """Read, validate and resolve `edgepack.yaml`. `overrides` replace top-level keys (e.g. model from --model)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config {path} does not exist (pass --config PATH)") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config {path}:{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "config", missing_hint=" (pass --config PATH)")
     if "base_dir" in data:
         raise ConfigError(f"{path}: base_dir: unknown field")
     data.update(overrides or {})

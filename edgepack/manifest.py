@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import ConfigDict, Field, ValidationError
 
+from edgepack.contract import ContractModel
 from edgepack.errors import BundleError, first_validation_error, validation_error_field
 from edgepack.report import IoQuantization, Lineage, Precision, TensorRTEngineSpec
 
@@ -59,20 +60,9 @@ __all__ = [
 ]
 
 
-class _ManifestModel(BaseModel):
+class _ManifestModel(ContractModel):
     # No NaN or infinity: canonical JSON has no spelling for them (pydantic would write null).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    # Optional fields written only when set: their keys never appeared as null in a manifest.
-    omit_when_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _leave_out_absent(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for key in self.omit_when_none:
-            if data.get(key, ...) is None:
-                del data[key]
-        return data
 
 
 class IoTensor(_ManifestModel):

@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import ConfigDict, Field
+
+from edgepack.contract import ContractModel
 
 REPORT_SCHEMA_VERSION = 1
 MATRIX_SCHEMA_VERSION = 1
@@ -34,19 +36,8 @@ Precision = Literal["fp32", "fp16", "int8"]
 LatencySource = Literal["host", "estimate"]
 
 
-class _ReportModel(BaseModel):
+class _ReportModel(ContractModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-
-    # Optional fields written only when set (their keys never appeared as null in a report).
-    omit_when_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _leave_out_absent(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for key in self.omit_when_none:
-            if data.get(key, ...) is None:
-                del data[key]
-        return data
 
 
 class LatencyStats(_ReportModel):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from edgepack.errors import ProfileError, first_validation_error
+from edgepack.yamlfile import read_yaml_mapping
 from hardware_profiles.schema import HardwareProfile
 
 PROFILES_DIR = Path(__file__).parent
@@ -22,18 +22,7 @@ __all__ = ["HardwareProfile", "PROFILES_DIR", "list_profiles", "load_profile", "
 
 def load_profile_file(path: Path) -> HardwareProfile:
     """Load and validate one profile YAML file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ProfileError(f"profile {path}:{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ProfileError(f"profile {path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "profile", error=ProfileError)
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:

@@ -53,7 +53,7 @@ def test_a_bad_value_is_one_line_naming_the_field(tmp_path, change, message):
 
 
 def test_missing_and_unparsable_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="agent config not found"):
+    with pytest.raises(ConfigError, match="agent config .* does not exist"):
         AgentConfig.from_yaml(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         AgentConfig.from_yaml(_write(tmp_path, "device_id: [unclosed\n"))

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgepack.errors import BundleError, ConfigError, IntegrityError, SignatureError, UnsafeMemberError
-from edgepack.files import file_sha256_size, fsync_dir
+from edgepack.files import atomic_writer, file_sha256_size
 from edgepack.manifest import BUNDLE_FORMAT, BundleManifest, ManifestContent, parse_content, parse_manifest
 from edgepack.signing import sign_manifest, verify_manifest_signature
 
@@ -239,14 +239,13 @@ def write_bundle(
     directories = {parent for name in files for parent in _parents(name)}
     ordered = sorted([(name, True) for name in directories] + [(name, False) for name in files])
 
+    hashed: dict[str, tuple[str, int]] = {}
+
+    def hash_before_replace(temp_path: Path) -> None:
+        hashed["bundle"] = file_sha256_size(temp_path)  # the bytes that land, hashed once they are durable
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False)
-    except OSError as exc:
-        raise ConfigError(f"cannot write bundle in {path.parent}: {exc.strerror or exc}", path=path) from exc
-    temp_path = Path(handle.name)
-    try:
-        with handle:
+        with atomic_writer(path, mode=0o644, before_replace=hash_before_replace) as handle:
             with tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8") as tar:
                 for name, data in ((MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, signature_bytes)):
                     tar.addfile(_tar_entry(name, mtime=mtime, size=len(data)), _BytesReader(data))
@@ -264,15 +263,9 @@ def write_bundle(
                             raise ConfigError(f"{name}: {content} changed while the bundle was written", member=name)
                     else:
                         tar.addfile(entry, _BytesReader(bytes(content)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_path, 0o644)
-        bundle_sha256, size_bytes = file_sha256_size(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    except OSError as exc:  # the temp file is gone and `path` is as it was (atomic_writer)
+        raise ConfigError(f"cannot write bundle {path}: {exc.strerror or exc}", path=path) from exc
+    bundle_sha256, size_bytes = hashed["bundle"]
     return BundleInfo(path=path, sha256=bundle_sha256, size_bytes=size_bytes, manifest=signed_manifest)
 
 

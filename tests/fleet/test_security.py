@@ -31,6 +31,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/api/v1/devices", VIEWER),
     ("GET", "/api/v1/devices/{device_id}", VIEWER),
     ("POST", "/api/v1/devices/{device_id}/status", DEVICE),
+    ("POST", "/api/v1/devices/{device_id}/revoke", OPERATOR),
+    ("POST", "/api/v1/devices/{device_id}/rotate-credential", OPERATOR),
     ("POST", "/api/v1/rollouts", OPERATOR),
     ("GET", "/api/v1/rollouts", VIEWER),
     ("GET", "/api/v1/rollouts/{rollout_id}", VIEWER),

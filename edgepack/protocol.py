@@ -72,6 +72,12 @@ def parse_topic(topic: str) -> tuple[str, str]:
     return validate_device_id(parts[0]), parts[1]
 
 
+# What a device says is stored in INTEGER / BIGINT columns (PostgreSQL's are signed 32/64 bit): a larger
+# value would be a database error in the bridge rather than a refused message, so decode refuses it.
+MAX_STORED_INT = 2**31 - 1
+MAX_BIG_INT = 2**63 - 1
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -150,7 +156,7 @@ class DeviceStatus(_Message):
 
     device_id: DeviceId
     state: Literal["online", "offline"] = "online"
-    seq: int = Field(default=0, ge=0, description="The desired-state seq this status answers.")
+    seq: int = Field(default=0, ge=0, le=MAX_STORED_INT, description="The desired-state seq this status answers.")
     rollout_id: str | None = None
     phase: InstallPhase = "idle"
     current_bundle: str | None = Field(default=None, description="Id of the active bundle.")
@@ -158,7 +164,7 @@ class DeviceStatus(_Message):
     shadow_bundle: str | None = None
     profile: str | None = None
     error: str | None = None
-    refused_seq: int | None = Field(default=None, ge=0,
+    refused_seq: int | None = Field(default=None, ge=0, le=MAX_STORED_INT,
                                     description="Seq of the last desired state the device refused without acting "
                                                 "(unsigned, another key or device, expired, a downgrade); `error` says why.")
     fleet_keys: list[Annotated[str, Field(max_length=64)]] | None = Field(
@@ -174,7 +180,8 @@ class LatencySummary(BaseModel):
     p95: float | None = None
     p99: float | None = None
     bounds_ms: list[float] = Field(default_factory=list, description="Histogram bucket upper bounds in ms.")
-    counts: list[int] = Field(default_factory=list, description="Counts per bucket; one more than bounds (overflow).")
+    counts: list[Annotated[int, Field(ge=0, le=MAX_STORED_INT)]] = Field(
+        default_factory=list, description="Counts per bucket; one more than bounds (overflow).")
 
 
 class Telemetry(_Message):
@@ -183,13 +190,13 @@ class Telemetry(_Message):
     device_id: DeviceId
     bundle_id: str | None = None
     window_s: float = Field(gt=0)
-    inferences: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    inferences: int = Field(ge=0, le=MAX_STORED_INT)
+    errors: int = Field(ge=0, le=MAX_STORED_INT)
     latency_ms: LatencySummary = LatencySummary()
     drift: dict[str, float] = Field(default_factory=dict, description="Drift score per input/output name.")
     drift_method: str | None = None
     shadow: dict[str, float] | None = None
-    rss_bytes: int | None = None
+    rss_bytes: int | None = Field(default=None, ge=0, le=MAX_BIG_INT)
     ts: float = 0.0
 
 

@@ -23,11 +23,14 @@ def resolve(fleet_url: str | None, token: str | None) -> tuple[str, str]:
 
 
 class FleetClient:
-    def __init__(self, fleet_url: str | None = None, token: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, fleet_url: str | None = None, token: str | None = None, timeout_s: float = 60.0,
+                 verify: Any = True) -> None:
         import httpx
 
         self.url, token = resolve(fleet_url, token)
-        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+        # verify: an ssl.SSLContext for an https:// fleet signed by a private CA (httpx's default: the system store)
+        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s,
+                                  verify=verify)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx

@@ -1,8 +1,13 @@
 """A real fleet on one machine, for end-to-end tests and benchmarks.
 
-    with MosquittoBroker() as broker, FleetProcess(tmp, broker.url, trusted_key=pub) as fleet:
+    with MosquittoBroker(secure=True) as broker, FleetProcess.for_broker(broker, tmp, trusted_key=pub) as fleet:
         bundles = build_release(tmp, key, "2.0.0", ["jetson-orin-nano", "x86-avx2"])
-        agents = start_agents(tmp, 20, {...}, fleet, broker.url, token, pub)
+        agents = agent_configs(tmp, 20, [...], fleet.url, broker.url, token, pub)
+
+The secure path is what production runs: Mosquitto with the dynamic security plugin (`secure=True`), the
+fleet logged in as its own identity and creating each device's as it enrolls (`for_broker` passes
+`broker.fleet_url` and --mqtt-dynsec), agents logging in with their credential; `lab_pki(root)` adds TLS
+(a lab CA, certificates for the broker and the fleet).
 
 The fleet server runs as a real `edgepack fleet serve` process (so it can be killed and restarted), the
 agents are real `device_agent.Agent`s with their own MQTT connections, state folders and downloads,
@@ -27,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from testbeds.mosquitto import free_port
+from testbeds.mosquitto import BrokerTls, MosquittoBroker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "edgepack.yaml"
@@ -52,9 +57,24 @@ class FleetProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = root / "fleet.log"
 
+    @classmethod
+    def for_broker(cls, broker: MosquittoBroker, root: Path, *, trusted_key: Path, extra_args: list[str] | None = None,
+                   **kwargs: Any) -> "FleetProcess":
+        """The fleet as it runs against this broker in production: its own identity (broker.fleet_url), managing
+        device identities when the broker is secure (--mqtt-dynsec), verifying a TLS broker against its CA."""
+        args = (["--mqtt-dynsec"] if broker.secure else []) + (["--mqtt-ca", str(broker.tls.cafile)] if broker.tls else [])
+        return cls(root, broker.fleet_url, trusted_key=trusted_key, extra_args=args + list(extra_args or []), **kwargs)
+
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> Any:
+        """What an HTTP client here verifies the fleet with: its CA over HTTPS (httpx's `verify=`)."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else True
 
     def start(self, timeout_s: float = 60.0) -> "FleetProcess":
         command = [sys.executable, "-m", "edgepack", "fleet", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -77,11 +97,9 @@ class FleetProcess:
         return self
 
     def _wait_healthy(self, timeout_s: float) -> None:
-        import ssl
-
         import httpx
 
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else True
+        verify = self.verify
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -111,13 +129,35 @@ class FleetProcess:
     def client(self):
         from fleet.client import FleetClient
 
-        return FleetClient(self.url, self.admin_token)
+        return FleetClient(self.url, self.admin_token, verify=self.verify)
 
     def __enter__(self) -> "FleetProcess":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class LabPki:
+    """A lab CA and certificates for 127.0.0.1/localhost: the broker's TLS listener and the fleet's HTTPS."""
+
+    ca: Path
+    broker: BrokerTls
+    fleet: tuple[Path, Path, Path]  # (certificate, key, CA), as FleetProcess(tls=...) takes it
+
+
+def lab_pki(root: Path) -> LabPki:
+    from edgepack.tls import create_lab_ca, issue_certificate
+
+    folder = root / "pki"
+    if not (folder / "ca.pem").exists():
+        create_lab_ca(folder)
+        issue_certificate(folder, "broker")
+        issue_certificate(folder, "fleet")
+    ca = folder / "ca.pem"
+    return LabPki(ca, BrokerTls(ca, folder / "broker.pem", folder / "broker.key"),
+                  (folder / "fleet.pem", folder / "fleet.key", ca))
 
 
 def build_release(root: Path, key: Path, version: str, profiles: list[str], *, break_selftest: bool = False,
@@ -216,16 +256,19 @@ class TopicListener:
     arrive as soon as it returns.
     """
 
-    def __init__(self, mqtt_url: str, topic: str, *, qos: int = 0, name: str = "listener") -> None:
+    def __init__(self, mqtt_url: str, topic: str, *, qos: int = 0, name: str = "listener",
+                 ca_file: Path | None = None) -> None:
+        """`mqtt_url` carries the identity to log in with on a secure broker (e.g. `broker.fleet_url`)."""
         import paho.mqtt.client as mqtt
 
-        from fleet.mqtt_bridge import parse_mqtt_url
+        from edgepack.mqtt import MqttEndpoint
 
-        address = parse_mqtt_url(mqtt_url)
+        endpoint = MqttEndpoint.from_url(mqtt_url, ca_file=ca_file)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}-{time.time_ns()}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=qos)
-        self.client.connect(address["host"], address["port"])
+        endpoint.apply(self.client)
+        self.client.connect(endpoint.host, endpoint.port)
         self.client.loop_start()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -239,10 +282,10 @@ class TopicListener:
 class DesiredMonitor(TopicListener):
     """Records every desired state the broker delivers, to check that no device got conflicting ones."""
 
-    def __init__(self, mqtt_url: str) -> None:
+    def __init__(self, mqtt_url: str, ca_file: Path | None = None) -> None:
         self.messages: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
-        super().__init__(mqtt_url, "edgepack/v1/devices/+/desired", qos=1, name="monitor")
+        super().__init__(mqtt_url, "edgepack/v1/devices/+/desired", qos=1, name="monitor", ca_file=ca_file)
 
     def _on_message(self, client, userdata, message) -> None:
         if not message.payload:

@@ -12,7 +12,13 @@ its self-test on devices), `input_drift` (live inputs shift away from the refere
 (the broker drops every connection periodically) and `offline` (a fraction of devices goes away and
 comes back).
 
-    edgepack testbed run latency-regression --devices 20 [--json]
+The secure path is the default, as production runs it: Mosquitto with the dynamic security plugin and no
+anonymous clients, the fleet managing device identities (--mqtt-dynsec), every agent logging in with its
+credential and requiring signed desired states. `--tls` adds a lab CA: mqtts:// for agents and fleet, HTTPS
+for the API. `--insecure` (anonymous broker, no identities) exists to measure what security costs
+(benchmarks/bench_rollout.py); the fleet signs desired states either way.
+
+    edgepack testbed run latency-regression --devices 20 [--tls] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,10 +138,10 @@ class _BrokerCounters(TopicListener):
     (updated every `sys_interval`; the testbed's broker uses 1 s). `snapshot()` is None on a broker that
     does not publish them (or denies `$SYS` to this client)."""
 
-    def __init__(self, mqtt_url: str) -> None:
+    def __init__(self, mqtt_url: str, ca_file: Path | None = None) -> None:
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
-        super().__init__(mqtt_url, "$SYS/broker/publish/messages/+", name="testbed-sys")
+        super().__init__(mqtt_url, "$SYS/broker/publish/messages/+", name="testbed-sys", ca_file=ca_file)
 
     def _on_message(self, client, userdata, message) -> None:
         try:
@@ -196,6 +203,8 @@ class SimulatedFleet:
     broker_rates: dict[str, float] | None = None  # PUBLISH messages/s while the rollout ran, from $SYS
     fleet_rates: dict[str, float] | None = None  # the fleet's handled messages/s over the same span
     per_process: int = AGENTS_PER_PROCESS  # devices beyond this run in worker processes of this many each
+    secure: bool = True  # broker identities and topic rights (dynsec), agents requiring signed desired states
+    tls: bool = False  # mqtts:// and HTTPS with a lab CA
 
     def _event(self, text: str) -> None:
         elapsed = round(time.monotonic() - self._t0, 2)
@@ -207,7 +216,7 @@ class SimulatedFleet:
     def run(self) -> dict[str, Any]:
         from builder.cache import default_cache_dir
         from edgepack.signing import generate_keypair
-        from testbeds.fleet_harness import FleetProcess, agent_configs, build_release
+        from testbeds.fleet_harness import FleetProcess, agent_configs, build_release, lab_pki
         from testbeds.mosquitto import MosquittoBroker
 
         self._t0 = time.monotonic()
@@ -225,18 +234,24 @@ class SimulatedFleet:
                                       break_selftest=bool(scenario.faults_of("broken_selftest")))
         # Everything started is stopped on any failure, in reverse order: the broker, the counters, the webhook,
         # the fleet, then the devices (a refused upload or enrollment used to leave broker and fleet running).
+        pki = lab_pki(root) if self.tls else None
+        ca_file = pki.ca if pki else None
         with contextlib.ExitStack() as started:
-            broker = started.enter_context(MosquittoBroker(extra_config="sys_interval 1\n")) if not self.mqtt_url else None
-            mqtt_url = self.mqtt_url or broker.url
-            self._broker_counters = _BrokerCounters(mqtt_url)
+            broker = started.enter_context(MosquittoBroker(extra_config="sys_interval 1\n", secure=self.secure,
+                                                           tls=pki.broker if pki else None)) if not self.mqtt_url else None
+            mqtt_url = self.mqtt_url or broker.url  # the agents': each logs in as its id with its credential
+            self._broker_counters = _BrokerCounters(_sys_observer_url(broker, ca_file) if broker else mqtt_url, ca_file)
             started.callback(self._broker_counters.close)
             webhook = _Webhook()
             started.callback(webhook.close)
-            fleet = started.enter_context(FleetProcess(
-                root, mqtt_url, trusted_key=public,
-                extra_args=["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]))
-            self._event(f"fleet at {fleet.url}, broker at {mqtt_url}")
-            self._fleet_url = fleet.url
+            fleet_args = ["--alert-webhook", webhook.url, "--gate-settle-s", str(GATE_SETTLE_S)]
+            tls = pki.fleet if pki else None
+            fleet = started.enter_context(
+                FleetProcess.for_broker(broker, root, trusted_key=public, extra_args=fleet_args, tls=tls) if broker
+                else FleetProcess(root, mqtt_url, trusted_key=public, extra_args=fleet_args, tls=tls))
+            self._event(f"fleet at {fleet.url}, broker at {mqtt_url}"
+                        + (" (identities and topic rights enforced)" if broker and broker.secure else ""))
+            self._fleet_url, self._verify = fleet.url, fleet.verify
             client = fleet.client()
             self.baseline_ids = [client.upload(p)["id"] for p in baseline]
             self.candidate_ids = [client.upload(p)["id"] for p in candidate]
@@ -244,15 +259,16 @@ class SimulatedFleet:
             local = min(self.devices, self.per_process)
             if local < self.devices and any(f.kind in ("offline", "input_drift") for f in scenario.faults):
                 raise ConfigError(f"scenario {scenario.name}: offline and input_drift faults run with at most {self.per_process} devices")
-            agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public,
-                                   extra=_agent_extra(scenario.telemetry_window_s))
+            agent_extra = {**_agent_extra(scenario.telemetry_window_s), **_secure_extra(self.secure, ca_file)}
+            agents = agent_configs(root, local, profiles, fleet.url, mqtt_url, token, public, extra=agent_extra)
             stop = threading.Event()
             threads: list[threading.Thread] = []
             workers: list[Any] = []
             started.callback(_stop_devices, stop, threads, agents, workers)
             for start in range(local, self.devices, self.per_process):
                 workers.append(_start_worker(scenario, root, start, min(self.per_process, self.devices - start), profiles,
-                                             fleet.url, mqtt_url, token, public, self.baseline_ids, self.candidate_ids))
+                                             fleet.url, mqtt_url, token, public, self.baseline_ids, self.candidate_ids,
+                                             agent_extra))
             if workers:
                 self._event(f"{len(workers)} worker process(es) run devices {local}..{self.devices - 1}")
             for agent in agents:
@@ -276,12 +292,13 @@ class SimulatedFleet:
                 self._observe_alerts(client, scenario.duration_s)
             expected = self.candidate_ids if rollout and rollout["status"] == "succeeded" else self.baseline_ids
             converged = self._wait_converged(client, agents, expected)
-            messages = _message_counts(fleet.url)
+            messages = _message_counts(fleet.url, fleet.verify)
             alerts = client.request("GET", "/alerts") if _fleet_has_alerts() else []
         result = {
             "scenario": scenario.name,
             "devices": self.devices,
             "profiles": profiles,
+            "secure": bool(self.secure and not self.mqtt_url), "tls": self.tls,
             "rollout": _rollout_summary(rollout),
             "alerts": alerts,
             "webhook_calls": len(webhook.calls),
@@ -411,7 +428,7 @@ class SimulatedFleet:
         self._event(f"rollout {started['id'][:8]} of {spec.version} started: waves {','.join(f'{w:g}' for w in spec.waves)}, "
                     f"gates {'; '.join(spec.gates)}")
         rollout_started = time.monotonic()
-        broker_before, fleet_before = self._broker_counters.snapshot(), _message_counts(self._fleet_url)
+        broker_before, fleet_before = self._broker_counters.snapshot(), _message_counts(self._fleet_url, self._verify)
         seen_decisions = 0
         seen_wave = -1
         deadline = time.monotonic() + 900
@@ -429,7 +446,7 @@ class SimulatedFleet:
             if status["status"] in FINAL:
                 self.rollout_s = round(time.monotonic() - rollout_started, 2)
                 self.broker_rates = _rates(broker_before, self._broker_counters.snapshot(), self.rollout_s)
-                self.fleet_rates = _rates(fleet_before, _message_counts(self._fleet_url), self.rollout_s)
+                self.fleet_rates = _rates(fleet_before, _message_counts(self._fleet_url, self._verify), self.rollout_s)
                 self._event(f"rollout {status['status']} after {self.rollout_s} s")
                 return status
             time.sleep(0.5)
@@ -466,13 +483,13 @@ def _fleet_has_alerts() -> bool:
 
 
 def _start_worker(scenario: Scenario, root: Path, start: int, count: int, profiles: list[str], fleet_url: str, mqtt_url: str,
-                  token: str, public: Path, baseline_ids: list[str], candidate_ids: list[str]):
+                  token: str, public: Path, baseline_ids: list[str], candidate_ids: list[str], agent_extra: dict[str, Any]):
     import subprocess
     import sys
 
     spec = {"scenario": scenario.model_dump(mode="json"), "root": str(root), "start": start, "count": count,
             "profiles": profiles, "fleet_url": fleet_url, "mqtt_url": mqtt_url, "token": token, "public": str(public),
-            "baseline_ids": baseline_ids, "candidate_ids": candidate_ids}
+            "baseline_ids": baseline_ids, "candidate_ids": candidate_ids, "agent_extra": agent_extra}
     log = open(root / f"worker-{start}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "testbeds.sim_worker", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=root)
@@ -509,13 +526,13 @@ def _workers_alive(workers: list[Any], root: Path) -> bool:
     return True
 
 
-def _message_counts(fleet_url: str) -> dict[str, float]:
+def _message_counts(fleet_url: str, verify: Any = True) -> dict[str, float]:
     """MQTT messages the fleet handled and published, from its Prometheus endpoint."""
     import re
 
     import httpx
 
-    text = httpx.get(fleet_url + "/metrics", timeout=10).text
+    text = httpx.get(fleet_url + "/metrics", timeout=10, verify=verify).text
     counts: dict[str, float] = {}
     for kind in ("status", "telemetry"):
         match = re.search(rf'^edgepack_mqtt_messages_total{{kind="{kind}"}}\s+([0-9.e+]+)$', text, re.M)
@@ -528,6 +545,30 @@ def _message_counts(fleet_url: str) -> dict[str, float]:
 def _agent_extra(window_s: float) -> dict[str, Any]:
     """Short telemetry windows so gates get data quickly."""
     return {"telemetry": {"window_s": window_s}}
+
+
+def _secure_extra(secure: bool, ca_file: Path | None) -> dict[str, Any]:
+    """The agent settings of the secure path: signed desired states required, the lab CA for mqtts:// and HTTPS."""
+    return {**({"require_signed_desired": True} if secure else {}), **({"ca_file": str(ca_file)} if ca_file else {})}
+
+
+SYS_OBSERVER = "testbed-observer"
+
+
+def _sys_observer_url(broker, ca_file: Path | None) -> str:
+    """The broker URL of an identity that may read `$SYS` and nothing else (no device or fleet identity may),
+    created over the dynamic security plugin with the fleet's identity; the plain URL on an open broker."""
+    if not broker.secure:
+        return broker.url
+    from edgepack.mqtt import MqttEndpoint
+    from fleet.broker.dynsec import DynsecClient
+
+    password = secrets.token_urlsafe(16)
+    acls = [{"acltype": kind, "topic": "$SYS/#", "allow": True} for kind in ("subscribePattern", "publishClientReceive")]
+    DynsecClient(MqttEndpoint.from_url(broker.fleet_url, ca_file=ca_file)).run_checked([
+        {"command": "createRole", "rolename": SYS_OBSERVER, "acls": acls},
+        {"command": "createClient", "username": SYS_OBSERVER, "password": password, "roles": [{"rolename": SYS_OBSERVER}]}])
+    return broker.url.replace("://", f"://{SYS_OBSERVER}:{password}@", 1)
 
 
 def _rollout_summary(status: dict[str, Any] | None) -> dict[str, Any] | None:

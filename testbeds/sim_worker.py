@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     from testbeds.fleet_harness import agent_configs
-    from testbeds.sim import Scenario, SimulatedFleet, _agent_extra
+    from testbeds.sim import Scenario, SimulatedFleet
 
     spec = json.loads(argv[0])
     scenario = Scenario.model_validate(spec["scenario"])
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     fleet._t0 = time.monotonic()
     fleet.baseline_ids, fleet.candidate_ids = spec["baseline_ids"], spec["candidate_ids"]
     agents = agent_configs(root, spec["count"], spec["profiles"], spec["fleet_url"], spec["mqtt_url"], spec["token"],
-                           Path(spec["public"]), extra=_agent_extra(scenario.telemetry_window_s), start=spec["start"])
+                           Path(spec["public"]), extra=spec["agent_extra"], start=spec["start"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     for agent in agents:

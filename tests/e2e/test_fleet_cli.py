@@ -20,7 +20,7 @@ from tests.support import REPO, run_cli
 def test_operator_workflow_push_enroll_rollout_pause_resume_abort(tmp_path):
     private, public = generate_keypair(tmp_path / "keys")
     (bundle,) = build_release(tmp_path, private, "2.0.0", ["jetson-orin-nano"])
-    with MosquittoBroker() as broker, FleetProcess(tmp_path, broker.url, trusted_key=public) as fleet:
+    with MosquittoBroker(secure=True) as broker, FleetProcess.for_broker(broker, tmp_path, trusted_key=public) as fleet:
         env = {"EDGEPACK_FLEET_URL": fleet.url, "EDGEPACK_TOKEN": fleet.admin_token}
         pushed = run_cli("fleet", "push", str(bundle), "--stage", "staging", "--json", env=env)
         assert pushed.returncode == 0, pushed.stderr

@@ -1,5 +1,9 @@
 """Issue 4 acceptance, end to end: a Mosquitto process, `edgepack fleet serve` under uvicorn on loopback,
-20 real agents of two hardware profiles, on SQLite and on PostgreSQL."""
+20 real agents of two hardware profiles, on SQLite and on PostgreSQL.
+
+On the secure path (issue 10): the broker refuses anonymous clients and holds one identity per device (the
+dynamic security plugin, managed by the fleet with --mqtt-dynsec), agents log in with their credential and
+require signed desired states."""
 
 from __future__ import annotations
 
@@ -63,15 +67,17 @@ def _finished(fleet, rollout_id: str):
 
 
 def test_rollout_succeeds_then_a_broken_release_rolls_back(tmp_path, db_url, release_bundles):
-    with MosquittoBroker() as broker, FleetProcess(tmp_path, broker.url, trusted_key=release_bundles["pub"], db_url=db_url) as fleet:
+    with MosquittoBroker(secure=True) as broker, \
+            FleetProcess.for_broker(broker, tmp_path, trusted_key=release_bundles["pub"], db_url=db_url) as fleet:
         client = fleet.client()
         v2 = [client.upload(path)["id"] for path in release_bundles["v2"]]
         v3 = [client.upload(path)["id"] for path in release_bundles["v3"]]
         token = client.request("POST", "/devices/enrollment-tokens", json={"labels": {"fleet": "e2e"}, "uses": N_AGENTS})["token"]
-        agents = agent_configs(tmp_path, N_AGENTS, PROFILES, fleet.url, broker.url, token, release_bundles["pub"])
+        agents = agent_configs(tmp_path, N_AGENTS, PROFILES, fleet.url, broker.url, token, release_bundles["pub"],
+                               extra={"require_signed_desired": True})
         # one device is offline when the rollout starts: it must converge when it comes back
         offline, online = agents[-1], agents[:-1]
-        monitor = DesiredMonitor(broker.url)
+        monitor = DesiredMonitor(broker.fleet_url)  # only the fleet's identity may read every device's topics
         try:
             for agent in online:
                 agent.start()
@@ -108,6 +114,7 @@ def test_rollout_succeeds_then_a_broken_release_rolls_back(tmp_path, db_url, rel
             assert {d["decision"] for d in final["decisions"]} <= {"promote", "hold"}
             assert sorted(d["wave"] for d in final["decisions"] if d["decision"] == "promote") == [0, 1, 2]
             # no device received two different desired states for the same rollout
+            assert monitor.per_device() and all(p["sig"] for ps in monitor.per_device().values() for p in ps)  # all signed
             for device_id, payloads in monitor.per_device().items():
                 for_rollout = {(p["seq"], p["action"], (p.get("bundle") or {}).get("id")) for p in payloads if p.get("rollout_id") == rollout_id}
                 assert len(for_rollout) == 1, (device_id, for_rollout)

@@ -5,6 +5,8 @@ with QoS 1 from their own MQTT connections. The server is SIGKILLed mid-stream, 
 through the outage, the server is started again on the same data folder, and every window any device
 published — before, during and after the outage — must be in the database. The broker holds the server's
 persistent session (its client id is kept in the data folder) and queues what arrives while it is down.
+On the secure path: the broker runs the dynamic security plugin, the fleet logs in as its own identity and
+creates each device's at enrollment, the devices log in with their credential.
 
 A window carries no unique id yet (issue 12), so each device numbers its windows (`inferences` = sequence
 number) and the test matches rows to windows per device. Redelivery may store a window twice (the server
@@ -28,6 +30,7 @@ from edgepack.signing import generate_keypair
 from fleet.models import TelemetryWindow
 from fleet.mqtt_bridge import parse_mqtt_url
 from testbeds.fleet_harness import FleetProcess, wait_for
+from testbeds.mosquitto import MosquittoBroker
 
 DEVICES = 10
 INTERVAL_S = 0.1  # each device publishes a window this often: 100 windows/s over the fleet
@@ -37,11 +40,12 @@ WARMUP = -1  # the sequence number of the windows that only wait for the server'
 class Device:
     """One device's MQTT connection, publishing numbered telemetry windows with QoS 1."""
 
-    def __init__(self, mqtt_url: str, device_id: str) -> None:
+    def __init__(self, mqtt_url: str, device_id: str, credential: str) -> None:
         endpoint = parse_mqtt_url(mqtt_url)
         self.device_id = device_id
         self.published: list[tuple[int, float]] = []  # (sequence number, monotonic time the broker acknowledged it)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+        self.client.username_pw_set(device_id, credential)  # its MQTT identity: id and enrollment credential
         self.client.connect(endpoint["host"], endpoint["port"])
         self.client.loop_start()
 
@@ -81,9 +85,14 @@ def stored_windows(db_path: Path) -> dict[str, Counter[int]]:
     return stored
 
 
-def test_killing_the_fleet_while_devices_publish_loses_no_telemetry_window(tmp_path, mosquitto, record_property):
+def test_killing_the_fleet_while_devices_publish_loses_no_telemetry_window(tmp_path, record_property):
+    with MosquittoBroker(secure=True) as broker:
+        _kill_and_restart(tmp_path, broker, record_property)
+
+
+def _kill_and_restart(tmp_path: Path, mosquitto: MosquittoBroker, record_property) -> None:
     _, public = generate_keypair(tmp_path / "keys")
-    fleet = FleetProcess(tmp_path, mosquitto.url, trusted_key=public, extra_args=["--controller-interval-s", "5"])
+    fleet = FleetProcess.for_broker(mosquitto, tmp_path, trusted_key=public, extra_args=["--controller-interval-s", "5"])
     db_path = tmp_path / "fleet-data" / "fleet.db"
     devices: list[Device] = []
     stop = threading.Event()
@@ -96,7 +105,7 @@ def test_killing_the_fleet_while_devices_publish_loses_no_telemetry_window(tmp_p
             enrolled = httpx.post(fleet.url + "/api/v1/devices/enroll",
                                   json={"device_id": device_id, "profile": "rpi5", "token": token}, timeout=10)
             assert enrolled.status_code == 201, enrolled.text
-            devices.append(Device(mosquitto.url, device_id))
+            devices.append(Device(mosquitto.url, device_id, enrolled.json()["credential"]))
         # The server's session exists once it has subscribed: from then on the broker keeps what it misses.
         wait_for(lambda: devices[0].publish(WARMUP) or _any_row(db_path), 60, 0.2, "the server's first telemetry window")
         client_id = (tmp_path / "fleet-data" / "mqtt-client-id").read_text().strip()

@@ -1,4 +1,8 @@
-"""Issue 5 acceptance through the simulated fleet: real Mosquitto, fleet server and agents per scenario."""
+"""Issue 5 acceptance through the simulated fleet: real Mosquitto, fleet server and agents per scenario.
+
+Every scenario runs the secure path (issue 10): a broker with the dynamic security plugin and no anonymous
+clients, device identities managed by the fleet, agents requiring signed desired states; the healthy rollout
+also runs over mqtts:// and HTTPS with a lab CA (`--tls`)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ def _run(scenario: str, devices: int, *options: str) -> dict:
     assert result.stdout, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert result.returncode == (0 if report["expectation_met"] else 1)
+    assert report["secure"] is True and report["tls"] == ("--tls" in options)
     return report
 
 
@@ -31,8 +36,9 @@ def test_latency_regression_on_rpi5_rolls_back_within_two_waves_naming_the_rpi5_
 
 
 def test_the_same_scenario_without_the_fault_reaches_100_percent():
-    # 8 of the 20 devices run in a worker process, the way fleets of hundreds are split
-    report = _run("healthy", 20, "--per-process", "12")
+    # 8 of the 20 devices run in a worker process, the way fleets of hundreds are split; all over TLS
+    report = _run("healthy", 20, "--per-process", "12", "--tls")
+    assert any("https://" in e["event"] and "mqtts://" in e["event"] for e in report["timeline"])
     assert report["rollout"]["status"] == "succeeded", report["timeline"]
     assert any("worker process" in e["event"] for e in report["timeline"])
     assert [w["percent"] for w in report["rollout"]["waves"]] == [10, 50, 100]

@@ -3,8 +3,10 @@
 No engine runs where these tests run, so the files are parsed here (a small Dockerfile parser below: stages,
 instructions, flags, exec form) and whatever can run outside a container does: the builder stage's COPY
 set builds the wheel, the agent's HEALTHCHECK runs against a real state folder, Mosquitto starts from
-`deploy/mosquitto.conf`, the example agent config validates, and the fleet command's flags are checked
-against `edgepack fleet serve --help`.
+`deploy/mosquitto.conf` (the production device plane: TLS only, no anonymous clients, the dynamic security
+plugin; certificates and the plugin's bootstrap file are made in a temp folder as the compose comments
+say) and the compose healthcheck logs in to it, the example agent config validates, and the fleet command's
+flags are checked against `edgepack fleet serve --help`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -31,7 +35,11 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 TARGETS = ("fleet", "agent")
 EXTRAS = {"builder", "openvino", "tflite", "fleet", "agent", "toolchain", "dev", "all"}
-FLEET_SERVE_FLAGS = ("--host", "--port", "--data-dir", "--mqtt-url", "--db-url", "--trusted-key", "--public-url")
+FLEET_SERVE_FLAGS = ("--host", "--port", "--data-dir", "--mqtt-url", "--db-url", "--trusted-key", "--public-url",
+                     "--mqtt-ca", "--mqtt-dynsec")
+# Mounted by compose.yaml but made by the operator (its setup comments say how): secrets, never in the repo.
+GENERATED = {"./certs": "edgepack certs lab-ca deploy/certs", "./certs/ca.pem": "edgepack certs lab-ca deploy/certs",
+             "./broker/dynamic-security.json": "edgepack fleet broker-config --out deploy/broker"}
 BUILD_TOOLS = ("gcc", "g++", "build-essential", "make", "cmake", "python3-dev", "libpq-dev")
 
 
@@ -426,7 +434,9 @@ def test_compose_runs_fleet_mosquitto_and_postgres_with_healthchecks():
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = _volume(volume)[0]
-            if source.startswith(".") and "$" not in source:
+            if source in GENERATED:
+                assert GENERATED[source] in COMPOSE.read_text(), f"{name} mounts {source}; the setup does not say how to make it"
+            elif source.startswith(".") and "$" not in source:
                 assert (DEPLOY / source).exists(), f"{name} mounts {source}, which is not in deploy/"
             elif not source.startswith(("$", "/", ".")):
                 assert source in COMPOSE_DOC["volumes"], f"{name}: named volume {source} is not declared"
@@ -437,8 +447,16 @@ def test_the_fleet_service_points_at_the_compose_broker_and_database():
     argv = _fleet_command()
     assert argv[:2] == ["fleet", "serve"]
     mqtt = _option(argv, "--mqtt-url")
-    broker_port = re.search(r"^listener\s+(\d+)", (DEPLOY / "mosquitto.conf").read_text(), re.M).group(1)
-    assert mqtt == f"mqtt://mosquitto:{broker_port}"
+    broker_conf = (DEPLOY / "mosquitto.conf").read_text()
+    broker_port = re.search(r"^listener\s+(\d+)", broker_conf, re.M).group(1)
+    # over TLS as the fleet's own identity, its password from deploy/.env; it manages device identities
+    assert re.fullmatch(rf"mqtts://edgepack-fleet:\$\{{EDGEPACK_MQTT_PASSWORD:\?[^}}]+\}}@mosquitto:{broker_port}", mqtt), mqtt
+    assert "--mqtt-dynsec" in argv
+    ca = _option(argv, "--mqtt-ca")
+    mounted = {_volume(volume)[1]: _volume(volume)[0] for volume in services["fleet"]["volumes"]}
+    broker_mounts = {_volume(volume)[1]: _volume(volume)[0] for volume in services["mosquitto"]["volumes"]}
+    broker_ca = re.search(r"^cafile\s+(\S+)", broker_conf, re.M).group(1)  # the CA the broker's certificate chains to
+    assert mounted[ca] == broker_mounts[str(Path(broker_ca).parent)] + "/" + Path(broker_ca).name
     pg = services["postgres"]["environment"]
     assert _option(argv, "--db-url") == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
                                          f"@postgres:5432/{pg['POSTGRES_DB']}")
@@ -482,46 +500,114 @@ def test_the_agent_images_command_exists():
         assert flag in result.stdout, f"`edgepack {' '.join(cmd[:2])}` has no {flag}"
 
 
-def test_the_mosquitto_config_starts_a_broker_that_passes_its_healthcheck(tmp_path):
-    """deploy/mosquitto.conf on a free loopback port; the compose healthcheck's command where installed."""
+def _connack(port: int, ca: Path | None, username: str | None = None, password: str | None = None) -> tuple[bool, bool]:
+    """(accepted, subscription acknowledged) for one client of the broker on `port`."""
+    import threading
+
     from paho.mqtt import client as mqtt
 
+    answers: dict[str, bool] = {}
+    done = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        answers["accepted"] = not reason_code.is_failure
+        if reason_code.is_failure:
+            done.set()
+        else:
+            client.subscribe("edgepack/v1/devices/healthcheck/status")
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties) -> None:
+        answers["subscribed"] = not any(code.is_failure for code in reason_codes)
+        done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    if username:
+        client.username_pw_set(username, password)
+    if ca:
+        import ssl
+
+        client.tls_set_context(ssl.create_default_context(cafile=str(ca)))
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+    client.on_disconnect = lambda *args: done.set()
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError:
+        return False, False
+    client.loop_start()
+    done.wait(10)
+    client.loop_stop()
+    client.disconnect()
+    return answers.get("accepted", False), answers.get("subscribed", False)
+
+
+def test_the_mosquitto_config_starts_a_broker_that_passes_its_healthcheck(tmp_path):
+    """deploy/mosquitto.conf on a free loopback port, with the files the compose setup makes: a lab CA and the
+    broker's certificate, the plugin's bootstrap file holding the fleet's identity. Anonymous clients are
+    refused; the fleet's identity logs in over TLS; the compose healthcheck's command passes (where installed)
+    and fails with a wrong password."""
+    import pwd
+    import secrets
+
+    from edgepack.tls import create_lab_ca, issue_certificate
+    from fleet.broker.config import find_dynsec_plugin
+    from fleet.broker.dynsec import bootstrap_config
     from testbeds.mosquitto import find_mosquitto, free_port
 
+    certs, data = tmp_path / "certs", tmp_path / "data"
+    create_lab_ca(certs)
+    issue_certificate(certs, "broker", ["mosquitto"])
+    data.mkdir()
+    password = secrets.token_urlsafe(24)
+    (data / "dynamic-security.json").write_text(json.dumps(bootstrap_config(password)))
     port = free_port()
     text = (DEPLOY / "mosquitto.conf").read_text()
-    text = re.sub(r"^listener\s+1883\s*$", f"listener {port} 127.0.0.1", text, flags=re.M)
-    text = re.sub(r"^persistence_location\s+.*$", f"persistence_location {tmp_path}/", text, flags=re.M)
-    assert f"listener {port}" in text
-    (tmp_path / "mosquitto.conf").write_text(text)
+    for pattern, value in ((r"^listener\s+8883\s*$", f"listener {port} 127.0.0.1"),
+                           (r"^persistence_location\s+.*$", f"persistence_location {data}/"),
+                           (r"^plugin\s+/usr/lib/mosquitto_dynamic_security\.so\s*$", f"plugin {find_dynsec_plugin()}"),
+                           (r"^plugin_opt_config_file\s+/mosquitto/data/dynamic-security\.json\s*$",
+                            f"plugin_opt_config_file {data / 'dynamic-security.json'}")):
+        text, count = re.subn(pattern, value, text, flags=re.M)
+        assert count == 1, f"deploy/mosquitto.conf has no line matching {pattern}"
+    text = text.replace("/mosquitto/certs/", f"{certs}/")
+    settings = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert not [line for line in settings if "/mosquitto/" in line] and "allow_anonymous false" in settings
+    # started as root, mosquitto would drop to its own user, which cannot read this temp folder's 0600 files
+    (tmp_path / "mosquitto.conf").write_text(f"user {pwd.getpwuid(os.getuid()).pw_name}\n" + text)
     broker = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "mosquitto.conf")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.connect("127.0.0.1", port)
-                break
-            except OSError:
-                assert broker.poll() is None, f"mosquitto exited: {broker.stdout.read()}"
-                assert time.monotonic() < deadline, "mosquitto did not start from deploy/mosquitto.conf"
-                time.sleep(0.1)
-        acked = []
-        client.on_subscribe = lambda *args: acked.append(True)
-        client.on_connect = lambda c, *args: c.subscribe("edgepack/healthcheck")
-        client.loop_start()
-        deadline = time.monotonic() + 10
-        while not acked and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client.loop_stop()
-        client.disconnect()
-        assert acked, "no SUBACK from the broker"
+        while not _listening(port):
+            assert broker.poll() is None, f"mosquitto exited: {broker.stdout.read()}"
+            assert time.monotonic() < deadline, "mosquitto did not start from deploy/mosquitto.conf"
+            time.sleep(0.1)
+        ca = certs / "ca.pem"
+        assert _connack(port, ca, "edgepack-fleet", password) == (True, True)
+        assert _connack(port, ca) == (False, False), "an anonymous client was accepted"
+        assert _connack(port, ca, "edgepack-fleet", "wrong") == (False, False)
+        assert _connack(port, None, "edgepack-fleet", password) == (False, False), "a plain-text client was accepted"
+
         test = COMPOSE_DOC["services"]["mosquitto"]["healthcheck"]["test"]
-        if shutil.which(test[1]):
-            argv = [str(port) if (i > 0 and test[i] == "1883" and test[i - 1] == "-p") else word
-                    for i, word in enumerate(test)][1:]
-            assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+        assert test[0] == "CMD-SHELL"
+        if shutil.which(shlex.split(test[1])[0]):
+            command = test[1].replace("$$", "$").replace("/mosquitto/certs/", f"{certs}/").replace("-p 8883", f"-p {port}")
+
+            def check(secret: str) -> int:
+                env = {**os.environ, "EDGEPACK_MQTT_PASSWORD": secret}
+                return subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=30).returncode
+
+            assert check(password) == 0
+            assert check("wrong") != 0
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False

@@ -37,8 +37,6 @@ def run(
                                     help="Devices per process; larger fleets run the rest in worker processes "
                                          "(paho-mqtt's select() loop holds about 300 clients per process)."),
     tls: bool = typer.Option(False, "--tls", help="mqtts:// and HTTPS on loopback with a lab CA made for the run."),
-    insecure: bool = typer.Option(False, "--insecure",
-                                  help="Anonymous broker without device identities, to measure what security costs."),
 ) -> None:
     """Run a scenario: build releases, start a broker, a fleet and N agents, roll out, inject faults, report."""
     import logging
@@ -56,7 +54,7 @@ def run(
     count = devices or spec.devices.count
     folder = work_dir or Path(tempfile.mkdtemp(prefix=f"edgepack-testbed-{spec.name}-"))
     console.print(f"[bold]{spec.name}[/bold] with {count} devices: {spec.description}")
-    fleet = SimulatedFleet(spec, count, folder, mqtt_url=mqtt_url, per_process=per_process, secure=not insecure, tls=tls,
+    fleet = SimulatedFleet(spec, count, folder, mqtt_url=mqtt_url, per_process=per_process, tls=tls,
                            on_event=lambda t, text: console.print(f"[dim]{t:7.1f}s[/dim]  {text}"))
     result = fleet.run()
     rollout = result["rollout"]

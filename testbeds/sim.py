@@ -15,8 +15,7 @@ comes back).
 The secure path is the default, as production runs it: Mosquitto with the dynamic security plugin and no
 anonymous clients, the fleet managing device identities (--mqtt-dynsec), every agent logging in with its
 credential and requiring signed desired states. `--tls` adds a lab CA: mqtts:// for agents and fleet, HTTPS
-for the API. `--insecure` (anonymous broker, no identities) exists to measure what security costs
-(benchmarks/bench_rollout.py); the fleet signs desired states either way.
+for the API. (benchmarks/bench_rollout.py measures what security costs against an anonymous broker.)
 
     edgepack testbed run latency-regression --devices 20 [--tls] [--json]
 """
@@ -204,6 +203,7 @@ class SimulatedFleet:
     fleet_rates: dict[str, float] | None = None  # the fleet's handled messages/s over the same span
     per_process: int = AGENTS_PER_PROCESS  # devices beyond this run in worker processes of this many each
     secure: bool = True  # broker identities and topic rights (dynsec), agents requiring signed desired states
+    # (False: an anonymous broker without identities, as before issue 10; no CLI switch, the benchmark has its own)
     tls: bool = False  # mqtts:// and HTTPS with a lab CA
 
     def _event(self, text: str) -> None:

@@ -565,9 +565,13 @@ def _sys_observer_url(broker, ca_file: Path | None) -> str:
 
     password = secrets.token_urlsafe(16)
     acls = [{"acltype": kind, "topic": "$SYS/#", "allow": True} for kind in ("subscribePattern", "publishClientReceive")]
-    DynsecClient(MqttEndpoint.from_url(broker.fleet_url, ca_file=ca_file)).run_checked([
-        {"command": "createRole", "rolename": SYS_OBSERVER, "acls": acls},
-        {"command": "createClient", "username": SYS_OBSERVER, "password": password, "roles": [{"rolename": SYS_OBSERVER}]}])
+    client = DynsecClient(MqttEndpoint.from_url(broker.fleet_url, ca_file=ca_file))
+    try:
+        client.run_checked([
+            {"command": "createRole", "rolename": SYS_OBSERVER, "acls": acls},
+            {"command": "createClient", "username": SYS_OBSERVER, "password": password, "roles": [{"rolename": SYS_OBSERVER}]}])
+    finally:
+        client.close()
     return broker.url.replace("://", f"://{SYS_OBSERVER}:{password}@", 1)
 
 

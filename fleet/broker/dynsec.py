@@ -109,68 +109,109 @@ def revoke_commands(device_id: str) -> list[dict[str, Any]]:
 _MAY_FAIL = {"deleteClient", "deleteRole"}  # "not found" is what an absent identity answers
 
 
+class _Batch:
+    """One command batch waiting for its answers (matched by correlationData)."""
+
+    def __init__(self, wanted: set[str]) -> None:
+        self.wanted = wanted
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.done = threading.Event()
+
+
 class DynsecClient:
-    """Sends command batches to the plugin over MQTT, one short connection per batch (an enrollment or a
-    revocation is rare; a connection of its own keeps it apart from the bridge's session and threads)."""
+    """Sends command batches to the plugin over one MQTT connection of its own, opened on first use and kept
+    (paho reconnects it), apart from the bridge's session and threads. A short connection per batch cost ~45 ms,
+    and enrollments, which hold a database transaction around it, queued behind each other for that long."""
 
     def __init__(self, endpoint: MqttEndpoint, *, timeout_s: float = 5.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # guards _client and _batches
+        self._client: Any = None
+        self._subscribed = threading.Event()
+        self._refused: list[str] = []
+        self._batches: dict[str, _Batch] = {}
 
     def execute(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the commands; their responses in the same order. BrokerUnavailable if the broker does not
         answer them all in time; a response may carry `error` (the caller decides)."""
-        import paho.mqtt.client as mqtt
-
         tagged = [{**command, "correlationData": secrets.token_hex(8)} for command in commands]
-        wanted = {command["correlationData"] for command in tagged}
-        answers: dict[str, dict[str, Any]] = {}
-        subscribed, done, refused = threading.Event(), threading.Event(), []
-
-        def on_connect(client, userdata, flags, reason_code, properties) -> None:
-            if reason_code.is_failure:
-                refused.append(str(reason_code))
-                done.set()
-                return
-            client.subscribe(RESPONSE_TOPIC, qos=1)
-
-        def on_subscribe(client, userdata, mid, reason_codes, properties) -> None:
-            if any(code.is_failure for code in reason_codes):
-                refused.append("subscription to the dynsec responses refused")
-                done.set()
-                return
-            subscribed.set()
-
-        def on_message(client, userdata, message) -> None:
-            try:
-                responses = json.loads(message.payload).get("responses", [])
-            except (ValueError, AttributeError):
-                return
-            for response in responses:
-                if isinstance(response, dict) and response.get("correlationData") in wanted:
-                    answers[response["correlationData"]] = response
-            if wanted <= answers.keys():
-                done.set()
-
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-dynsec-{secrets.token_hex(4)}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
-        client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-        self.endpoint.apply(client)
+        batch = _Batch({command["correlationData"] for command in tagged})
+        client = self._connected()
+        with self._lock:
+            for key in batch.wanted:
+                self._batches[key] = batch
         try:
-            client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
-        except OSError as exc:
-            raise self._unavailable(exc.strerror or type(exc).__name__) from None
-        client.loop_start()
-        try:
-            if not subscribed.wait(self.timeout_s) or refused:
-                raise self._unavailable(refused[0] if refused else "no answer to the subscription")
             client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
-            if not done.wait(self.timeout_s) or refused:
-                raise self._unavailable(refused[0] if refused else "no answer to the commands")
+            if not batch.done.wait(self.timeout_s):
+                raise self._unavailable(self._refused[-1] if self._refused else "no answer to the commands")
         finally:
+            with self._lock:
+                for key in batch.wanted:
+                    self._batches.pop(key, None)
+        return [batch.answers[command["correlationData"]] for command in tagged]
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
             client.disconnect()
             client.loop_stop()
-        return [answers[command["correlationData"]] for command in tagged]
+
+    def _connected(self) -> Any:
+        """The client, connected and subscribed to the responses (connecting on first use)."""
+        import paho.mqtt.client as mqtt
+
+        with self._lock:
+            if self._client is None:
+                self._subscribed.clear()
+                self._refused.clear()
+                client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-dynsec-{secrets.token_hex(4)}",
+                                     protocol=mqtt.MQTTv311, clean_session=True)
+                client.on_connect, client.on_subscribe = self._on_connect, self._on_subscribe
+                client.on_message, client.on_disconnect = self._on_message, self._on_disconnect
+                self.endpoint.apply(client)
+                try:
+                    client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
+                except OSError as exc:
+                    raise self._unavailable(exc.strerror or type(exc).__name__) from None
+                client.loop_start()
+                self._client = client
+            client = self._client
+        if not self._subscribed.wait(self.timeout_s):
+            reason = self._refused[-1] if self._refused else "no answer to the subscription"
+            self.close()  # the next call starts over with a fresh connection
+            raise self._unavailable(reason)
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused.append(str(reason_code))
+            return
+        client.subscribe(RESPONSE_TOPIC, qos=1)  # again on every reconnect: the session is clean
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(code.is_failure for code in reason_codes):
+            self._refused.append("subscription to the dynsec responses refused")
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._subscribed.clear()  # callers wait for the resubscription after paho reconnects
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            responses = json.loads(message.payload).get("responses", [])
+        except (ValueError, AttributeError):
+            return
+        with self._lock:
+            for response in responses:
+                key = response.get("correlationData") if isinstance(response, dict) else None
+                batch = self._batches.get(key) if isinstance(key, str) else None
+                if batch is not None:
+                    batch.answers[key] = response
+                    if batch.wanted <= batch.answers.keys():
+                        batch.done.set()
 
     def _unavailable(self, reason: str) -> BrokerUnavailable:
         return BrokerUnavailable(f"MQTT broker {self.endpoint.redacted()} did not take the device identity change: "
@@ -198,6 +239,9 @@ class DynsecIdentities:
     def disable(self, device_id: str) -> None:
         """Keep the identity but refuse it (and close its session): `enableClient` undoes it."""
         self.client.run_checked([{"command": "disableClient", "username": device_id}])
+
+    def close(self) -> None:
+        self.client.close()
 
 
 __all__ = ["ADMIN_ROLE", "CONTROL_TOPIC", "DEVICE_ROLE_PREFIX", "DynsecClient", "DynsecIdentities", "FLEET_ROLE",

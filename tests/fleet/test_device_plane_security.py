@@ -114,7 +114,11 @@ class Plane:
 @contextmanager
 def _mosquitto() -> Iterator[Plane]:
     with MosquittoBroker(secure=True) as broker:
-        yield Plane(broker.port, broker.fleet_url, DynsecIdentities(MqttEndpoint.from_url(broker.fleet_url)))
+        identities = DynsecIdentities(MqttEndpoint.from_url(broker.fleet_url))
+        try:
+            yield Plane(broker.port, broker.fleet_url, identities)
+        finally:
+            identities.close()
 
 
 @contextmanager

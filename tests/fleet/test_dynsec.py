@@ -99,7 +99,10 @@ def test_broker_config_starts_a_mosquitto_that_refuses_anonymous_clients(tmp_pat
             client.loop_stop()
             client.disconnect()
         assert answers == ["Not authorized", "Not authorized", "Success"]
-        DynsecIdentities(MqttEndpoint.from_url(f"mqtt://edgepack-fleet:{password}@127.0.0.1:{port}")).provision("cam-1", "pw")
+        identities = DynsecIdentities(MqttEndpoint.from_url(f"mqtt://edgepack-fleet:{password}@127.0.0.1:{port}"))
+        identities.provision("cam-1", "pw")
+        identities.provision("cam-2", "pw")  # the second change reuses the connection the first one opened
+        identities.close()
         assert "cam-1" in (out / "dynamic-security.json").read_text()  # the plugin saved the new identity
     finally:
         broker.terminate()

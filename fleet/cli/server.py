@@ -184,6 +184,27 @@ def broker_config(
                   f"(PASSWORD is in {files.password_file})")
 
 
+@app.command("rotate-key")
+def rotate_key(
+    data_dir: Path = typer.Option(Path("fleet-data"), "--data-dir", help="The fleet's data folder (its director/ holds the key)."),
+    finish: bool = typer.Option(False, "--finish", help="Make the announced next key the current one (after every "
+                                                         "device pins it)."),
+) -> None:
+    """Rotate the key that signs desired states: first announce the next key, later make it current. Each step
+    takes effect when the server (re)starts; see the README, "Rotating the fleet key"."""
+    from fleet.director import begin_rotation, finish_rotation
+
+    if not (data_dir / "director").is_dir():
+        raise ConfigError(f"{data_dir} holds no fleet key (director/): start the fleet with this --data-dir first")
+    if finish:
+        console.print(f"fleet key {finish_rotation(data_dir)} is now current (the old one is kept as "
+                      f"{data_dir}/director-retired-…); restart the server")
+        return
+    announced = begin_rotation(data_dir)
+    console.print(f"next fleet key {announced.key_id} made; restart the server so every desired state announces it, "
+                  f"then run this with --finish once every device's last_status.fleet_keys names it")
+
+
 def _check_tls_pair(cert: Path, key: Path) -> None:
     """Load the HTTPS certificate and key once before anything starts: a missing file or a key that does
     not match is one line here, not a uvicorn traceback after the broker and the database started."""

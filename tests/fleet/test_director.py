@@ -125,3 +125,25 @@ def test_a_key_rotation_re_signs_every_stored_state_then_the_next_key_takes_over
     assert (data_dir / f"director-retired-{old.key_id}" / "edgepack.key").exists()
     with pytest.raises(ConfigError, match="no key rotation in progress"):
         finish_rotation(data_dir)
+
+
+def test_rotate_key_command_announces_then_promotes_the_next_key_in_one_line_steps(tmp_path):
+    from tests.support import run_cli
+
+    data_dir = tmp_path / "fleet-data"
+    refused = run_cli("fleet", "rotate-key", "--data-dir", str(data_dir))
+    assert refused.returncode == 2 and "holds no fleet key" in refused.stderr
+    current = FleetDirector.load_or_create(data_dir)  # what `fleet serve` makes on its first start
+
+    begun = run_cli("fleet", "rotate-key", "--data-dir", str(data_dir))
+    assert begun.returncode == 0, begun.stderr
+    announced = FleetDirector.load_or_create(data_dir)
+    assert announced.key_id == current.key_id and announced.next_key is not None  # announced, not yet current
+    assert announced.next_key.key_id in begun.stdout + begun.stderr  # the command prints on stderr, as serve does
+
+    finished = run_cli("fleet", "rotate-key", "--data-dir", str(data_dir), "--finish")
+    assert finished.returncode == 0, finished.stderr
+    assert FleetDirector.load_or_create(data_dir).key_id == announced.next_key.key_id
+    assert (data_dir / f"director-retired-{current.key_id}").is_dir()
+    again = run_cli("fleet", "rotate-key", "--data-dir", str(data_dir), "--finish")
+    assert again.returncode == 2 and "no key rotation in progress" in again.stderr

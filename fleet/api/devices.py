@@ -14,7 +14,6 @@ from fleet.api.schemas import (
     EnrollmentTokenCreated,
     EnrollRequest,
     EnrollResponse,
-    FleetKey,
     StatusAccepted,
     StatusReport,
 )
@@ -47,7 +46,7 @@ def enroll(body: EnrollRequest, session: SessionDep, request: Request) -> Enroll
                                                  identities=_identities(request))
     fleet_key = director_for(request.app.state.settings.data_dir).public()
     return EnrollResponse(device_id=device.id, credential=credential, profile=device.profile,
-                          labels=device.labels, reenrolled=not created, fleet_key=FleetKey(**fleet_key.model_dump()))
+                          labels=device.labels, reenrolled=not created, fleet_key=fleet_key)
 
 
 def _identities(request: Request) -> DeviceIdentities:

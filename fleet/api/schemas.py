@@ -17,6 +17,7 @@ from edgepack.protocol import DeviceStatus
 from edgepack.selectors import MAX_LABELS
 from fleet.api.params import MAX_ROW_ID
 from fleet.auth import Scope
+from fleet.director import FleetKeyPublic
 from fleet.services.bundles import download_path
 from fleet.services.tokens import MAX_TTL_S
 
@@ -108,21 +109,13 @@ class EnrollRequest(_Request):
     token: str = Field(max_length=256, description="An enrollment token")
 
 
-class FleetKey(BaseModel):
-    """The fleet's director key (fleet.director): the device pins it and accepts only desired states it signed."""
-
-    alg: str = Field(description="Always ed25519")
-    key_id: str = Field(description="First 16 hex characters of sha256 over the raw public key")
-    public_key: str = Field(description="Base64 of the raw 32-byte Ed25519 public key")
-
-
 class EnrollResponse(BaseModel):
     device_id: str
     credential: str = Field(description="The device's bearer credential; shown once")
     profile: str
     labels: dict[str, str]
     reenrolled: bool
-    fleet_key: FleetKey = Field(description="The key every desired state for this device is signed with")
+    fleet_key: FleetKeyPublic = Field(description="The key every desired state for this device is signed with")
 
 
 class CredentialRotated(BaseModel):

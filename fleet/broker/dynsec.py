@@ -236,10 +236,6 @@ class DynsecIdentities:
     def revoke(self, device_id: str) -> None:
         self.client.run_checked(revoke_commands(device_id))
 
-    def disable(self, device_id: str) -> None:
-        """Keep the identity but refuse it (and close its session): `enableClient` undoes it."""
-        self.client.run_checked([{"command": "disableClient", "username": device_id}])
-
     def close(self) -> None:
         self.client.close()
 

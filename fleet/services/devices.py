@@ -31,12 +31,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from edgepack.errors import ConfigError, Conflict, NotAuthenticated, NotFound, PermissionDenied
+from edgepack.errors import BrokerUnavailable, ConfigError, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from edgepack.protocol import validate_device_id
 from edgepack.selectors import format_selector, matches, parse_selector, validate_labels
 from fleet import metrics
-from edgepack.errors import BrokerUnavailable
-from fleet.auth import DEVICE_CREDENTIAL_PREFIX, ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
+from fleet.auth import DEVICE_CREDENTIAL_PREFIX, ENROLLMENT_TOKEN_PREFIX, as_utc, hash_secret, new_secret
 from fleet.models import Device, EnrollmentToken, utcnow
 from fleet.broker import DeviceIdentities, NoBrokerIdentities
 from fleet.broker.rights import FLEET_USERNAME
@@ -51,13 +50,6 @@ def validate_profile(profile: str) -> str:
     if not isinstance(profile, str) or not _PROFILE.match(profile):
         raise ConfigError(f"invalid hardware profile name {profile!r}", profile=profile)
     return profile
-
-
-def _as_utc(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite hands timestamps back naive; everything this server stores is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,7 +100,7 @@ def _spend_token(session: Session, token: str) -> EnrollmentToken:
         raise NotAuthenticated("unknown enrollment token")
     if row.uses_left <= 0:
         raise PermissionDenied("this enrollment token has been used up")
-    raise PermissionDenied(f"this enrollment token expired at {_as_utc(row.expires_at).isoformat()}")
+    raise PermissionDenied(f"this enrollment token expired at {as_utc(row.expires_at).isoformat()}")
 
 
 def _check_binding(session: Session, token_row: EnrollmentToken, device: Device | None, profile: str,
@@ -122,8 +114,8 @@ def _check_binding(session: Session, token_row: EnrollmentToken, device: Device 
         if changed:
             refusal = f"this enrollment token sets label(s) {', '.join(changed)}; a device may not change them"
     if refusal is None and device is not None and device.revoked_at is not None:
-        revoked_at = _as_utc(device.revoked_at)
-        if _as_utc(token_row.created_at) <= revoked_at:
+        revoked_at = as_utc(device.revoked_at)
+        if as_utc(token_row.created_at) <= revoked_at:
             refusal = (f"device {device.id} was revoked at {revoked_at.isoformat()}; "
                        "re-enrolling it needs a token created after that")
     if refusal is not None:
@@ -224,12 +216,6 @@ def revoke_device(session: Session, actor: str, device_id: str,
     return device
 
 
-def is_active_device(session: Session, device_id: str) -> bool:
-    """Enrolled and not revoked: whose messages the fleet accepts."""
-    device = session.get(Device, device_id)
-    return device is not None and device.revoked_at is None
-
-
 # ---------------------------------------------------------------------------------------------------
 # lookup
 
@@ -261,7 +247,6 @@ __all__ = [
     "enroll",
     "format_selector",
     "get_device",
-    "is_active_device",
     "revoke_device",
     "rotate_credential",
     "list_devices",

@@ -673,13 +673,13 @@ def publish_artifacts(ctx: BuildContext, candidates: list[Candidate]) -> list[Pa
 
 
 def write_reports(ctx: BuildContext, report: BuildReport) -> list[Path]:
-    from builder.report_html import render_report_html
+    from builder.report_html import write_report_html
 
     stage = _stage_dir(ctx)
     json_path = stage / f"{ctx.stem}.report.json"
     json_path.write_text(report.to_json())
     html_path = stage / f"{ctx.stem}.report.html"
-    html_path.write_text(render_report_html(report))
+    write_report_html(report, html_path)
     return [json_path, html_path]
 
 

@@ -311,10 +311,9 @@ class Agent:
         # included) and an untrusted one is a ConfigError line here, not an endless silent reconnect.
         # The device's MQTT identity is its id and its fleet credential (one secret for both planes, so a
         # revocation or rotation acts on both); a user:password@ in mqtt_url wins (a broker managed by hand).
-        identity = {}
-        if not self.config.mqtt_endpoint().username and self.fleet.credential:
-            identity = {"username": self.device_id, "password": self.fleet.credential}
-        endpoint = self.config.mqtt_endpoint(**identity)
+        endpoint = self.config.mqtt_endpoint()
+        if not endpoint.username and self.fleet.credential:
+            endpoint = self.config.mqtt_endpoint(username=self.device_id, password=self.fleet.credential)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=endpoint.client_id,
                              protocol=mqtt.MQTTv311, clean_session=True)
         offline = (self._status or self._base_status()).model_copy(update={"state": "offline"})

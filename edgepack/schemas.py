@@ -50,9 +50,8 @@ def contract_model(kind: str) -> type[BaseModel]:
 def json_schema(kind: str) -> dict[str, Any]:
     """The JSON Schema of one contract: `manifest`, `selftest`, `report`, `telemetry`, `desired` or `status`."""
     contract = CONTRACTS[kind]
-    module = importlib.import_module(contract.module)
-    version = getattr(module, contract.version_attribute)
-    schema = getattr(module, contract.model).model_json_schema(mode="validation")
+    version = getattr(importlib.import_module(contract.module), contract.version_attribute)
+    schema = contract_model(kind).model_json_schema(mode="validation")
     return {"$schema": DIALECT, "$id": f"urn:edgepack:{kind}:{version}", **schema, "title": contract.title}
 
 

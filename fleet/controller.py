@@ -58,6 +58,7 @@ class DesiredStatePublisher(Protocol):
 
 class DesiredStateSigner(Protocol):
     validity_s: float
+    rotating: bool  # a next key is announced: finished states are re-signed too, to carry it
 
     def sign(self, desired: DesiredState, *, device_id: str, now: float) -> DesiredState:
         """`desired` addressed to `device_id`, issued `now`, and signed."""
@@ -399,7 +400,7 @@ class RolloutController:
                     continue
                 # During a key rotation finished states are re-signed too: that is how every device learns
                 # the next key (the agent reads `next_key` even from a state at or below its seq floor).
-                rotating = getattr(self.signer, "rotating", False)
+                rotating = self.signer.rotating
                 if (not unfinished and not rotating) or current.seq != desired_seq \
                         or not self.signer.needs_refresh(current, now):
                     continue

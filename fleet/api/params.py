@@ -15,7 +15,9 @@ from typing import Annotated, Any
 from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
-MAX_ROW_ID = 2**31 - 1  # PostgreSQL INTEGER; SQLite's is wider, so this bound holds on both
+from edgepack.protocol import MAX_STORED_INT
+
+MAX_ROW_ID = MAX_STORED_INT  # PostgreSQL INTEGER; SQLite's is wider, so this bound holds on both
 MAX_PAGE = 1000
 
 RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]

@@ -4,7 +4,8 @@ device's allowed topics are literal, so `edgepack/#` or `…/+/desired` match no
 
 from __future__ import annotations
 
-from edgepack.protocol import TOPIC_ROOT, desired_topic, status_topic, telemetry_topic
+from edgepack.errors import ProtocolError
+from edgepack.protocol import TOPIC_ROOT, desired_topic, status_topic, telemetry_topic, validate_device_id
 
 FLEET_USERNAME = "edgepack-fleet"
 
@@ -61,8 +62,8 @@ def may_subscribe(username: str | None, topic_filter: str, *, fleet_username: st
 
 def _valid_id(username: str) -> bool:
     try:
-        status_topic(username)
-    except Exception:
+        validate_device_id(username)
+    except ProtocolError:
         return False
     return True
 

@@ -3,8 +3,10 @@
     tick():  for each rollout that is pending, running or rolling_back
                pending                → start wave 0
                running                → mark install timeouts, evaluate_wave():
-                                          promote  → start the next wave, or `succeeded` after the last
+                                          promote  → start the next wave; after the last, the hold-back
+                                                     step (when there is a hold-back), then `succeeded`
                                           hold     → record it (once per reason), wait
+                                          pause    → inconclusive past the maximum bake: `paused`, for a person
                                           rollback → store rollback states for every touched device, `rolled_back`
                rolling_back (manual)  → store rollback states, `rolled_back`
              then publish every stored, unacknowledged desired state
@@ -43,7 +45,7 @@ from fleet.services import audit
 from fleet.services.bundles import download_path
 from fleet.services.gates import (
     ASSIGNED, IN_PROGRESS_PHASES, PENDING, SKIPPED, TIMED_OUT, WAITING, WaveVerdict, canonical_profile,
-    evaluate_gates, rollout_bundles, utc,
+    evaluate_gates, holdback_step, rollout_bundles, step_percent, utc,
 )
 
 log = logging.getLogger(__name__)
@@ -101,11 +103,9 @@ class RolloutController:
         publisher: DesiredStatePublisher,
         clock: Callable[[], float] = time.time,
         bundle_url: Callable[[Bundle], str] = default_bundle_url,
-        gate_settle_s: float = 0.0,
         signer: DesiredStateSigner | None = None,
         refresh_interval_s: float = 60.0,
     ) -> None:
-        self.gate_settle_s = gate_settle_s
         self.signer = signer
         self.refresh_interval_s = refresh_interval_s
         self._last_refresh: float | None = None
@@ -173,6 +173,10 @@ class RolloutController:
                 self._assign_wave(session, rollout, 0, now)
                 session.commit()
             return None
+        if rollout.wave_started_at is None:  # resumed: the wave bakes and is judged again from now
+            if self._claim(session, rollout, ("running",), rollout.current_wave, now, wave_started_at=utc(now)):
+                session.commit()
+            return None
         self._mark_timeouts(session, rollout, now)
         verdict = self.evaluate_wave(session, rollout, now)
         wave = rollout.current_wave
@@ -180,12 +184,13 @@ class RolloutController:
             return (rollout.id, wave, "promote") if self._promote(session, rollout, verdict, now) else None
         if verdict.decision == "rollback":
             return (rollout.id, wave, "rollback") if self._roll_back(session, rollout, verdict, now) else None
+        if verdict.decision == "pause":
+            return (rollout.id, wave, "pause") if self._pause(session, rollout, verdict, now) else None
         return (rollout.id, wave, "hold") if self._hold(session, rollout, verdict, now) else None
 
     def evaluate_wave(self, session: Session, rollout: Rollout, now: float | None = None) -> WaveVerdict:
         """The gates' verdict on the rollout's current wave."""
-        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now,
-                              settle_s=self.gate_settle_s)
+        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now)
 
     # ------------------------------------------------------------ transitions
 
@@ -209,12 +214,16 @@ class RolloutController:
         session.add(RolloutDecision(rollout_id=rollout.id, wave_index=wave, decision=verdict.decision,
                                     evidence=verdict.evidence, actor=ACTOR, at=utc(now)))
         audit.record(session, ACTOR, f"rollout.{verdict.decision}", rollout.id,
-                     {"wave": wave, "percent": rollout.waves[wave], "reason": verdict.reason, "status": rollout.status})
+                     {"wave": wave, "percent": step_percent(rollout, wave), "reason": verdict.reason,
+                      "status": rollout.status})
         count_metric("ROLLOUT_DECISIONS", decision=verdict.decision)
 
     def _promote(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
         wave = rollout.current_wave
-        last = wave >= len(rollout.waves) - 1
+        final = holdback_step(rollout)
+        if wave == final - 1 and not self._has_holdback(session, rollout):
+            final -= 1
+        last = wave >= final
         values = ({"status": "succeeded", "finished_at": utc(now)} if last
                   else {"current_wave": wave + 1, "wave_started_at": utc(now)})
         if not self._claim(session, rollout, ("running",), wave, now, **values):
@@ -224,6 +233,24 @@ class RolloutController:
             self._assign_wave(session, rollout, wave + 1, now)
         session.commit()
         log.info("rollout %s: wave %d promoted%s", rollout.id, wave, " — succeeded" if last else "")
+        return True
+
+    @staticmethod
+    def _has_holdback(session: Session, rollout: Rollout) -> bool:
+        return session.scalar(
+            select(RolloutMember.id).where(RolloutMember.rollout_id == rollout.id,
+                                           RolloutMember.wave_index == holdback_step(rollout)).limit(1)
+        ) is not None
+
+    def _pause(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
+        """Inconclusive past the maximum bake: stop here for a person (resume re-bakes the wave, rollback
+        or abort end it). Never a promotion by default."""
+        wave = rollout.current_wave
+        if not self._claim(session, rollout, ("running",), wave, now, status="paused"):
+            return False
+        self._decide(session, rollout, wave, verdict, now)
+        session.commit()
+        log.warning("rollout %s: wave %d paused, inconclusive: %s", rollout.id, wave, verdict.reason)
         return True
 
     def _roll_back(self, session: Session, rollout: Rollout, verdict: WaveVerdict, now: float) -> bool:
@@ -292,8 +319,10 @@ class RolloutController:
             member.previous_bundle_id = device.current_bundle_id
             self._store_desired(device, member, "install", refs[bundle.id], now)
         audit.record(session, ACTOR, "rollout.wave_started", rollout.id,
-                     {"wave": wave, "percent": rollout.waves[wave], "devices": len(rows)})
-        log.info("rollout %s: wave %d (%s%%) started on %d devices", rollout.id, wave, rollout.waves[wave], len(rows))
+                     {"wave": wave, "percent": step_percent(rollout, wave), "devices": len(rows),
+                      **({"holdback": True} if wave == holdback_step(rollout) else {})})
+        log.info("rollout %s: %s started on %d devices", rollout.id,
+                 "the hold-back step" if wave == holdback_step(rollout) else f"wave {wave} ({rollout.waves[wave]}%)", len(rows))
         return len(rows)
 
     def _assign_rollbacks(self, session: Session, rollout: Rollout, now: float) -> int:

@@ -102,10 +102,15 @@ class Rollout(Base):
     waves: Mapped[list[Any]] = mapped_column(JSON, doc="Cumulative percentages, e.g. [1, 10, 50, 100]")
     gates: Mapped[list[Any]] = mapped_column(JSON, default=list, doc="Gate specs: [{metric, op, threshold, relative_to}]")
     bake_s: Mapped[float] = mapped_column(Float, default=30.0)
+    max_bake_s: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                     doc="Longest a wave may stay inconclusive before it pauses; None: the default")
+    holdback_percent: Mapped[float] = mapped_column(Float, default=10.0,
+                                                    doc="Share of each profile kept on the old bundle through the last wave")
     min_reports: Mapped[int] = mapped_column(Integer, default=1)
     install_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
     status: Mapped[str] = mapped_column(String(16), index=True, doc="pending running paused succeeded rolled_back aborted")
-    current_wave: Mapped[int] = mapped_column(Integer, default=-1, doc="Index of the wave being deployed or baked")
+    current_wave: Mapped[int] = mapped_column(Integer, default=-1,
+                                              doc="Index of the wave being deployed or baked; len(waves): the hold-back step")
     wave_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -123,7 +128,8 @@ class RolloutMember(Base):
     rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     wave_index: Mapped[int] = mapped_column(Integer)
-    cohort: Mapped[str] = mapped_column(String(16), default="treatment", doc="treatment or control")
+    cohort: Mapped[str] = mapped_column(String(16), default="treatment",
+                                        doc="treatment, or holdback: kept on the old bundle through the last wave")
     previous_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     desired_seq: Mapped[int] = mapped_column(Integer, default=0)
     assigned_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -348,7 +348,7 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
 
     Reads `app.state.settings` (a FleetSettings: `mqtt_url`, `mqtt_client_id` — None uses the id kept in
     the data folder —, `mqtt_persistent_session`, `public_url` for absolute download URLs,
-    `controller_interval_s`, `gate_settle_s`, `drift_alert_threshold`, `alert_repeat_s`, `alert_webhook_url`)
+    `controller_interval_s`, `drift_alert_threshold`, `alert_repeat_s`, `alert_webhook_url`)
     and `app.state.session_factory`; exposes `app.state.mqtt_bridge`, `app.state.rollout_controller` and
     `app.state.alert_dispatcher` (None without a webhook: alerts are still raised and listed, and go out once
     a server with a webhook runs).
@@ -368,7 +368,7 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     from fleet.director import director_for  # every stored desired state is signed with the fleet's key
 
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
-                                   gate_settle_s=settings.gate_settle_s, signer=director_for(settings.data_dir))
+                                   signer=director_for(settings.data_dir))
     stop = threading.Event()
     threads = [controller.start_thread(stop, settings.controller_interval_s)]
     if dispatcher is not None:

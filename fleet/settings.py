@@ -104,9 +104,6 @@ class FleetSettings(BaseModel):
                                           description="Drift score above which a device outside a rollout raises an alert.")
     alert_webhook_url: str | None = _field(None, env="EDGEPACK_ALERT_WEBHOOK_URL",
                                            description="URL alerts are POSTed to as JSON; None: none.")
-    gate_settle_s: float = _field(0.0, env="EDGEPACK_GATE_SETTLE_S", ge=0, allow_inf_nan=False,
-                                  description="Seconds after a wave starts whose treatment telemetry the gates do not judge "
-                                              "(installs and cold models); 0 judges everything.")
     alert_repeat_s: float = _field(3600.0, env="EDGEPACK_ALERT_REPEAT_S", gt=0, allow_inf_nan=False,
                                    description="Seconds before an open alert for the same device, bundle and kind repeats.")
 

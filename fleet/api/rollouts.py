@@ -25,7 +25,8 @@ def create_rollout(body: RolloutCreate, principal: RolloutsWrite, session: Sessi
     bundle = bundles.get_bundle(session, body.bundle_id)
     return rollouts.create_rollout(session, principal.actor, bundle.id, selector=parse_selector(body.selector),
                                    waves=body.waves, gates=body.gates, bake_s=body.bake_s,
-                                   min_reports=body.min_reports, install_timeout_s=body.install_timeout_s)
+                                   min_reports=body.min_reports, install_timeout_s=body.install_timeout_s,
+                                   max_bake_s=body.max_bake_s, holdback_percent=body.holdback_percent)
 
 
 @router.get("", responses=error_responses(*AUTHED))

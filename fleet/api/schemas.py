@@ -207,6 +207,10 @@ class RolloutCreate(_Request):
     gates: list[Annotated[str, StringConstraints(max_length=256)] | Annotated[dict[str, Any], Field(max_length=8)]] = Field(
         default_factory=list, max_length=32, description="e.g. 'install_failure_ratio<=0.1'; empty → defaults")
     bake_s: float = Field(default=30.0, ge=0, le=WEEK_S)
+    max_bake_s: float | None = Field(default=None, ge=0, le=WEEK_S, description=(
+        "Longest a wave may stay inconclusive before the rollout pauses; default ten bake times, at least bake + 60 s"))
+    holdback_percent: float = Field(default=10.0, ge=0, lt=100, description=(
+        "Share of each profile kept on the old bundle through the last wave as its control (rollouts with relative gates)"))
     min_reports: int = Field(default=1, ge=0, le=1_000_000)
     install_timeout_s: float = Field(default=300.0, gt=0, le=WEEK_S)
 

@@ -51,6 +51,11 @@ def render(status: dict[str, Any]) -> Group:
     for wave in status.get("waves", []):
         phases = ", ".join(f"{k} {v}" for k, v in wave.get("counts", {}).items())
         waves.add_row(str(wave["index"]), f"{wave['percent']:g}%", str(wave["members"]), wave["state"], phases, wave.get("decision") or "")
+    holdback = status.get("holdback") or {}
+    if holdback.get("members"):
+        phases = ", ".join(f"{k} {v}" for k, v in holdback.get("counts", {}).items())
+        waves.add_row(str(holdback["index"]), "hold-back", str(holdback["members"]), holdback["state"], phases,
+                      holdback.get("decision") or "")
     decisions = Table(title="decisions", title_justify="left")
     for column in ("wave", "decision", "by", "evidence"):
         decisions.add_column(column)
@@ -62,7 +67,42 @@ def render(status: dict[str, Any]) -> Group:
         members.add_column(column)
     for m in status.get("members", []):
         members.add_row(m["device_id"], m.get("profile", ""), str(m["wave"]), m["phase"], m.get("error") or "")
-    return Group(head, waves, decisions, members)
+    return Group(head, waves, decisions, evidence_table(status), members)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def evidence_table(status: dict[str, Any]) -> Table:
+    """The latest decision's checks, one row per gate and profile: outcome, the two sides, the estimate with
+    its interval against the limit, the p-value, and n (devices/windows/inferences) on both sides."""
+    latest = (status.get("decisions") or [{}])[-1]
+    evidence = latest.get("evidence") or {}
+    looks = evidence.get("looks") or {}
+    title = f"evidence of wave {latest.get('wave', '')} ({latest.get('decision', '')})"
+    if looks.get("current"):
+        title += f", look {looks['current']} of {len(looks.get('at_s') or [])} at α {looks.get('alpha_per_look')}"
+    table = Table(title=title, title_justify="left")
+    for column in ("gate", "profile", "outcome", "treatment", "control", "estimate [interval] vs limit", "p", "n treatment", "n control"):
+        table.add_column(column)
+    for check in evidence.get("checks", []):
+        test = check.get("test") or {}
+        if test.get("estimate") is not None:
+            estimate = f"{_fmt(test['estimate'])} [{_fmt(test.get('low'))}, {_fmt(test.get('high'))}] vs {_fmt(test.get('limit'))}"
+        else:
+            estimate = f"{_fmt(check.get('value'))} vs {_fmt(check.get('limit'))}" if check.get("value") is not None else ""
+        n_t = f"{check.get('reporting_devices', check.get('devices', ''))}/{check.get('windows', '')}/{check.get('inferences', '')}" \
+            if "windows" in check else str(check.get("members", ""))
+        n_c = (f"{check.get('control_reporting_devices', '')}/{check.get('control_windows', '')}/{check.get('control_inferences', '')}"
+               if "control_windows" in check else "")
+        outcome = check.get("outcome", "")
+        if check.get("reason") and outcome != "pass":
+            outcome += f" ({check['reason']})"
+        table.add_row(check.get("gate", ""), check.get("profile", ""), outcome, _fmt(check.get("value"), 4),
+                      _fmt(check.get("control"), 4), estimate, _fmt(test.get("p_value"), 2), n_t, n_c)
+    table.caption = "n: devices/windows/inferences; interval at the look's level (see docs/ARCHITECTURE.md, judging a wave)"
+    return table
 
 
 @app.command("start")
@@ -71,7 +111,9 @@ def start(
     selector: Optional[str] = typer.Option(None, "--selector", "-l", help="Target devices by label, k=v,k2=v2."),
     waves: str = typer.Option("1,10,50,100", "--waves", help="Cumulative percentages."),
     gate: Optional[list[str]] = typer.Option(None, "--gate", help="Gate, e.g. 'install_failure_ratio<=0.1' (repeatable)."),
-    bake: str = typer.Option("30s", "--bake", help="Time each wave bakes before its decision."),
+    bake: str = typer.Option("30s", "--bake", help="Time each wave bakes before its first decision."),
+    max_bake: Optional[str] = typer.Option(None, "--max-bake", help="Longest a wave may stay inconclusive before the rollout pauses (default 10 bakes, at least bake + 60s)."),
+    holdback: float = typer.Option(10.0, "--holdback", help="Percent of each profile kept on the old bundle through the last wave as its control (with relative gates)."),
     min_reports: int = typer.Option(1, "--min-reports", help="Devices that must report before a decision."),
     install_timeout: str = typer.Option("5m", "--install-timeout", help="A device that has not installed by then counts as timed out."),
     json_output: bool = typer.Option(False, "--json"),
@@ -86,7 +128,8 @@ def start(
     if bundle.endswith(".edgepack") or Path(bundle).is_file():
         bundle_id = client.upload(Path(bundle))["id"]
     body = {"bundle_id": bundle_id, "selector": parse_selector(selector), "waves": parse_waves(waves), "gates": list(gate or []),
-            "bake_s": parse_duration(bake), "min_reports": min_reports, "install_timeout_s": parse_duration(install_timeout)}
+            "bake_s": parse_duration(bake), "min_reports": min_reports, "install_timeout_s": parse_duration(install_timeout),
+            "holdback_percent": holdback, **({"max_bake_s": parse_duration(max_bake)} if max_bake else {})}
     status = client.request("POST", "/rollouts", json=body)
     if json_output:
         sys.stdout.write(json.dumps(status, indent=2) + "\n")
@@ -116,13 +159,23 @@ def status(
         console.print(render(current))
         return
     with Live(render(current), console=console, refresh_per_second=4) as live:
-        while current["status"] not in FINAL:
+        while current["status"] not in FINAL and not _paused_by_controller(current):
             time.sleep(interval)
             current = client.request("GET", f"/rollouts/{rollout_id}")
             live.update(render(current))
     if json_output:
         sys.stdout.write(json.dumps(current, indent=2) + "\n")
+    if current["status"] == "paused":
+        console.print(f"rollout {rollout_id} paused: {current['decisions'][-1]['evidence'].get('reason', '')}; "
+                      "look at the evidence, then resume (re-bakes the wave), rollback or abort")
+        raise typer.Exit(2)
     raise typer.Exit(0 if current["status"] == "succeeded" else 1)
+
+
+def _paused_by_controller(status: dict[str, Any]) -> bool:
+    """Paused because a wave stayed inconclusive: nothing changes until a person acts, so stop watching."""
+    decisions = status.get("decisions") or []
+    return status["status"] == "paused" and bool(decisions) and decisions[-1]["decision"] == "pause"
 
 
 @app.command("list")
@@ -164,7 +217,8 @@ def _action(name: str):
         else:
             console.print(f"rollout {rollout_id}: {result['status']}")
 
-    command.__doc__ = {"pause": "Stop starting new waves (installs in flight finish).", "resume": "Continue a paused rollout.",
+    command.__doc__ = {"pause": "Stop starting new waves (installs in flight finish).",
+                       "resume": "Continue a paused rollout; the current wave bakes and is judged again from now.",
                        "abort": "Stop the rollout where it is; devices keep what they run.",
                        "rollback": "Send every device the rollout touched back to its previous bundle."}[name]
     return command

@@ -60,7 +60,6 @@ def serve(
     max_bundle_bytes: Optional[int] = typer.Option(None, "--max-bundle-bytes", help="Largest bundle upload accepted (default 4 GiB)."),
     controller_interval_s: Optional[float] = typer.Option(None, "--controller-interval-s", help="Seconds between two passes of the rollout controller (default 1)."),
     alert_webhook_url: Optional[str] = typer.Option(None, "--alert-webhook", help="URL alerts (drift outside a rollout) are POSTed to as JSON."),
-    gate_settle_s: Optional[float] = typer.Option(None, "--gate-settle-s", help="Seconds after a wave starts whose telemetry the gates do not judge (installs, cold models)."),
     drift_alert_threshold: Optional[float] = typer.Option(None, "--drift-threshold", help="Drift score above which a device outside a rollout raises an alert (default 0.25)."),
     alert_repeat_s: Optional[float] = typer.Option(None, "--alert-repeat-s", help="Seconds before an open alert for the same device, bundle and kind is raised again (default 3600)."),
 ) -> None:
@@ -86,7 +85,7 @@ def serve(
                "device_message_rate": device_message_rate, "device_message_burst": device_message_burst, "public_url": public_url or None,
                "trusted_keys": [key.resolve() for key in keys] or None, "max_bundle_bytes": max_bundle_bytes,
                "controller_interval_s": controller_interval_s, "alert_webhook_url": alert_webhook_url or None,
-               "gate_settle_s": gate_settle_s, "drift_alert_threshold": drift_alert_threshold,
+               "drift_alert_threshold": drift_alert_threshold,
                "alert_repeat_s": alert_repeat_s, "mqtt_ca": mqtt_ca, "mqtt_cert": mqtt_cert, "mqtt_key": mqtt_key,
                "tls_cert": tls_cert, "tls_key": tls_key}
     # Everything is checked before anything starts: the settings, the HTTP port, the broker, the database.

@@ -9,7 +9,10 @@ fixed when it is created:
     wave(device)  = first wave i whose cumulative count for that profile, ceil(percent_i × size / 100)
                     (at least 1), exceeds the device's rank
 
-so every wave holds every profile present, and the same rollout id always gives the same waves.
+so every wave holds every profile present, and the same rollout id always gives the same waves. When
+the rollout has relative gates, the highest-ranked members of each profile's last wave form its hold-back
+(`holdback_percent` of the profile, see fleet.services.gates.holdback_count): they stay on the old bundle
+as the last wave's control and are moved in step len(waves) once the last wave passed.
 
 Every function here commits its own unit of work and writes an `AuditEntry`. None of them publishes
 anything: the rollout controller is the only writer of desired states (`fleet/controller.py`), so a
@@ -37,7 +40,8 @@ from fleet.models import Bundle, Device, Rollout, RolloutDecision, RolloutMember
 from fleet.services import audit
 from fleet.services.devices import matches, parse_selector
 from fleet.services.gates import (
-    DEFAULT_GATES, SKIPPED, WAITING, canonical_profile, parse_gates, rollout_bundles, utc,
+    DEFAULT_GATES, DEFAULT_HOLDBACK_PERCENT, SKIPPED, WAITING, canonical_profile, has_relative_gates, holdback_count,
+    holdback_step, look_times, max_bake_s, parse_gates, rollout_bundles, utc,
 )
 
 DEFAULT_WAVES: tuple[float, ...] = (1, 10, 50, 100)
@@ -93,8 +97,10 @@ def rank_key(rollout_id: str, device_id: str) -> str:
     return hashlib.sha256((rollout_id + device_id).encode()).hexdigest()
 
 
-def assign_waves(rollout_id: str, devices: Iterable[Device], waves: Sequence[WavePercent]) -> dict[str, int]:
-    """Wave index per device id: hash ranking within each hardware profile (see the module docstring)."""
+def assign_waves(rollout_id: str, devices: Iterable[Device], waves: Sequence[WavePercent],
+                 holdback_percent: float = 0.0) -> dict[str, int]:
+    """Wave index per device id: hash ranking within each hardware profile (see the module docstring);
+    the hold-back's members get index len(waves)."""
     by_profile: dict[str, list[str]] = defaultdict(list)
     for device in devices:
         by_profile[canonical_profile(device.profile)].append(device.id)
@@ -102,8 +108,13 @@ def assign_waves(rollout_id: str, devices: Iterable[Device], waves: Sequence[Wav
     for device_ids in by_profile.values():
         ranked = sorted(device_ids, key=lambda device_id: (rank_key(rollout_id, device_id), device_id))
         counts = [wave.cumulative_count(len(ranked)) for wave in waves]
+        new_in_last = counts[-1] - (counts[-2] if len(counts) > 1 else 0)
+        held = holdback_count(len(ranked), new_in_last, holdback_percent)
         for rank, device_id in enumerate(ranked):
-            assignment[device_id] = next(i for i, count in enumerate(counts) if rank < count)
+            if rank >= len(ranked) - held:
+                assignment[device_id] = len(waves)
+            else:
+                assignment[device_id] = next(i for i, count in enumerate(counts) if rank < count)
     return assignment
 
 
@@ -128,9 +139,12 @@ def create_rollout(
     bake_s: float = 30.0,
     min_reports: int = 1,
     install_timeout_s: float = 300.0,
+    max_bake_s: float | None = None,
+    holdback_percent: float = DEFAULT_HOLDBACK_PERCENT,
 ) -> dict[str, Any]:
     """Validate, choose the targets and their waves, store the rollout (status `pending`; the controller
-    starts its first wave on its next tick). No gates given means `DEFAULT_GATES`."""
+    starts its first wave on its next tick). No gates given means `DEFAULT_GATES`; the hold-back exists
+    only when some gate is relative."""
     bundle = session.get(Bundle, bundle_id)
     if bundle is None:
         raise NotFound(f"no bundle {bundle_id!r}", bundle_id=bundle_id)
@@ -142,12 +156,19 @@ def create_rollout(
             raise ConfigError(f"{name} {value!r}: expected a {'non-negative' if minimum == 0 else 'positive'} number of seconds")
     if isinstance(min_reports, bool) or not isinstance(min_reports, int) or min_reports < 0:
         raise ConfigError(f"min_reports {min_reports!r}: expected a whole number ≥ 0")
+    if max_bake_s is not None and (isinstance(max_bake_s, bool) or not isinstance(max_bake_s, (int, float))
+                                   or not math.isfinite(max_bake_s) or max_bake_s < bake_s):
+        raise ConfigError(f"max_bake_s {max_bake_s!r}: expected seconds at least the bake time ({bake_s:g} s)")
+    if isinstance(holdback_percent, bool) or not isinstance(holdback_percent, (int, float)) \
+            or not math.isfinite(holdback_percent) or not 0 <= holdback_percent < 100:
+        raise ConfigError(f"holdback_percent {holdback_percent!r}: expected a percentage from 0 to below 100")
 
     rollout = Rollout(
         id=str(uuid.uuid4()), bundle_id=bundle.id, selector=labels, waves=[w.percent for w in wave_plan],
         gates=[s.to_dict() for s in specs], bake_s=float(bake_s), min_reports=min_reports,
         install_timeout_s=float(install_timeout_s), status="pending", current_wave=-1, created_by=actor,
-        created_at=utcnow(),
+        created_at=utcnow(), max_bake_s=None if max_bake_s is None else float(max_bake_s),
+        holdback_percent=float(holdback_percent) if has_relative_gates(specs) else 0.0,
     )
     bundles = rollout_bundles(session, rollout)
     targets = [
@@ -170,14 +191,18 @@ def create_rollout(
 
     session.add(rollout)
     session.flush()
-    assignment = assign_waves(rollout.id, targets, wave_plan)
+    assignment = assign_waves(rollout.id, targets, wave_plan, rollout.holdback_percent)
     for device in targets:
-        session.add(RolloutMember(rollout_id=rollout.id, device_id=device.id, wave_index=assignment[device.id],
-                                  cohort="treatment", phase=WAITING, desired_seq=0))
+        wave = assignment[device.id]
+        session.add(RolloutMember(rollout_id=rollout.id, device_id=device.id, wave_index=wave,
+                                  cohort="holdback" if wave == len(wave_plan) else "treatment", phase=WAITING,
+                                  desired_seq=0))
     per_profile = Counter(canonical_profile(d.profile) for d in targets)
     _audit(session, actor, "rollout.create", rollout.id, bundle_id=bundle.id,
            bundles={profile: b.id for profile, b in sorted(bundles.items())}, selector=labels,
-           waves=rollout.waves, gates=[s.text for s in specs], bake_s=rollout.bake_s, min_reports=min_reports,
+           waves=rollout.waves, gates=[s.text for s in specs], bake_s=rollout.bake_s, max_bake_s=rollout.max_bake_s,
+           holdback_percent=rollout.holdback_percent, holdback=sum(1 for w in assignment.values() if w == len(wave_plan)),
+           min_reports=min_reports,
            install_timeout_s=rollout.install_timeout_s, targets=len(targets), profiles=dict(sorted(per_profile.items())))
     session.commit()
     return rollout_status(session, rollout.id)
@@ -201,6 +226,9 @@ def _summary(session: Session, rollout: Rollout, phase_counts: Mapping[str, int]
         "current_wave": rollout.current_wave,
         "gates": [spec.text for spec in specs],
         "bake_s": rollout.bake_s,
+        "max_bake_s": max_bake_s(rollout),
+        "looks_at_s": [round(t, 3) for t in look_times(rollout.bake_s, max_bake_s(rollout))],
+        "holdback_percent": rollout.holdback_percent,
         "min_reports": rollout.min_reports,
         "install_timeout_s": rollout.install_timeout_s,
         "counts": dict(sorted(phase_counts.items())),
@@ -255,6 +283,13 @@ def rollout_status(session: Session, rollout_id: str) -> dict[str, Any]:
             "counts": dict(sorted(Counter(m.phase for m in in_wave).items())),
             "decision": last_decision.get(index),
         })
+    held = [member for member, _ in rows if member.wave_index == holdback_step(rollout)]
+    index = holdback_step(rollout)
+    result["holdback"] = {
+        "index": index, "members": len(held),
+        "state": ("waiting" if rollout.current_wave < index else "done" if rollout.status == "succeeded" else "current"),
+        "counts": dict(sorted(Counter(m.phase for m in held).items())), "decision": last_decision.get(index),
+    }
     result["members"] = [{
         "device_id": member.device_id, "profile": profile, "wave": member.wave_index, "cohort": member.cohort,
         "phase": member.phase, "desired_seq": member.desired_seq, "previous_bundle_id": member.previous_bundle_id,
@@ -296,9 +331,13 @@ def pause(session: Session, actor: str, rollout_id: str) -> dict[str, Any]:
 
 
 def resume(session: Session, actor: str, rollout_id: str) -> dict[str, Any]:
+    """Go on from a pause. The current wave's bake and looks start again from now: telemetry from before
+    the pause is not judged again (a wave paused as inconclusive gets a fresh, independent sample)."""
     rollout = _get_rollout(session, rollout_id)
+    # no start time: the controller restarts the wave on its next tick, by its own clock
+    restart = {"wave_started_at": None} if rollout.current_wave >= 0 else {}
     _transition(session, rollout, ("paused",), "resume",
-                status="pending" if rollout.current_wave < 0 else "running")
+                status="pending" if rollout.current_wave < 0 else "running", **restart)
     _audit(session, actor, "rollout.resume", rollout.id, wave=rollout.current_wave)
     session.commit()
     return rollout_status(session, rollout.id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from edgepack.errors import ConfigError
@@ -14,6 +16,7 @@ from fleet.services.status import apply_status
 from tests.fleet.rollout_helpers import (
     FakeClock, RecordingPublisher, SimulatedDevices, add_bundle, add_device, session_factory_at,
 )
+from tests.fleet.telemetry_helpers import latency_samples, report, window
 
 # ------------------------------------------------------------------ parsing
 
@@ -146,7 +149,7 @@ def test_all_active_promotes_with_evidence_per_profile(fleet_db):
 
     assert baking.decision == "hold" and baking.reason == "baking"
     assert baked.decision == "promote"
-    assert baked.evidence["bake"] == {"required_s": 30.0, "elapsed_s": 30.0, "done": True}
+    assert baked.evidence["bake"] == {"required_s": 30.0, "max_s": 300.0, "elapsed_s": 30.0, "done": True}
     active = next(g for g in baked.evidence["gates"] if g["metric"] == "active_ratio")
     assert active["values"] == {"rpi5": 1.0, "x86-avx2": 1.0} and active["passed"] is True
 
@@ -173,40 +176,82 @@ def test_telemetry_gates_hold_without_telemetry(fleet_db):
     SimulatedDevices(session_factory, publisher, clock).answer()
 
     verdict = _verdict(session_factory, rollout_id, clock)
+    clock.advance(11)  # the first look (bake 0: 10 s in, one sixth of the 60 s maximum bake)
+    looked = _verdict(session_factory, rollout_id, clock)
 
     assert verdict.decision == "hold"
-    assert verdict.reason == "no telemetry yet"
-    for gate in verdict.evidence["gates"][1:]:
+    assert verdict.reason == "baking until the first look at 10 s; no telemetry yet"
+    assert looked.decision == "hold" and looked.reason == "no telemetry yet"
+    for gate in looked.evidence["gates"][1:]:
         assert gate["passed"] is False
         assert {entry["reason"] for entry in gate["profiles"].values()} == {"no telemetry yet"}
+        assert {entry["outcome"] for entry in gate["profiles"].values()} == {"inconclusive"}
+
+
+def _windows_at(session_factory, clock, devices_bundles, median_ms, seed, n=200):
+    """One telemetry window per (device, bundle) with a real latency histogram, received now."""
+    for device_id, bundle in devices_bundles:
+        report(session_factory, window(device_id, bundle, latency_samples(f"{device_id}-{seed}", median_ms(device_id, bundle), n)),
+               clock())
 
 
 def test_latency_regression_on_one_profile_rolls_back_against_its_control(fleet_db):
     session_factory, v1, v2 = fleet_db
-    # Waves 50/100: half of each profile is treatment, the other half stays on v1 as the control.
+    # Waves 50/100: half of each profile is treatment; the rest, and the hold-back, stay on v1 as the control.
     rollout_id, _, publisher, clock = _start(session_factory, v2, ["p95_latency_ms<=1.10x control",
                                                                    "min_inferences>=200"], waves=(50, 100))
     devices = SimulatedDevices(session_factory, publisher, clock)
     devices.answer()
     treated = set(publisher.latest())
-    clock.advance(5)
-    for device_id, base in [(f"x86-{i:02d}", 4.0) for i in range(10)] + [("rpi-00", 20.0), ("rpi-01", 20.0)]:
-        slower = 1.5 if device_id.startswith("rpi") and device_id in treated else 1.0
-        profile = "rpi5" if device_id.startswith("rpi") else "x86-avx2"
-        bundle = v2[profile] if device_id in treated else v1[profile]
-        devices.report_telemetry(device_id, bundle, p95_ms=base * slower)
+    profile = {d: "rpi5" if d.startswith("rpi") else "x86-avx2" for d in [f"x86-{i:02d}" for i in range(10)] + ["rpi-00", "rpi-01"]}
+    on = [(d, v2[p] if d in treated else v1[p]) for d, p in profile.items()]
 
+    def median(device_id, bundle):
+        base = 20.0 if device_id.startswith("rpi") else 4.0
+        return base * (1.5 if device_id.startswith("rpi") and bundle == v2["rpi5"] else 1.0)
+
+    for step in range(2):  # the first window after the switch is not judged; the second is
+        clock.advance(5)
+        _windows_at(session_factory, clock, on, median, step)
+    before = _verdict(session_factory, rollout_id, clock)
+    clock.advance(1.5)  # past the first look at 10 s (bake 0, maximum bake 60 s, six looks)
     verdict = _verdict(session_factory, rollout_id, clock)
 
+    assert before.decision == "hold" and before.reason.startswith("baking until the first look")
     assert verdict.decision == "rollback"
     gate = verdict.evidence["gates"][0]
     assert gate["cohort"] == "treatment vs control"
     rpi, x86 = gate["profiles"]["rpi5"], gate["profiles"]["x86-avx2"]
-    assert rpi["outcome"] == "fail" and rpi["value"] == 30.0 and rpi["control"] == 20.0
-    assert rpi["limit"] == pytest.approx(22.0) and rpi["threshold"] == "1.10x control"
-    assert rpi["control_cohort"] == "control" and rpi["method"] == "max of device p95"
-    assert x86["outcome"] == "pass" and x86["value"] == x86["control"] == 4.0
-    assert verdict.reason == "p95_latency_ms<=1.1x control failed on rpi5: treatment 30 vs limit 22 = 1.10x control 20"
+    p95 = math.exp(1.645 * 0.1)  # the samples are lognormal around the median, sigma 0.1
+    assert rpi["outcome"] == "fail" and rpi["value"] == pytest.approx(30.0 * p95, rel=0.1)
+    assert rpi["control"] == pytest.approx(20.0 * p95, rel=0.1)
+    assert rpi["threshold"] == "1.10x control" and rpi["test"]["limit"] == 1.1 and rpi["test"]["low"] > 1.1
+    assert rpi["control_cohort"] == "control" and rpi["method"] == "merged latency histogram"
+    assert (rpi["devices"], rpi["control_devices"], rpi["windows"], rpi["control_windows"]) == (1, 1, 1, 1)
+    assert rpi["excluded_windows"] == 1
+    assert x86["outcome"] == "pass" and x86["test"]["high"] < 1.1
+    assert verdict.reason.startswith("p95_latency_ms<=1.1x control failed on rpi5: treatment ")
+    assert "beyond 1.1" in verdict.reason and "x86-avx2" not in verdict.reason
+
+
+def test_a_relative_latency_gate_without_histograms_is_inconclusive(fleet_db):
+    session_factory, v1, v2 = fleet_db
+    rollout_id, _, publisher, clock = _start(session_factory, v2, ["p95_latency_ms<=1.10x control",
+                                                                   "min_inferences>=200"], waves=(50, 100))
+    devices = SimulatedDevices(session_factory, publisher, clock)
+    devices.answer()
+    treated = set(publisher.latest())
+    for _ in range(2):
+        clock.advance(5)
+        for device_id in [f"x86-{i:02d}" for i in range(10)]:
+            devices.report_telemetry(device_id, v2["x86-avx2"] if device_id in treated else v1["x86-avx2"], p95_ms=4.0)
+    clock.advance(1.5)
+
+    verdict = _verdict(session_factory, rollout_id, clock)
+
+    x86 = verdict.evidence["gates"][0]["profiles"]["x86-avx2"]
+    assert verdict.decision == "hold" and x86["outcome"] == "inconclusive"
+    assert "a relative latency gate compares histograms" in x86["reason"]
 
 
 def test_min_inferences_holds_instead_of_failing(fleet_db):
@@ -214,8 +259,10 @@ def test_min_inferences_holds_instead_of_failing(fleet_db):
     rollout_id, _, publisher, clock = _start(session_factory, v2, ["error_rate<=0.01", "min_inferences>=1000"])
     devices = SimulatedDevices(session_factory, publisher, clock)
     devices.answer()
-    for device_id, desired in publisher.latest().items():
-        devices.report_telemetry(device_id, desired.bundle.id, p95_ms=5, inferences=100)
+    for _ in range(2):  # the first window after a switch is not judged
+        clock.advance(10)
+        for device_id, desired in publisher.latest().items():
+            devices.report_telemetry(device_id, desired.bundle.id, p95_ms=5, inferences=100)
 
     verdict = _verdict(session_factory, rollout_id, clock)
 
@@ -229,10 +276,13 @@ def test_error_rate_and_drift_measured_per_profile(fleet_db):
     rollout_id, _, publisher, clock = _start(session_factory, v2, ["error_rate<=0.01", "drift<=0.2"])
     devices = SimulatedDevices(session_factory, publisher, clock)
     devices.answer()
-    for device_id, desired in publisher.latest().items():
-        bad = device_id.startswith("x86-0") and device_id.endswith(("0", "1"))
-        devices.report_telemetry(device_id, desired.bundle.id, p95_ms=5, inferences=1000, errors=50 if bad else 0,
-                                 drift={"input": 0.05, "output": 0.3 if device_id == "rpi-00" else 0.1})
+    for first in (True, False):  # the first window after a switch is not judged: make it look terrible
+        clock.advance(10)
+        for device_id, desired in publisher.latest().items():
+            bad = device_id.startswith("x86-0") and device_id.endswith(("0", "1"))
+            devices.report_telemetry(device_id, desired.bundle.id, p95_ms=5, inferences=1000,
+                                     errors=1000 if first else 50 if bad else 0,
+                                     drift={"input": 0.05, "output": 0.3 if device_id == "rpi-00" else 0.1})
 
     verdict = _verdict(session_factory, rollout_id, clock)
 
@@ -241,3 +291,54 @@ def test_error_rate_and_drift_measured_per_profile(fleet_db):
     assert drift["values"] == {"rpi5": 0.2, "x86-avx2": 0.1} and drift["passed"] is True
     assert drift["profiles"]["rpi5"]["worst"] == "output"
     assert verdict.decision == "promote"
+
+
+@pytest.mark.parametrize("agreement, outcome", [(0.99, "pass"), (0.80, "fail")])
+def test_shadow_agreement_is_judged_with_its_interval(fleet_db, agreement, outcome):
+    from edgepack.protocol import Telemetry
+    from fleet.services.status import record_telemetry
+
+    session_factory, v1, v2 = fleet_db
+    rollout_id, _, publisher, clock = _start(session_factory, v2, ["shadow_agreement>=0.95", "min_inferences>=200"])
+    SimulatedDevices(session_factory, publisher, clock).answer()
+    for _ in range(2):  # min_inferences does not count the first window after a switch
+        clock.advance(5)
+        with session_factory() as session:
+            for device_id, desired in publisher.latest().items():
+                record_telemetry(session, Telemetry(device_id=device_id, bundle_id=desired.bundle.id, window_s=5,
+                                                    inferences=300, errors=0, shadow={"samples": 300, "agreement": agreement}),
+                                 now=clock())
+    clock.advance(1.5)
+
+    verdict = _verdict(session_factory, rollout_id, clock)
+
+    gate = verdict.evidence["gates"][0]
+    rpi = gate["profiles"]["rpi5"]  # 2 devices × 2 windows × 300 compared requests
+    assert rpi["outcome"] == outcome and rpi["shadow_samples"] == 1200
+    assert rpi["test"]["limit"] == 0.95 and rpi["test"]["low"] < agreement < rpi["test"]["high"]
+    assert verdict.decision == ("rollback" if outcome == "fail" else "promote"), verdict.reason
+
+
+def test_a_relative_error_rate_compares_both_cohorts_over_the_same_span(fleet_db):
+    session_factory, v1, v2 = fleet_db
+    rollout_id, _, publisher, clock = _start(session_factory, v2, ["error_rate<=1.5x control", "min_inferences>=500"],
+                                             waves=(50, 100))
+    devices = SimulatedDevices(session_factory, publisher, clock)
+    devices.answer()
+    treated = set(publisher.latest())
+    for _ in range(2):
+        clock.advance(5)
+        for i in range(10):
+            device_id = f"x86-{i:02d}"
+            new = device_id in treated
+            devices.report_telemetry(device_id, v2["x86-avx2"] if new else v1["x86-avx2"], p95_ms=4.0, inferences=1000,
+                                     errors=60 if new else 10)
+    clock.advance(1.5)
+
+    verdict = _verdict(session_factory, rollout_id, clock)
+
+    x86 = verdict.evidence["gates"][0]["profiles"]["x86-avx2"]
+    assert x86["outcome"] == "fail" and x86["value"] == pytest.approx(0.06) and x86["control"] == pytest.approx(0.01)
+    # p_t − 1.5·p_c = 0.06 − 0.015, its interval above the 0.001 allowance
+    assert x86["test"]["estimate"] == pytest.approx(0.045) and x86["test"]["low"] > 0.001
+    assert verdict.decision == "rollback"

@@ -362,7 +362,11 @@ def test_pause_resume_abort(fleet_db):
         with pytest.raises(Conflict, match="it is paused"):
             rollouts.pause(session, "bob", rollout_id)
         assert rollouts.resume(session, "bob", rollout_id)["status"] == "running"
-    controller.tick()
+    controller.tick()  # a resumed wave bakes again from now (by the controller's clock)
+    with session_factory() as session:
+        assert session.get(Rollout, rollout_id).current_wave == 0
+        assert session.get(Rollout, rollout_id).wave_started_at is not None
+    controller.tick()  # bake 0: promoted
     with session_factory() as session:
         assert session.get(Rollout, rollout_id).current_wave == 1
         aborted = rollouts.abort(session, "bob", rollout_id)

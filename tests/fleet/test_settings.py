@@ -33,7 +33,6 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "controller_interval_s": ("0.25", 0.25),
     "drift_alert_threshold": ("0.4", 0.4),
     "alert_webhook_url": ("https://ml.example/retrain", "https://ml.example/retrain"),
-    "gate_settle_s": ("12", 12.0),
     "alert_repeat_s": ("60", 60.0),
     "mqtt_ca": ("/etc/edgepack/ca.pem", Path("/etc/edgepack/ca.pem")),
     "mqtt_cert": ("/etc/edgepack/fleet-client.pem", Path("/etc/edgepack/fleet-client.pem")),

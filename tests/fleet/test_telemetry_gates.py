@@ -3,7 +3,9 @@ histograms, on SQLite and PostgreSQL; and the same through a real Mosquitto and 
 
 The scenario of the issue's acceptance: two profiles, ten devices each, waves 10/50/100; the new bundle
 makes rpi5 devices answer 1.5× slower. The rollout must roll back within the first two waves with evidence
-naming rpi5's p95 against its control; without the fault it must reach 100 %.
+naming rpi5's p95 against its control; without the fault it must reach 100 %, the last wave judged against
+the hold-back; a 1.1× slowdown under a 1.3× gate passes; too little traffic pauses; a slowdown of the whole
+fleet at once (a busy host) does not decide a wave, because both cohorts are read over the same span.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 import pytest
+from rich.console import Console
 from sqlalchemy import select
 
 from edgepack.protocol import DesiredState, DeviceStatus, encode, status_topic, telemetry_topic
@@ -21,7 +24,8 @@ from fleet.controller import RolloutController
 from fleet.models import Device, Rollout, RolloutDecision, TelemetryWindow
 from fleet.mqtt_bridge import MqttBridge, parse_mqtt_url
 from fleet.services.gates import DEFAULT_MIN_INFERENCES, latency_quantile, required_inferences, parse_gates
-from fleet.services.rollouts import create_rollout
+from fleet.cli.rollout import render
+from fleet.services.rollouts import create_rollout, rollout_status
 from tests.fleet.rollout_helpers import FakeClock, RecordingPublisher, SimulatedDevices, add_bundle, add_device
 from tests.fleet.telemetry_helpers import (
     BOUNDS_MS, database, exact_quantile, latency_samples, report, window,
@@ -40,6 +44,7 @@ class Scenario:
     prefix: str
     devices_per_profile: int = 10
     slower: dict[str, float] = field(default_factory=dict)  # profile → latency factor on the new bundle
+    busy: dict[int, float] = field(default_factory=dict)  # step → latency factor of every device (a busy host)
     treatment_inferences: int = 100
     control_inferences: int = 100
     clock: FakeClock = field(default_factory=lambda: FakeClock(time.time() - 60))
@@ -58,13 +63,14 @@ class Scenario:
                 for device_id in ids:
                     add_device(session, device_id, profile, {"run": self.prefix}, current_bundle=self.v1[profile])
 
-    def start(self, gates: list[str], waves=(10, 50, 100), bake_s: float = 30.0) -> str:
-        for _ in range(2):  # agents report before any rollout: the baseline a last wave compares against
+    def start(self, gates: list[str], waves=(10, 50, 100), bake_s: float = 30.0, **options) -> str:
+        for _ in range(2):  # agents report before any rollout (never a control: another time)
             self.report_all()
             self.clock.advance(WINDOW_S)
         with self.session_factory() as session:
             self.rollout_id = create_rollout(session, "alice", self.v2["rpi5"], {"run": self.prefix}, waves=list(waves),
-                                             gates=gates, bake_s=bake_s, min_reports=1, install_timeout_s=600)["id"]
+                                             gates=gates, bake_s=bake_s, min_reports=1, install_timeout_s=600,
+                                             **options)["id"]
         return self.rollout_id
 
     def report_all(self) -> None:
@@ -74,7 +80,7 @@ class Scenario:
         for profile, ids in self.device_ids.items():
             for device_id in ids:
                 on_new = current[device_id] == self.v2[profile]
-                median = MEDIAN_MS[profile] * (self.slower.get(profile, 1.0) if on_new else 1.0)
+                median = MEDIAN_MS[profile] * (self.slower.get(profile, 1.0) if on_new else 1.0) * self.busy.get(self.steps, 1.0)
                 n = self.treatment_inferences if on_new else self.control_inferences
                 samples = latency_samples(f"{device_id}-{self.steps}", median, n)
                 report(self.session_factory, window(device_id, current[device_id], samples), self.clock())
@@ -89,7 +95,7 @@ class Scenario:
         for _ in range(max_steps):
             self.controller.tick()
             status = self.status()
-            if status in ("succeeded", "rolled_back", "aborted"):
+            if status in ("succeeded", "rolled_back", "aborted", "paused"):
                 self.devices.answer()  # the rollback states
                 return status
             self.devices.answer()
@@ -137,12 +143,31 @@ def test_latency_regression_on_rpi5_only_rolls_back_with_rpi5_p95_against_contro
     assert rpi5["inferences"] >= 300 and rpi5["control_inferences"] >= 300 and rpi5["required_inferences"] == 300
     if rollback.wave_index == 0:  # 10 % of 10 devices: one device against the nine still on v1
         assert (rpi5["devices"], rpi5["control_devices"]) == (1, 9)
+    # the statistical test: the ratio's interval lies above the threshold, at the first look's level
+    test = rpi5["test"]
+    assert test["outcome"] == "fail" and test["limit"] == 1.1 and test["low"] > 1.1
+    assert test["estimate"] == pytest.approx(rpi5["value"] / rpi5["control"], rel=1e-4)
+    assert test["low"] < test["estimate"] < test["high"] and test["p_value"] < rpi5["alpha"] and test["statistic"] > 0
+    assert rpi5["look"] == 1 and rpi5["looks"] == 6 and rpi5["alpha"] == pytest.approx(0.05 / 6, rel=1e-4)
+    assert rpi5["excluded_windows"] >= 1  # the first window after each switch is not judged
     x86 = _check(evidence, "p95_latency_ms", "x86-avx2")
     assert x86["passed"] is True and x86["value"] / x86["control"] == pytest.approx(1.0, abs=0.05)
+    assert x86["test"]["high"] < 1.1
     assert "failed on rpi5: treatment" in evidence["reason"] and "x86-avx2" not in evidence["reason"]
+    # no decision came before the first look (bake 30 s): holds only, then the rollback at the look
+    assert all(d.decision == "hold" for d in scenario.decisions()[:-1])
     with scenario_db() as session:  # every rpi5 device the rollout touched is back on v1
         devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(scenario.device_ids["rpi5"])))}
+        status = rollout_status(session, scenario.rollout_id)
     assert {d.current_bundle_id for d in devices.values()} == {scenario.v1["rpi5"]}
+
+    # `edgepack rollout status` prints the decision's evidence compactly: one row per gate and profile
+    console = Console(record=True, width=240)
+    console.print(render(status))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if line.startswith("│ p95_latency_ms") and "rpi5" in line)
+    assert f"{test['estimate']:.3g} [{test['low']:.3g}, {test['high']:.3g}] vs 1.1" in row
+    assert f"1/{rpi5['windows']}/{rpi5['inferences']}" in row and "look 1 of 6" in text
 
 
 def test_the_same_rollout_without_the_fault_reaches_every_device(scenario_db, unique):
@@ -153,12 +178,17 @@ def test_the_same_rollout_without_the_fault_reaches_every_device(scenario_db, un
 
     assert status == "succeeded"
     promotes = [d for d in scenario.decisions() if d.decision == "promote"]
-    assert [d.wave_index for d in promotes] == [0, 1, 2]
-    first, last = promotes[0].evidence, promotes[-1].evidence
+    assert [d.wave_index for d in promotes] == [0, 1, 2, 3]  # three waves, then the hold-back step
+    first, last, holdback = promotes[0].evidence, promotes[2].evidence, promotes[3].evidence
     assert (_check(first, "p95_latency_ms", "rpi5")["devices"], _check(first, "p95_latency_ms", "rpi5")["control_devices"]) == (1, 9)
-    for profile in MEDIAN_MS:  # at 100 % nobody is left on v1: the baseline is their last windows on v1
+    for profile in MEDIAN_MS:  # at the last wave one device per profile (10 %) still runs v1 beside the nine
         check = _check(last, "p95_latency_ms", profile)
-        assert check["control_cohort"] == "baseline" and check["passed"] is True
+        assert check["control_cohort"] == "holdback" and check["passed"] is True
+        assert (check["devices"], check["control_devices"]) == (9, 1) and check["control_inferences"] >= 300
+        assert check["test"]["high"] < 1.1
+    # the hold-back step judges installs only: the telemetry gates were judged against the hold-back
+    assert holdback["step"] == "holdback" and {c["metric"] for c in holdback["checks"]} <= {"install_failure_ratio"}
+    assert holdback["cohort"]["treatment"] == 20
     with scenario_db() as session:
         current = {d.current_bundle_id for d in session.scalars(
             select(Device).where(Device.id.in_(sum(scenario.device_ids.values(), []))))}
@@ -166,10 +196,11 @@ def test_the_same_rollout_without_the_fault_reaches_every_device(scenario_db, un
 
 
 def test_each_cohort_must_serve_min_inferences_before_a_decision(scenario_db, unique):
-    # One treatment device per profile (10 % of 10) serving 100 per window; nine control devices serving
-    # 5 each (45 per window): the treatment has 600 after 6 windows, the control after 14.
-    scenario = Scenario(scenario_db, unique, treatment_inferences=100, control_inferences=5)
-    scenario.start(["p95_latency_ms<=1.10x control", "min_inferences>=600"], waves=(10, 100), bake_s=0)
+    # One treatment device per profile (10 % of 10) serving 60 per window; nine control devices serving
+    # 5 each (45 per window). Looks at 33, 67, 100 s…: at the first the treatment is short (its first window
+    # after the switch is not judged), at the second the control, at the third both have 600.
+    scenario = Scenario(scenario_db, unique, treatment_inferences=60, control_inferences=5)
+    scenario.start(["p95_latency_ms<=1.10x control", "min_inferences>=600"], waves=(10, 100), bake_s=0, max_bake_s=200)
 
     for _ in range(30):
         scenario.controller.tick()
@@ -182,9 +213,10 @@ def test_each_cohort_must_serve_min_inferences_before_a_decision(scenario_db, un
     holds = [d.evidence for d in scenario.decisions() if d.decision == "hold"]
     promote = scenario.decisions()[-1]
     assert promote.decision == "promote" and promote.wave_index == 0
+    assert "baking until the first look" in holds[0]["reason"]
     treatment_short = next(e for e in holds if "not enough inferences" in e["reason"])
     row = _check(treatment_short, "p95_latency_ms", "rpi5")
-    assert row["reason"] == "not enough inferences" and row["passed"] is False
+    assert row["reason"] == "not enough inferences" and row["passed"] is False and row["outcome"] == "inconclusive"
     assert row["inferences"] < 600 and row["required_inferences"] == 600 and row["devices"] == 1
     control_short = next(e for e in holds if e["reason"] == "not enough control inferences")
     row = _check(control_short, "p95_latency_ms", "rpi5")
@@ -192,6 +224,53 @@ def test_each_cohort_must_serve_min_inferences_before_a_decision(scenario_db, un
     decided = _check(promote.evidence, "p95_latency_ms", "rpi5")
     assert decided["devices"] == 1 and decided["inferences"] >= 600 and decided["control_inferences"] >= 600
     assert decided["passed"] is True
+
+
+def test_a_regression_within_the_threshold_is_promoted(scenario_db, unique):
+    scenario = Scenario(scenario_db, unique, slower={"rpi5": 1.1})
+    scenario.start(["p95_latency_ms<=1.3x control", "min_inferences>=300"])
+
+    assert scenario.run() == "succeeded"
+    first = next(d.evidence for d in scenario.decisions() if d.decision == "promote")
+    rpi5 = _check(first, "p95_latency_ms", "rpi5")
+    assert rpi5["test"]["estimate"] == pytest.approx(1.1, abs=0.06) and rpi5["test"]["high"] < 1.3
+
+
+def test_too_little_traffic_pauses_at_the_maximum_bake_and_never_promotes(scenario_db, unique):
+    scenario = Scenario(scenario_db, unique, treatment_inferences=3, control_inferences=3)
+    scenario.start(["p95_latency_ms<=1.3x control", "min_inferences>=200"], bake_s=10, max_bake_s=60)
+
+    assert scenario.run() == "paused"
+    decisions = scenario.decisions()
+    assert [d.decision for d in decisions][-1] == "pause" and "promote" not in {d.decision for d in decisions}
+    pause = decisions[-1].evidence
+    assert pause["wave"] == 0 and pause["reason"].startswith("inconclusive after the maximum bake of 60 s")
+    assert pause["bake"]["elapsed_s"] >= 60 and pause["looks"]["current"] == 6
+    row = _check(pause, "p95_latency_ms", "rpi5")
+    assert row["outcome"] == "inconclusive" and row["reason"] == "not enough inferences" and row["inferences"] < 200
+
+    # resume: the wave bakes again from now, on new telemetry; with traffic it now decides
+    from fleet.services.rollouts import resume
+    with scenario_db() as session:
+        resumed = resume(session, "alice", scenario.rollout_id)
+    assert resumed["status"] == "running"
+    scenario.treatment_inferences = scenario.control_inferences = 100
+    assert scenario.run() == "succeeded"
+
+
+def test_a_slowdown_of_the_whole_fleet_does_not_decide_the_wave(scenario_db, unique):
+    # From the rollout's start every device, old bundle or new, answers 1.8x slower for a while (a busy
+    # host, a network blip): compared over the same span, treatment and control move together.
+    scenario = Scenario(scenario_db, unique, busy={step: 1.8 for step in range(2, 12)})
+    scenario.start(["p95_latency_ms<=1.3x control", "min_inferences>=300"])
+
+    assert scenario.run() == "succeeded"
+    first = next(d.evidence for d in scenario.decisions() if d.decision == "promote")
+    assert first["wave"] == 0
+    for profile in MEDIAN_MS:
+        row = _check(first, "p95_latency_ms", profile)
+        assert row["test"]["estimate"] == pytest.approx(1.0, abs=0.08)
+        assert row["value"] > 1.5 * MEDIAN_MS[profile]  # both sides were slow: the span was the busy one
 
 
 def test_min_inferences_defaults_when_telemetry_gates_name_none():
@@ -298,8 +377,8 @@ def test_telemetry_over_mosquitto_is_stored_and_decides_the_wave(mosquitto, tmp_
         assert bridge.wait_ready(10)
         with session_factory() as session:
             rollout_id = create_rollout(session, "alice", v2["rpi5"], {}, waves=[50, 100],
-                                        gates=["p95_latency_ms<=1.10x control", "min_inferences>=200"], bake_s=0,
-                                        min_reports=1, install_timeout_s=60)["id"]
+                                        gates=["p95_latency_ms<=1.10x control", "min_inferences>=200"], bake_s=2,
+                                        max_bake_s=12, min_reports=1, install_timeout_s=60)["id"]
         controller = RolloutController(session_factory, bridge)
         controller.tick()  # wave 0 goes out over the broker; the agents install and answer
         deadline = time.monotonic() + 15

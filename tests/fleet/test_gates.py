@@ -188,6 +188,16 @@ def test_telemetry_gates_hold_without_telemetry(fleet_db):
         assert {entry["outcome"] for entry in gate["profiles"].values()} == {"inconclusive"}
 
 
+def _half_rollout(fleet_db, gates):
+    """A rollout in waves 50/100 whose first wave installed: half of each profile is treatment; the rest,
+    and the hold-back, stay on v1 as the control. (rollout id, devices, treated device ids, clock)"""
+    session_factory, v1, v2 = fleet_db
+    rollout_id, _, publisher, clock = _start(session_factory, v2, gates, waves=(50, 100))
+    devices = SimulatedDevices(session_factory, publisher, clock)
+    devices.answer()
+    return rollout_id, devices, set(publisher.latest()), clock
+
+
 def _windows_at(session_factory, clock, devices_bundles, median_ms, seed, n=200):
     """One telemetry window per (device, bundle) with a real latency histogram, received now."""
     for device_id, bundle in devices_bundles:
@@ -197,12 +207,7 @@ def _windows_at(session_factory, clock, devices_bundles, median_ms, seed, n=200)
 
 def test_latency_regression_on_one_profile_rolls_back_against_its_control(fleet_db):
     session_factory, v1, v2 = fleet_db
-    # Waves 50/100: half of each profile is treatment; the rest, and the hold-back, stay on v1 as the control.
-    rollout_id, _, publisher, clock = _start(session_factory, v2, ["p95_latency_ms<=1.10x control",
-                                                                   "min_inferences>=200"], waves=(50, 100))
-    devices = SimulatedDevices(session_factory, publisher, clock)
-    devices.answer()
-    treated = set(publisher.latest())
+    rollout_id, devices, treated, clock = _half_rollout(fleet_db, ["p95_latency_ms<=1.10x control", "min_inferences>=200"])
     profile = {d: "rpi5" if d.startswith("rpi") else "x86-avx2" for d in [f"x86-{i:02d}" for i in range(10)] + ["rpi-00", "rpi-01"]}
     on = [(d, v2[p] if d in treated else v1[p]) for d, p in profile.items()]
 
@@ -236,11 +241,7 @@ def test_latency_regression_on_one_profile_rolls_back_against_its_control(fleet_
 
 def test_a_relative_latency_gate_without_histograms_is_inconclusive(fleet_db):
     session_factory, v1, v2 = fleet_db
-    rollout_id, _, publisher, clock = _start(session_factory, v2, ["p95_latency_ms<=1.10x control",
-                                                                   "min_inferences>=200"], waves=(50, 100))
-    devices = SimulatedDevices(session_factory, publisher, clock)
-    devices.answer()
-    treated = set(publisher.latest())
+    rollout_id, devices, treated, clock = _half_rollout(fleet_db, ["p95_latency_ms<=1.10x control", "min_inferences>=200"])
     for _ in range(2):
         clock.advance(5)
         for device_id in [f"x86-{i:02d}" for i in range(10)]:
@@ -321,11 +322,7 @@ def test_shadow_agreement_is_judged_with_its_interval(fleet_db, agreement, outco
 
 def test_a_relative_error_rate_compares_both_cohorts_over_the_same_span(fleet_db):
     session_factory, v1, v2 = fleet_db
-    rollout_id, _, publisher, clock = _start(session_factory, v2, ["error_rate<=1.5x control", "min_inferences>=500"],
-                                             waves=(50, 100))
-    devices = SimulatedDevices(session_factory, publisher, clock)
-    devices.answer()
-    treated = set(publisher.latest())
+    rollout_id, devices, treated, clock = _half_rollout(fleet_db, ["error_rate<=1.5x control", "min_inferences>=500"])
     for _ in range(2):
         clock.advance(5)
         for i in range(10):

@@ -28,11 +28,16 @@ a model produce none. An observer must be quick (telemetry, sampling for shadow 
 modify the arrays it gets. An observer that raises never breaks the request: the first exception of
 each observer is logged with its traceback, every one is counted in `observer_errors`.
 
-Test seam for simulated faults (explicit, off by default): `pre_infer(bundle_id)` runs before the
-runtime in every request and may sleep or raise (raising makes the request fail as a runtime error);
-`latency_multiplier(bundle_id) -> float` makes a request take that many times its real run time
-(1.5 = answers 1.5x slower), which is how the simulated fleet's `latency-regression` scenario slows
-one profile's devices on the new bundle. Real agents leave both None.
+Test seams for simulated devices and faults (explicit, off by default; real agents leave all three
+None): `pre_infer(bundle_id)` runs before the runtime in every request and may sleep or raise (raising
+makes the request fail as a runtime error); `latency_multiplier(bundle_id) -> float` makes a request
+take that many times its real run time (1.5 = answers 1.5x slower); `simulated_latency_ms(bundle_id)
+-> float` is a device clock: called once per answered request with the answering bundle, its value (ms
+of simulated device compute) is added to the request's measured wall time in the latency that
+`InferenceResult`, observers and so telemetry report, without waiting for it. The request returns at
+host speed and the real inference is still timed for real: this is how the simulated fleet
+(testbeds/sim.py) gives hundreds of agents on one host their boards' speed, where sleeping threads
+would each wake late by the host's scheduling delay and blur every latency ratio.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 Observer = Callable[["InferenceEvent"], None]
 PreInferHook = Callable[[str], None]
 LatencyMultiplier = Callable[[str], float]
+SimulatedLatency = Callable[[str], float]
 
 _perf_counter = time.perf_counter
 _SPIN_BELOW_S = 0.002  # sleeps shorter than this overshoot by tens of microseconds: spin instead
@@ -222,9 +228,10 @@ class InferenceEngine:
     """The device's active model for every caller (Python API, HTTP server, shadow mode); thread-safe."""
 
     def __init__(self, *, pre_infer: PreInferHook | None = None, latency_multiplier: LatencyMultiplier | None = None,
-                 warm_up: bool = True) -> None:
+                 simulated_latency_ms: SimulatedLatency | None = None, warm_up: bool = True) -> None:
         self.pre_infer = pre_infer  # test seam, see the module docstring
         self.latency_multiplier = latency_multiplier  # test seam, see the module docstring
+        self.simulated_latency_ms = simulated_latency_ms  # test seam (a device clock), see the module docstring
         self.warm_up = warm_up
         self._swap_lock = threading.RLock()  # one swap/publish at a time, so the last one called wins
         self._model: LoadedModel | None = None  # replaced, never mutated: requests read it once, without a lock
@@ -326,14 +333,15 @@ class InferenceEngine:
                 run_started = _perf_counter()
                 outputs = model.session.run(feeds)
                 _stretch(_perf_counter() - run_started, self.latency_multiplier(model.bundle_id))
+            simulated_ms = self.simulated_latency_ms(model.bundle_id) if self.simulated_latency_ms is not None else 0.0
         except InferenceError as exc:
             self._notify(model.bundle_id, feeds, None, started, exc.message, "input" if exc.http_status < 500 else "runtime")
             raise
-        except Exception as exc:  # the runtime's own exception types, or a fault injected by pre_infer
+        except Exception as exc:  # the runtime's own exception types, or a fault injected by a test seam
             message = f"{model.runtime or 'runtime'} failed on bundle {model.bundle_id[:12]}: {_first_line(exc)}"
             self._notify(model.bundle_id, feeds, None, started, message, "runtime")
             raise InferenceFailed(message, bundle_id=model.bundle_id) from exc
-        latency_ms = (_perf_counter() - started) * 1000.0
+        latency_ms = (_perf_counter() - started) * 1000.0 + simulated_ms
         if self._observers:
             self._emit(InferenceEvent(model.bundle_id, feeds, outputs, latency_ms, None, time.time()))
         return InferenceResult(outputs, model.bundle_id, latency_ms)

@@ -356,6 +356,36 @@ def test_latency_multiplier_slows_only_the_named_bundle(engine, slots):
     assert other < slowed / 3, (other, slowed)
 
 
+def test_a_device_clock_adds_simulated_compute_to_the_reported_latency_without_waiting_for_it(slots):
+    simulated = slots["onnx"][2]
+    asked: list[str] = []
+
+    def device_clock(bundle_id: str) -> float:
+        asked.append(bundle_id)
+        return 500.0 if bundle_id == simulated else 0.0
+
+    seen: list[InferenceEvent] = []
+    engine = InferenceEngine(simulated_latency_ms=device_clock)
+    engine.add_observer(seen.append)
+    engine.swap(*slots["onnx"][:2], bundle_id=simulated)
+    started = time.perf_counter()
+    results = [engine.infer_detailed({"input": SAMPLE}) for _ in range(10)]
+    took_ms = (time.perf_counter() - started) * 1000.0
+    with pytest.raises(InvalidInput):  # refused before the runtime: no device compute to simulate
+        engine.infer({"input": SAMPLE.reshape(64)})
+    engine.swap(*slots["onnx_as_tensorrt"][:2], bundle_id=slots["onnx_as_tensorrt"][2])
+    other = engine.infer_detailed({"input": SAMPLE})
+
+    assert took_ms < 500.0, took_ms  # ten requests "of 500 ms" returned at host speed
+    real_ms = [r.latency_ms - 500.0 for r in results]
+    assert all(0 < ms < took_ms for ms in real_ms), real_ms  # the real inference is still timed, on top
+    assert [e.latency_ms for e in seen[:10]] == [r.latency_ms for r in results]  # what telemetry sees
+    assert seen[10].error_kind == "input" and seen[10].latency_ms < 500.0
+    assert asked == [simulated] * 10 + [slots["onnx_as_tensorrt"][2]]  # once per answered request, with its bundle
+    assert 0 < other.latency_ms < 500.0
+    engine.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # HTTP
 

@@ -72,10 +72,29 @@ def run(
         rates = result["broker_msg_per_s"]
         console.print(f"broker during the rollout ({result['rollout_s']} s): {rates.get('received', 0):g} msg/s received, "
                       f"{rates.get('sent', 0):g} msg/s sent")
+    console.print(_describe_fidelity(result["fidelity"]))
     console.print(f"converged: {result['converged']}; expectation met: {result['expectation_met']}; {result['duration_s']} s")
+    if result["saturated"]:
+        console.print(f"[bold red]{result['fidelity']['reason']}[/bold red]")
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    raise typer.Exit(0 if result["expectation_met"] else 1)
+    # 3, not 1: a saturated host says nothing about the release, so a script must not read it as a failed expectation
+    raise typer.Exit(3 if result["saturated"] else 0 if result["expectation_met"] else 1)
+
+
+def _describe_fidelity(report: dict) -> str:
+    """One line: each profile's real part of the latency against its simulated one, and the workload's rate."""
+    parts = []
+    for profile, row in report["profiles"].items():
+        if row["requests"]:
+            parts.append(f"{profile} real part p50 {row['real_part_p50_ms']:.2f} / p95 {row['real_part_p95_ms']:.2f} ms of "
+                         f"{row['claimed_ms']:g} ms simulated ({row['distortion'] * 100:.1f} %, {row['requests']} requests)")
+        else:
+            parts.append(f"{profile} answered no request")
+    rate = report["rate"]
+    parts.append(f"workload {rate['achieved_hz']:g} of {rate['planned_hz']:g} req/s planned")
+    verdict = "[green]faithful[/green]" if report["ok"] else "[red]saturated[/red]"
+    return f"fidelity: {'; '.join(parts)} — {verdict}"
 
 
 def _raise_open_file_limit() -> None:

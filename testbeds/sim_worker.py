@@ -1,6 +1,8 @@
 """A worker process of the simulated fleet: runs a slice of the devices (agents, simulated device speed,
-workload) until it is terminated. Started by `testbeds.sim.SimulatedFleet` for fleets larger than one
-process holds (paho-mqtt's select() loop limits a process to about 300 clients)."""
+workload at the per-device rate the parent chose within the host budget) until it is terminated. Started
+by `testbeds.sim.SimulatedFleet` for fleets larger than one process holds (paho-mqtt's select() loop
+limits a process to about 300 clients). On SIGTERM it writes its workload's summary (`WorkloadStats`) as
+JSON to the path the parent gave, which reads it for the fidelity check after the worker exited."""
 
 from __future__ import annotations
 
@@ -29,10 +31,14 @@ def main(argv: list[str]) -> int:
     for agent in agents:
         agent.start()
         fleet._hook(agent)
-    workload = fleet._start_workload(agents, stop)
+    workload = fleet._start_workload(agents, stop, spec["rate_hz"])
     while not stop.wait(1.0):
         pass
     workload.join(timeout=10)
+    summary = Path(spec["summary"])
+    temporary = summary.with_suffix(".tmp")
+    temporary.write_text(json.dumps(fleet.workload_stats.to_json()))
+    temporary.replace(summary)  # the parent reads a whole summary or none
     for agent in agents:
         agent.stop()
     return 0

@@ -17,6 +17,8 @@ def _run(scenario: str, devices: int, *options: str) -> dict:
     result = run_cli("testbed", "run", scenario, "--devices", str(devices), "--json", *options)
     assert result.stdout, result.stderr[-3000:]
     report = json.loads(result.stdout)
+    # a saturated host (the simulated latencies off by more than the tolerance) is no verdict on the release
+    assert not report["saturated"], report["fidelity"]["reason"]
     assert result.returncode == (0 if report["expectation_met"] else 1)
     assert report["secure"] is True and report["tls"] == ("--tls" in options)
     return report
@@ -32,7 +34,30 @@ def test_latency_regression_on_rpi5_rolls_back_within_two_waves_naming_the_rpi5_
     failing = [c for c in evidence["checks"] if c["metric"] == "p95_latency_ms" and not c["passed"] and c.get("outcome") == "fail"]
     assert {c["profile"] for c in failing} == {"rpi5"}, evidence["checks"]
     assert all(c["control"] and c["value"] > c["limit"] for c in failing)
+    # the evidence of a statistical decision: n on both sides, the ratio's interval above the threshold
+    assert all(c["test"]["low"] > 1.3 and c["test"]["p_value"] < c["alpha"] and c["inferences"] >= 200
+               and c["control_inferences"] >= 200 and c["control_devices"] >= 1 for c in failing)
+    assert report["fidelity"]["ok"] is True
     assert report["converged"]
+
+
+def test_a_regression_within_the_gate_threshold_is_not_rolled_back():
+    # rpi5 1.1x slower under `p95_latency_ms<=1.3x control`: the interval clears the threshold
+    report = _run("latency-minor", 20)
+    assert report["rollout"]["status"] == "succeeded", report["timeline"]
+    first = report["rollout"]["waves"][0]["evidence"]
+    rpi5 = next(c for c in first["checks"] if c["metric"] == "p95_latency_ms" and c["profile"] == "rpi5")
+    assert rpi5["outcome"] == "pass" and rpi5["test"]["high"] < 1.3 and rpi5["test"]["estimate"] > 1.02
+
+
+def test_too_little_traffic_ends_paused_as_inconclusive_not_promoted():
+    report = _run("low-traffic", 20)
+    rollout = report["rollout"]
+    assert rollout["status"] == "paused", report["timeline"]
+    assert [w["decision"] for w in rollout["waves"]][0] == "pause"
+    evidence = rollout["waves"][0]["evidence"]
+    assert evidence["reason"].startswith("inconclusive after the maximum bake of 20 s")
+    assert {c["outcome"] for c in evidence["checks"] if c["metric"] == "p95_latency_ms"} == {"inconclusive"}
 
 
 def test_the_same_scenario_without_the_fault_reaches_100_percent():

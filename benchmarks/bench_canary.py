@@ -54,9 +54,9 @@ def classify(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
     """What one run shows: its end state, the first rollback's wave and the profiles it blamed."""
     if "error" in report:
         return {"outcome": "error", "detail": report["error"]}
-    if report.get("saturated"):
-        return {"outcome": "saturated"}
     rollout = report.get("rollout") or {}
+    if report.get("saturated"):  # no verdict on the release; what the rollout did is kept for the record
+        return {"outcome": "saturated", "detail": f"rollout {rollout.get('status')}; {report['fidelity'].get('reason')}"}
     waves = rollout.get("waves") or []
     rolled = [i for i, wave in enumerate(waves) if wave.get("decision") == "rollback"]
     blamed: set[str] = set()

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,7 @@ def summarize(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         detected = [run for run in runs if run["outcome"] == "rolled_back" and run["rollback_wave"] is not None
                     and run["rollback_wave"] <= 2 and "rpi5" in run["blamed"] and "x86-avx2" not in run["blamed"]]
         row["detection_rate"] = len(detected) / n if n else None
-        row["detected_in_wave"] = dict(sorted(defaultdict(int, {w: sum(1 for r in detected if r["rollback_wave"] == w)
-                                                                for w in {r["rollback_wave"] for r in detected}}).items()))
+        row["detected_in_wave"] = dict(sorted(Counter(run["rollback_wave"] for run in detected).items()))
         row["x86_blamed"] = sum(1 for run in runs if "x86-avx2" in run.get("blamed", []))
     return row
 

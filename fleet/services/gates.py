@@ -739,6 +739,12 @@ def _drift_scores(windows: Sequence[TelemetryWindow]) -> tuple[dict[str, dict[st
     return {key: {device: (s, w) for device, (s, w) in devices.items()} for key, devices in scores.items()}, methods
 
 
+def _drift_means(per_name: Mapping[str, Mapping[str, tuple[float, float]]]) -> dict[str, float]:
+    """{name: inference-weighted mean score over every device} from `_drift_scores`' first part."""
+    return {key: sum(s for s, _ in devices.values()) / sum(w for _, w in devices.values())
+            for key, devices in per_name.items()}
+
+
 class Drift(_TelemetryMetric):
     name = "drift"
     description = "Worst drift score over the model's inputs and outputs (inference-weighted mean per name)."
@@ -747,8 +753,7 @@ class Drift(_TelemetryMetric):
         per_name, methods = _drift_scores(windows)
         if not per_name:
             return None, {}
-        scores = {key: sum(s for s, _ in devices.values()) / sum(w for _, w in devices.values())
-                  for key, devices in per_name.items()}
+        scores = _drift_means(per_name)
         worst = max(scores, key=scores.__getitem__)
         return scores[worst], {"worst": worst, "scores": scores, "drift_method": ", ".join(sorted(methods)) or None}
 
@@ -758,7 +763,8 @@ class Drift(_TelemetryMetric):
         c_scores, _ = _drift_scores(control)
         if not t_scores:
             return _undecidable("no drift scores in the treatment", spec)
-        worst = max(t_scores, key=lambda key: sum(s for s, _ in t_scores[key].values()) / sum(w for _, w in t_scores[key].values()))
+        t_means = _drift_means(t_scores)
+        worst = max(t_means, key=t_means.__getitem__)
         if worst not in c_scores:
             return _undecidable(f"the control reports no drift score for {worst!r}", spec)
         comparison = compare_mean_ratio(list(t_scores[worst].values()), list(c_scores[worst].values()),

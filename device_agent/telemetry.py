@@ -43,6 +43,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,7 +238,7 @@ class TelemetryPublisher:
                 log.exception("shadow summary failed; window sent without it")
         if stats.bundle_id is None and stats.inferences == 0:
             return None
-        message = Telemetry(device_id=self.device_id, bundle_id=stats.bundle_id, window_s=round(stats.duration_s, 3),
+        message = Telemetry(device_id=self.device_id, window_id=uuid.uuid4().hex, bundle_id=stats.bundle_id, window_s=round(stats.duration_s, 3),
                             inferences=stats.inferences, errors=stats.errors, latency_ms=stats.latency_ms, drift=scores,
                             drift_method=DRIFT_METHOD if drift is not None else None, shadow=shadow,
                             rss_bytes=process_rss_bytes(), ts=self.clock.time())

@@ -188,6 +188,8 @@ class Telemetry(_Message):
     """One window of a device's inference statistics (the fleet's telemetry gates read these)."""
 
     device_id: DeviceId
+    window_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+                                  description="Unique per device and window: a redelivered window is stored once.")
     bundle_id: str | None = None
     window_s: float = Field(gt=0)
     inferences: int = Field(ge=0, le=MAX_STORED_INT)

@@ -75,6 +75,37 @@ MQTT_THROTTLED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+INGEST_BATCHES = Counter(
+    "edgepack_ingest_batches",
+    "Batches of device messages stored, one transaction each.",
+    registry=REGISTRY,
+)
+INGEST_DROPPED = Counter(
+    "edgepack_ingest_dropped_total",
+    "Decoded device messages not stored, by reason (unknown_device, revoked_device, stopped).",
+    ["reason"],
+    registry=REGISTRY,
+)
+INGEST_WAITS = Counter(
+    "edgepack_ingest_queue_full_total",
+    "Times the MQTT thread found the ingest queue full and waited for the writers (backpressure).",
+    registry=REGISTRY,
+)
+INGEST_RETRIES = Counter(
+    "edgepack_ingest_retries_total",
+    "Batches retried because the database was unavailable.",
+    registry=REGISTRY,
+)
+INGEST_FAILED = Counter(
+    "edgepack_ingest_failed_total",
+    "Device messages that could not be stored even alone (logged with their device).",
+    registry=REGISTRY,
+)
+INGEST_DUPLICATES = Counter(
+    "edgepack_ingest_duplicate_windows_total",
+    "Telemetry windows received again (a QoS 1 redelivery or a re-send) and stored once.",
+    registry=REGISTRY,
+)
 CREDENTIAL_CHANGES = Counter(
     "edgepack_device_credential_changes",
     "Device credentials rotated or revoked, by action (rotated, revoked).",
@@ -117,6 +148,12 @@ __all__ = [
     "ENROLLMENTS",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
+    "INGEST_BATCHES",
+    "INGEST_DROPPED",
+    "INGEST_DUPLICATES",
+    "INGEST_FAILED",
+    "INGEST_RETRIES",
+    "INGEST_WAITS",
     "MQTT_MALFORMED",
     "MQTT_MESSAGES",
     "MQTT_REJECTED",

@@ -155,8 +155,11 @@ class TelemetryWindow(Base):
 
     __tablename__ = "telemetry"
 
+    __table_args__ = (UniqueConstraint("device_id", "window_key", name="uq_telemetry_device_window"),)
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    window_key: Mapped[str] = mapped_column(String(72), doc="The device's window_id, else sha256: of the message")
     bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     window_s: Mapped[float] = mapped_column(Float)

@@ -1,16 +1,17 @@
 """The fleet's MQTT side: consumes device status and telemetry, publishes retained desired states.
 
-    edgepack/v1/devices/+/status      → fleet.services.status.apply_status
-    edgepack/v1/devices/+/telemetry   → fleet.services.status.record_telemetry, then (with a drift policy)
-                                        fleet.services.alerts.check_drift, which may raise a drift alert
+    edgepack/v1/devices/+/status      → decoded here, stored in batches by fleet.ingest (store_batch)
+    edgepack/v1/devices/+/telemetry   → the same; then (with a drift policy) fleet.services.alerts.check_drift
+                                        for the windows that could raise or clear a drift alert
     edgepack/v1/devices/{id}/desired  ← publish_desired() (retained, QoS 1, waits for the PUBACK)
 
 paho-mqtt 2 runs the network loop in its own thread and reconnects by itself (backoff 1 → 30 s);
 subscriptions are renewed on every connect. With a persistent session (`persistent_session`, the
 server's default: clean_session=False under a client id kept across restarts) the broker queues the QoS 1
 status and telemetry published while the server is down and delivers them after its CONNACK; paho hands
-them to `on_message`, set before connecting, and acknowledges each only after `handle_message` returned,
-so a window is stored at least once (a crash between the commit and the PUBACK redelivers it).
+them to `on_message`, set before connecting, which checks and queues them for the writers (fleet.ingest);
+each is acknowledged (manual PUBACK) only once its batch is committed, so a window is stored at least once
+(a crash before the PUBACK redelivers it) and, by its window key, exactly once.
 
 The broker already refuses a device any topic but its own (fleet.broker); the bridge checks again: a
 device over its message budget (a token bucket per device: `device_message_rate` messages a second,
@@ -47,9 +48,10 @@ from edgepack.protocol import (
     parse_topic,
 )
 from fleet.controller import RolloutController, count_metric, default_bundle_url
-from fleet.models import Alert, Device
-from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy, check_drift
-from fleet.services.status import apply_status, record_telemetry
+from fleet.ingest import Ingestor, store_messages
+from fleet.models import Alert, utcnow
+from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy
+from fleet.services.status import Inbound
 from fleet.settings import FleetSettings, resolve_mqtt_client_id
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,9 @@ class MqttBridge:
         on_alert: Callable[[Alert], None] | None = None,
         endpoint: MqttEndpoint | None = None,
         budget: DeviceBudget | None = None,
+        ingest_queue: int = 20_000,
+        ingest_batch: int = 500,
+        ingest_writers: int = 1,
     ) -> None:
         self.mqtt_url = mqtt_url
         # The URL's host, port and credentials, plus the TLS files (FleetSettings.mqtt_endpoint) when given.
@@ -188,6 +193,10 @@ class MqttBridge:
         self.subscribed = threading.Event()  # set once the broker granted the subscriptions of this connection
         self._log = _RateLimitedLog(log_interval_s)
         self._client = None
+        # The writers that store what the network thread decodes, in batches (fleet.ingest).
+        self.ingestor = Ingestor(session_factory, max_queue=ingest_queue, batch=ingest_batch, writers=ingest_writers,
+                                 drift_policy=drift_policy, on_alert=self._alert, on_stored=self._stored)
+        self._accepting = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -197,7 +206,7 @@ class MqttBridge:
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=not self.persistent_session,
-                             protocol=mqtt.MQTTv311)
+                             protocol=mqtt.MQTTv311, manual_ack=True)
         self.endpoint.apply(client)  # credentials; with mqtts:// the broker verified against the CA, host name included
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
@@ -205,6 +214,8 @@ class MqttBridge:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self._client = client
+        self.ingestor.start()
+        self._accepting = True
         client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=self.keepalive_s)
         client.loop_start()
         return self
@@ -216,12 +227,19 @@ class MqttBridge:
         """Connected and subscribed: from now on every device message reaches the bridge."""
         return self.subscribed.wait(timeout_s)
 
-    def stop(self) -> None:
-        client, self._client = self._client, None
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Store what was queued and acknowledge it, then disconnect. Messages arriving meanwhile are left
+        unacknowledged: with a persistent session the broker hands them to the next server."""
+        client = self._client
         if client is None:
             return
+        self._accepting = False
+        if not self.ingestor.drain(drain_s):
+            log.warning("MQTT bridge: %d messages still queued at shutdown; the broker redelivers them", self.ingestor.depth)
+        self._client = None
         client.disconnect()
         client.loop_stop()
+        self.ingestor.stop()
         self.connected.clear()
         self.subscribed.clear()
 
@@ -255,16 +273,24 @@ class MqttBridge:
             self._log.warning("disconnect", "MQTT bridge lost %s (%s); reconnecting", self.mqtt_url, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
+        # Acknowledged once stored (the writers call `ack`), or at once when the message is dropped here.
+        ack = (lambda: client.ack(message.mid, message.qos)) if message.qos > 0 else None
+        if not self._accepting:
+            return  # stopping: unacknowledged, the broker redelivers it to the next server
         try:
-            self.handle_message(message.topic, message.payload)
-        except Exception as exc:  # a database error must not kill paho's thread; the message is counted
+            accepted = self.accept(message.topic, message.payload, ack=ack)
+        except Exception as exc:  # nothing may kill paho's thread; the message is counted
             self.errors[type(exc).__name__] += 1
             log.exception("MQTT bridge: handling a message on %r failed", message.topic)
+            accepted = None
+        if accepted is None and ack is not None:
+            ack()
 
     # ------------------------------------------------------------ messages
 
-    def handle_message(self, topic: str, payload: bytes) -> str:
-        """Apply one device message; returns its kind (`status`, `telemetry`), `ignored`, or `dropped:<reason>`."""
+    def _inbound(self, topic: str, payload: bytes) -> Inbound | str:
+        """The checks the MQTT thread makes before queueing: the decoded message, or what became of it
+        (`ignored`, `throttled`, `dropped:<reason>`)."""
         if not payload:
             return "ignored"  # a retained message being cleared
         try:
@@ -286,27 +312,47 @@ class MqttBridge:
             return self._drop(_malformed_reason(payload), topic, exc.message)
         if message.device_id != device_id:
             return self._drop("device_mismatch", topic, f"payload names device {message.device_id!r}")
-        alert = None
-        with self.session_factory() as session:
-            device = session.get(Device, device_id)
-            if device is not None and device.revoked_at is not None:
-                return self._drop("revoked_device", topic, f"device {device_id} is revoked")
-            try:
-                if kind == "status":
-                    apply_status(session, message)
-                else:
-                    window = record_telemetry(session, message)
-                    if self.drift_policy is not None:
-                        alert = check_drift(session, window, self.drift_policy)
-            except ProtocolError as exc:
-                return self._drop("unknown_device", topic, exc.message)
+        return Inbound(kind=kind, message=message, received_at=utcnow(), payload=bytes(payload), topic=topic)
+
+    def accept(self, topic: str, payload: bytes, *, ack: Callable[[], None] | None = None) -> Inbound | None:
+        """Check one message in the MQTT thread and queue it for the writers (which call `ack` once it is
+        stored); None when it went no further (dropped, throttled or ignored: the caller acknowledges it)."""
+        inbound = self._inbound(topic, payload)
+        if isinstance(inbound, str):
+            return None
+        inbound.ack = ack
+        if self.ingestor is None or not self.ingestor.submit(inbound):
+            return None if self.ingestor is None else inbound  # a stopped ingestor leaves it unacknowledged
+        return inbound
+
+    def handle_message(self, topic: str, payload: bytes) -> str:
+        """Apply one device message now, in its own transaction; returns its kind (`status`, `telemetry`),
+        `duplicate` (a window stored before), `ignored`, `throttled` or `dropped:<reason>`."""
+        inbound = self._inbound(topic, payload)
+        if isinstance(inbound, str):
+            return inbound
+        result = store_messages(self.session_factory, [inbound], self.drift_policy, self._alert).outcomes[0]
+        self._stored(inbound, result)
+        return "status" if result == "stale" else result
+
+    def _stored(self, item: Inbound, result: str) -> None:
+        """A writer stored (or refused) one message: the counters, and the log line of a refusal."""
+        if result.startswith("dropped:"):
+            reason = result.split(":", 1)[1]
+            why = "is not enrolled" if reason == "unknown_device" else "is revoked"
+            self._drop(reason, item.topic, f"device {item.message.device_id} {why}")
+            return
+        kind = "status" if result == "stale" else result
         self.processed[kind] += 1
-        count_metric("MQTT_MESSAGES", kind=kind)
-        if alert is not None:
-            self.processed["alert"] += 1
-            if self.on_alert is not None:
-                self.on_alert(alert)
-        return kind
+        if kind in ("status", "telemetry"):
+            count_metric("MQTT_MESSAGES", kind=kind)
+
+    def _alert(self, alert: Alert | None) -> None:
+        if alert is None:
+            return
+        self.processed["alert"] += 1
+        if self.on_alert is not None:
+            self.on_alert(alert)
 
     def _drop(self, reason: str, topic: str, detail: str) -> str:
         self.malformed[reason] += 1
@@ -360,11 +406,14 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     policy = DriftAlertPolicy(threshold=settings.drift_alert_threshold, repeat_s=settings.alert_repeat_s)
     webhook = settings.alert_webhook_url
     dispatcher = AlertDispatcher(session_factory, webhook) if webhook else None
+    writers = settings.ingest_writers or (1 if settings.database_url.startswith("sqlite") else 2)
     bridge = MqttBridge(settings.mqtt_url, session_factory, client_id=resolve_mqtt_client_id(settings),
                         endpoint=settings.mqtt_endpoint(),
                         persistent_session=settings.mqtt_persistent_session,
                         drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None,
-                        budget=DeviceBudget(settings.device_message_rate, settings.device_message_burst)).start()
+                        budget=DeviceBudget(settings.device_message_rate, settings.device_message_burst),
+                        ingest_queue=settings.ingest_queue, ingest_batch=settings.ingest_batch,
+                        ingest_writers=writers).start()
     from fleet.director import director_for  # every stored desired state is signed with the fleet's key
 
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),

@@ -17,6 +17,8 @@ value wins over the environment. `tests/fleet/test_settings.py` keeps the three 
     mqtt_dynsec    the broker is Mosquitto with the dynamic security plugin: device identities are created in it
                    as devices enroll and deleted when they are revoked (the embedded broker reads the database)
     device_message_rate, device_message_burst  one device's MQTT message budget; the fleet ignores the rest
+    ingest_queue, ingest_batch, ingest_writers  how decoded status and telemetry reach the database: writer
+                   threads store batches in one transaction each (fleet.ingest)
     tls_cert, tls_key       PEM certificate and key: the API is served over HTTPS (uvicorn's TLS); None → HTTP
     public_url     base URL devices reach the server at, for bundle download URLs; None → relative URLs
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
@@ -88,6 +90,14 @@ class FleetSettings(BaseModel):
                                                     "ignores the rest (token bucket).")
     device_message_burst: float = _field(200.0, env="EDGEPACK_DEVICE_MESSAGE_BURST", ge=1, allow_inf_nan=False,
                                          description="Messages one device may send at once above its rate.")
+    ingest_queue: int = _field(20_000, env="EDGEPACK_INGEST_QUEUE", ge=1,
+                               description="Decoded device messages waiting for a writer; a full queue holds the "
+                                           "MQTT thread back (the broker queues), it never drops.")
+    ingest_batch: int = _field(500, env="EDGEPACK_INGEST_BATCH", ge=1, le=5000,
+                               description="Messages one writer stores in one transaction at most.")
+    ingest_writers: int | None = _field(None, env="EDGEPACK_INGEST_WRITERS", ge=1, le=16,
+                                        description="Writer threads; None: 1 on SQLite (one writer at a time "
+                                                    "anyway), 2 on PostgreSQL.")
     tls_cert: Path | None = _field(None, env="EDGEPACK_TLS_CERT", description="Certificate (PEM) to serve the API over HTTPS.")
     tls_key: Path | None = _field(None, env="EDGEPACK_TLS_KEY", description="Key (PEM) of tls_cert.")
     public_url: str | None = _field(None, env="EDGEPACK_PUBLIC_URL", description="Base URL devices use for bundle downloads.")

@@ -89,6 +89,29 @@ def _same_subject(device_id: str, bundle_id: str | None, kind: str):
     return (Alert.device_id == device_id, bundle, Alert.kind == kind)
 
 
+def needs_drift_check(window: TelemetryWindow, policy: DriftAlertPolicy, open_subjects: set[tuple[str, str | None]]) -> bool:
+    """Whether check_drift could change anything for this window: its worst score is above the threshold,
+    or it is low enough to clear an alert that is open (`open_subjects`, from open_drift_subjects). The
+    writers call check_drift only for these, so a batch of healthy windows costs one query, not one each."""
+    scores = [float(score) for score in (window.drift or {}).values()
+              if isinstance(score, (int, float)) and math.isfinite(score)]
+    if not scores:
+        return False
+    worst = max(scores)
+    if worst > policy.threshold:
+        return True
+    return worst <= policy.threshold * CLEAR_FRACTION and (window.device_id, window.bundle_id) in open_subjects
+
+
+def open_drift_subjects(session: Session, device_ids: set[str]) -> set[tuple[str, str | None]]:
+    """(device_id, bundle_id) of the open drift alerts of these devices, in one query."""
+    if not device_ids:
+        return set()
+    rows = session.execute(select(Alert.device_id, Alert.bundle_id).where(
+        Alert.kind == DRIFT, Alert.cleared_at.is_(None), Alert.device_id.in_(device_ids)))
+    return {tuple(row) for row in rows}
+
+
 def check_drift(session: Session, window: TelemetryWindow, policy: DriftAlertPolicy,
                 now: float | dt.datetime | None = None) -> Alert | None:
     """Raise, keep or clear the drift alert of the window's device and bundle (see the module docstring);
@@ -314,5 +337,5 @@ class AlertDispatcher:
 
 __all__ = [
     "CLEAR_FRACTION", "DRIFT", "AlertDispatcher", "DriftAlertPolicy", "alert_payload", "check_drift",
-    "in_active_rollout", "list_alerts",
+    "in_active_rollout", "list_alerts", "needs_drift_check", "open_drift_subjects",
 ]

@@ -241,7 +241,6 @@ __all__ = [
     "STAGES",
     "ByteRange",
     "add_bundle",
-    "bundle_ref",
     "download_path",
     "etag",
     "get_bundle",

@@ -2,25 +2,34 @@
 
 A status answers one desired state (`status.seq`). The device row always takes the newest answer; the
 rollout member whose desired state it answers (`member.desired_seq == status.seq`) takes its phase.
-Anything older than what the device already answered is stale and ignored (a retained status replayed
+Anything older than what the device already answered is stale and ignored, and so is a status for the same
+seq sent before the one applied last (its `ts`, the device's clock: a status that arrived late through
+another replica cannot move a member back from `active` to `downloading`) (a retained status replayed
 after a reconnect is the newest one, so re-applying it changes nothing). The last will (`state:
 offline`) only marks the device offline: its other fields were fixed when the device connected.
 
-Both functions commit; the MQTT bridge calls them once per message.
+`apply_status` and `record_telemetry` commit (one message, one transaction: the API and the tests use
+them); the MQTT bridge's writers call `store_batch`, which applies a whole batch of decoded messages in one
+transaction (fleet.ingest). A telemetry window is stored once per (device, `window_key`): the key is the
+device's `window_id`, else the sha256 of the message as encoded, so a QoS 1 redelivery (the same bytes) or
+a window the agent re-sends after a lost PUBACK is not stored twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edgepack.errors import ProtocolError
-from edgepack.protocol import DeviceStatus, Telemetry
+from edgepack.protocol import DeviceStatus, Telemetry, encode
 from fleet.models import Device, RolloutMember, TelemetryWindow
 from fleet.services.gates import FAILED_PHASES, TIMED_OUT, utc
 
@@ -48,16 +57,24 @@ def apply_status(session: Session, status: DeviceStatus, now: float | dt.datetim
 
     Raises ProtocolError for a device that is not enrolled.
     """
-    device = _device(session, status.device_id)
-    at = _now(now)
+    applied = _apply_status(session, _device(session, status.device_id), status, _now(now))
+    session.commit()
+    return applied
+
+
+def _apply_status(session: Session, device: Device, status: DeviceStatus, at: dt.datetime) -> bool:
+    """apply_status without the commit, for a device already loaded."""
     if status.state == "offline":
         device.online = False
-        session.commit()
         return True
     device.online = True
     device.last_seen = at
     if status.seq < (device.acked_seq or 0):
-        session.commit()  # alive, but answering an older desired state than it already answered
+        return False  # alive, but answering an older desired state than it already answered
+    last_ts = (device.last_status or {}).get("ts") or 0.0
+    if status.seq == (device.acked_seq or 0) and status.ts and isinstance(last_ts, (int, float)) and status.ts < last_ts:
+        # the same desired state, but an earlier step (downloading after active): it arrived late, through
+        # another replica or a retried batch; the device's own clock orders its statuses
         return False
     device.acked_seq = status.seq
     device.phase = status.phase
@@ -76,7 +93,6 @@ def apply_status(session: Session, status: DeviceStatus, now: float | dt.datetim
             if member.phase != TIMED_OUT or phase == "active" or phase in FAILED_PHASES:
                 member.phase = phase
                 member.error = status.error or member.error  # the last error this member reported
-    session.commit()
     return True
 
 
@@ -92,23 +108,120 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def record_telemetry(session: Session, telemetry: Telemetry, now: float | dt.datetime | None = None) -> TelemetryWindow:
-    """Store one telemetry window (read by the telemetry gates and the drift alerts). Non-finite numbers are
-    stored as null (drift scores that are not finite are left out). Raises ProtocolError for an unknown device."""
-    device = _device(session, telemetry.device_id)
-    at = _now(now)
-    device.last_seen = at
+def window_key(telemetry: Telemetry, payload: bytes | None = None) -> str:
+    """What makes a window unique for its device: the agent's `window_id`, else the sha256 of the message
+    as it arrived (`payload`; the canonical encoding when there is none): a redelivery is the same bytes."""
+    if telemetry.window_id:
+        return telemetry.window_id
+    return "sha256:" + hashlib.sha256(payload if payload is not None else encode(telemetry)).hexdigest()[:48]
+
+
+def _window_row(device_id: str, telemetry: Telemetry, at: dt.datetime, key: str) -> dict[str, Any]:
     latency = _finite(telemetry.latency_ms.model_dump())
-    window = TelemetryWindow(
-        device_id=device.id, bundle_id=telemetry.bundle_id, received_at=at, window_s=telemetry.window_s,
-        inferences=telemetry.inferences, errors=telemetry.errors, p50_ms=latency["p50"],
-        p95_ms=latency["p95"], p99_ms=latency["p99"],
+    return dict(
+        device_id=device_id, window_key=key, bundle_id=telemetry.bundle_id, received_at=at,
+        window_s=telemetry.window_s, inferences=telemetry.inferences, errors=telemetry.errors,
+        p50_ms=latency["p50"], p95_ms=latency["p95"], p99_ms=latency["p99"],
         drift={name: score for name, score in telemetry.drift.items() if math.isfinite(score)},
         payload=_finite(telemetry.model_dump(mode="json")),
     )
-    session.add(window)
+
+
+def _insert_windows(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert the rows whose (device_id, window_key) is not stored yet; returns those inserted. One
+    statement for the lookup and one multi-row INSERT … ON CONFLICT DO NOTHING (a replica storing the same
+    redelivered window at the same moment loses the race quietly)."""
+    if not rows:
+        return []
+    unique: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:  # the same window twice in one batch: the first one counts
+        unique.setdefault((row["device_id"], row["window_key"]), row)
+    stored = {tuple(row) for row in session.execute(
+        select(TelemetryWindow.device_id, TelemetryWindow.window_key)
+        .where(tuple_(TelemetryWindow.device_id, TelemetryWindow.window_key).in_(list(unique))))}
+    fresh = [row for pair, row in unique.items() if pair not in stored]
+    if not fresh:
+        return []
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(TelemetryWindow).on_conflict_do_nothing(index_elements=["device_id", "window_key"])
+    session.execute(statement, fresh)
+    return fresh
+
+
+def record_telemetry(session: Session, telemetry: Telemetry, now: float | dt.datetime | None = None,
+                     payload: bytes | None = None) -> TelemetryWindow | None:
+    """Store one telemetry window (read by the telemetry gates and the drift alerts). Non-finite numbers are
+    stored as null (drift scores that are not finite are left out). Returns the stored window, or None when
+    this window (its `window_key`) was stored before. Raises ProtocolError for an unknown device."""
+    device = _device(session, telemetry.device_id)
+    at = _now(now)
+    device.last_seen = at
+    key = window_key(telemetry, payload)
+    inserted = _insert_windows(session, [_window_row(device.id, telemetry, at, key)])
     session.commit()
-    return window
+    if not inserted:
+        return None
+    return session.scalars(select(TelemetryWindow).where(TelemetryWindow.device_id == device.id,
+                                                         TelemetryWindow.window_key == key)).one()
 
 
-__all__ = ["apply_status", "record_telemetry"]
+@dataclass
+class Inbound:
+    """One decoded device message on its way to the database (fleet.ingest queues these)."""
+
+    kind: str  # "status" or "telemetry"
+    message: DeviceStatus | Telemetry
+    received_at: dt.datetime
+    payload: bytes | None = None
+    topic: str = ""
+    ack: Any = None  # called once the message is stored (or dropped for good): the MQTT PUBACK
+
+
+@dataclass
+class BatchOutcome:
+    """What `store_batch` did with each message, in order: `status`, `telemetry`, `duplicate`, `stale`
+    (an older status: only liveness changed) or `dropped:<reason>`; and the windows it stored."""
+
+    outcomes: list[str] = field(default_factory=list)
+    windows: list[TelemetryWindow] = field(default_factory=list)
+
+
+def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
+    """Apply a batch of decoded messages in one transaction (committed here): statuses in arrival order,
+    telemetry windows in one multi-row insert. Messages of devices that are not enrolled or were revoked are
+    dropped (`dropped:unknown_device`, `dropped:revoked_device`); nothing else is."""
+    ids = {item.message.device_id for item in items}
+    devices = {device.id: device for device in session.scalars(select(Device).where(Device.id.in_(ids)))}
+    outcome = BatchOutcome()
+    rows: list[dict[str, Any]] = []
+    row_index: list[int] = []
+    for item in items:
+        device = devices.get(item.message.device_id)
+        if device is None:
+            outcome.outcomes.append("dropped:unknown_device")
+            continue
+        if device.revoked_at is not None:
+            outcome.outcomes.append("dropped:revoked_device")
+            continue
+        if item.kind == "status":
+            applied = _apply_status(session, device, item.message, item.received_at)
+            outcome.outcomes.append("status" if applied else "stale")
+            continue
+        device.last_seen = max(utc(device.last_seen) or item.received_at, item.received_at)
+        row_index.append(len(outcome.outcomes))
+        outcome.outcomes.append("telemetry")
+        rows.append(_window_row(device.id, item.message, item.received_at, window_key(item.message, item.payload)))
+    inserted = {(row["device_id"], row["window_key"]) for row in _insert_windows(session, rows)}
+    seen: set[tuple[str, str]] = set()
+    for index, row in zip(row_index, rows):
+        pair = (row["device_id"], row["window_key"])
+        if pair not in inserted or pair in seen:
+            outcome.outcomes[index] = "duplicate"
+        else:
+            seen.add(pair)
+            outcome.windows.append(TelemetryWindow(**row))
+    session.commit()
+    return outcome
+
+
+__all__ = ["BatchOutcome", "Inbound", "apply_status", "record_telemetry", "store_batch", "window_key"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,8 @@ class SimulatedDevices:
     def report_telemetry(self, device_id: str, bundle_id: str, p95_ms: float, inferences: int = 200, errors: int = 0,
                          drift: dict | None = None) -> None:
         with self.session_factory() as session:
-            record_telemetry(session, Telemetry(device_id=device_id, bundle_id=bundle_id, window_s=10, inferences=inferences,
+            record_telemetry(session, Telemetry(device_id=device_id, window_id=uuid.uuid4().hex, bundle_id=bundle_id,
+                                                window_s=10, inferences=inferences,
                                                 errors=errors, latency_ms={"p50": p95_ms / 2, "p95": p95_ms, "p99": p95_ms * 1.2},
                                                 drift=drift or {}), now=self.clock())
 

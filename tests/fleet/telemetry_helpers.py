@@ -8,6 +8,7 @@ import json
 import math
 import random
 import threading
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -48,7 +49,9 @@ def window(device_id: str, bundle_id: str | None, samples: list[float], *, error
                                "p99": exact_quantile(samples, 0.99)} if samples else {}
     if with_histogram and samples:
         latency.update(bounds_ms=bounds, counts=histogram(samples, bounds))
-    return Telemetry(device_id=device_id, bundle_id=bundle_id, window_s=window_s, inferences=len(samples),
+    # a window id as the agent gives every window: two windows with the same numbers are still two windows
+    return Telemetry(device_id=device_id, window_id=uuid.uuid4().hex, bundle_id=bundle_id, window_s=window_s,
+                     inferences=len(samples),
                      errors=errors, latency_ms=latency, drift=drift or {}, drift_method="psi" if drift else None)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,8 +95,9 @@ def _status(device_id: str, phase: str = "idle") -> bytes:
 
 
 def _telemetry(device_id: str) -> bytes:
+    """A window of a flooding device; each one distinct (its id), so none is stored as a redelivery."""
     return json.dumps({"schema_version": SCHEMA_VERSION, "device_id": device_id, "bundle_id": None,
-                       "window_s": 10.0, "inferences": 1000, "errors": 900,
+                       "window_id": uuid.uuid4().hex, "window_s": 10.0, "inferences": 1000, "errors": 900,
                        "latency_ms": {"p50": 500.0, "p95": 990.0, "p99": 999.0}}).encode()
 
 

@@ -306,7 +306,8 @@ def test_shadow_agreement_is_judged_with_its_interval(fleet_db, agreement, outco
         clock.advance(5)
         with session_factory() as session:
             for device_id, desired in publisher.latest().items():
-                record_telemetry(session, Telemetry(device_id=device_id, bundle_id=desired.bundle.id, window_s=5,
+                record_telemetry(session, Telemetry(device_id=device_id, window_id=f"{device_id}-{clock()}",
+                                                    bundle_id=desired.bundle.id, window_s=5,
                                                     inferences=300, errors=0, shadow={"samples": 300, "agreement": agreement}),
                                  now=clock())
     clock.advance(1.5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from fleet.app import create_app
 from fleet.settings import FleetSettings

@@ -42,6 +42,9 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "mqtt_dynsec": ("true", True),
     "device_message_rate": ("5", 5.0),
     "device_message_burst": ("50", 50.0),
+    "ingest_queue": ("1000", 1000),
+    "ingest_batch": ("100", 100),
+    "ingest_writers": ("3", 3),
 }
 
 

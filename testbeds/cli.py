@@ -37,6 +37,8 @@ def run(
                                     help="Devices per process; larger fleets run the rest in worker processes "
                                          "(paho-mqtt's select() loop holds about 300 clients per process)."),
     tls: bool = typer.Option(False, "--tls", help="mqtts:// and HTTPS on loopback with a lab CA made for the run."),
+    max_bake: Optional[float] = typer.Option(None, "--max-bake", min=0.0,
+                                             help="Override the scenario's maximum bake in seconds (its six looks come closer together)."),
 ) -> None:
     """Run a scenario: build releases, start a broker, a fleet and N agents, roll out, inject faults, report."""
     import logging
@@ -51,6 +53,11 @@ def run(
     logging.basicConfig(level=logging.ERROR)
     _raise_open_file_limit()
     spec = load_scenario(scenario)
+    if max_bake is not None:
+        if spec.rollout is None or max_bake < spec.rollout.bake_s:
+            raise typer.BadParameter(f"--max-bake {max_bake:g}: the scenario has no rollout, or it bakes longer "
+                                     f"({spec.rollout.bake_s if spec.rollout else 0:g} s)")
+        spec = spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"max_bake_s": max_bake})})
     count = devices or spec.devices.count
     folder = work_dir or Path(tempfile.mkdtemp(prefix=f"edgepack-testbed-{spec.name}-"))
     console.print(f"[bold]{spec.name}[/bold] with {count} devices: {spec.description}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import yaml
 
 from builder.pipeline import BuildRequest, run_build
 from edgepack.bundle import open_bundle
-from edgepack.errors import GateFailed
 from edgepack.report import BuildReport
 from edgepack.signing import generate_keypair, load_public_key
 from testbeds.tiny import write_config

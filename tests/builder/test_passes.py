@@ -30,8 +30,14 @@ def _ctx(tmp_path: Path, project: Path | None = None, profile: str = "x86-avx512
     return PassContext(work_dir=tmp_path / "work", profile=load_profile(profile), build=None, data=data)
 
 
-def _run(model_path: Path, feed: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+def _run(model_path: Path, feed: np.ndarray, *, graph_semantics: bool = False) -> np.ndarray:
+    """The model's output in onnxruntime on this CPU. `graph_semantics`: with graph optimizations off, so a QDQ
+    model runs as QuantizeLinear → DequantizeLinear → float ops, what the quantized graph means on any target,
+    instead of this host's fused int8 kernels."""
+    options = ort.SessionOptions()
+    if graph_semantics:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input": feed})[0]
 
 
@@ -133,7 +139,10 @@ def test_int8_static_qdq_scheme_follows_the_profile(tmp_path, tiny_project, prof
     assert len(onnx.numpy_helper.to_array(weights["w1_scale"])) == 8
     feed = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
     ref = _run(model, feed)
-    np.testing.assert_allclose(_run(out.model_path, feed), ref, atol=0.1 * np.abs(ref).max() + 1e-3)
+    # jetson's model runs in TensorRT, not here: check what its symmetric int8 graph computes, not onnxruntime's
+    # x86 S8S8 kernels, which saturate on CPUs without VNNI (the CI machine) and are no part of that target
+    out_values = _run(out.model_path, feed, graph_semantics=profile == "jetson")
+    np.testing.assert_allclose(out_values, ref, atol=0.1 * np.abs(ref).max() + 1e-3)
 
 
 def test_int8_static_excludes_fallback_nodes(tmp_path, tiny_project):

@@ -21,7 +21,7 @@ from device_agent.tensorrt_engine import (
     tensorrt_available,
 )
 from edgepack.bundle import open_bundle, read_manifest_unverified
-from edgepack.errors import BundleError, ModelError
+from edgepack.errors import BundleError
 from edgepack.signing import dev_key_path, load_public_key
 from tests.support import REPO
 

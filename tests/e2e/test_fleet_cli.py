@@ -14,7 +14,7 @@ import httpx
 from edgepack.signing import generate_keypair
 from testbeds.fleet_harness import FleetProcess, build_release
 from testbeds.mosquitto import MosquittoBroker, free_port
-from tests.support import REPO, run_cli
+from tests.support import run_cli
 
 
 def test_operator_workflow_push_enroll_rollout_pause_resume_abort(tmp_path):

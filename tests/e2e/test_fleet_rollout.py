@@ -8,15 +8,14 @@ require signed desired states."""
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy
 
 from edgepack.signing import generate_keypair
 from testbeds.fleet_harness import DesiredMonitor, FleetProcess, agent_configs, build_release, wait_for
 from testbeds.mosquitto import MosquittoBroker
+from tests.support import fresh_database
 
 PROFILES = ["jetson-orin-nano", "x86-avx2"]
 N_AGENTS = 20
@@ -38,15 +37,8 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield None
         return
-    admin_url = request.getfixturevalue("postgres_url")
-    name = f"edgepack_e2e_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    yield admin_url.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(request.getfixturevalue("postgres_url"), "edgepack_e2e") as url:
+        yield url
 
 
 def _sha(path: Path) -> str:

@@ -14,7 +14,6 @@ import secrets
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,19 +116,10 @@ def postgres_module_url(postgres_url: str) -> Iterator[str]:
     `postgres_url` (tests/conftest.py) is EDGEPACK_TEST_POSTGRES_URL or the session's throwaway server;
     the database it names is only the one we connect to for CREATE/DROP DATABASE.
     """
-    import psycopg
-    from sqlalchemy.engine import make_url
+    from tests.support import fresh_database
 
-    base = postgres_url
-    name = f"edgepack_test_{uuid.uuid4().hex[:12]}"
-    admin_url = make_url(base).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin_url, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -137,6 +127,22 @@ def db_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fleet.db'}"
     return request.getfixturevalue("postgres_module_url")
+
+
+@pytest.fixture
+def migrated_factory(db_url: str):
+    """A session factory on `db_url` migrated to the newest schema, every table empty (the PostgreSQL
+    database is the module's, so earlier tests' rows are cleared first)."""
+    from fleet.db import make_engine, make_session_factory, migrate
+    from fleet.models import Base
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ PYTEST := $(BIN)/python -m pytest -q
 # Debian packages of the programs the tests start beside themselves: the broker, the database server
 # (the session starts its own from these binaries unless EDGEPACK_TEST_POSTGRES_URL names one), and the
 # browser that checks the report pages.
-SYSTEM_PACKAGES := mosquitto postgresql chromium
+SYSTEM_PACKAGES := mosquitto postgresql chromium nodejs npm
+# The S3-compatible server the object-store tests start (testbeds/s3.py), pinned in tools/s3rver.
+S3RVER := tools/s3rver/node_modules/s3rver/bin/s3rver.js
 
 .PHONY: venv demo test test-fast system-packages lock docs bench clean
 
@@ -34,6 +36,7 @@ system-packages:
 	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb || test -n "$$EDGEPACK_TEST_POSTGRES_URL"; } \
 	  >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	{ command -v chromium || test -x /usr/bin/chromium; } >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v node && command -v npm; } >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing system packages the tests need:$$missing"; \
@@ -43,8 +46,12 @@ system-packages:
 	  exit 1; \
 	fi
 
+$(S3RVER): tools/s3rver/package.json tools/s3rver/package-lock.json
+	npm ci --prefix tools/s3rver --no-audit --no-fund --silent
+	touch $(S3RVER)
+
 # The whole suite, what CI runs.
-test: $(STAMP) system-packages
+test: $(STAMP) system-packages $(S3RVER)
 	$(PYTEST) tests
 
 # The quick loop: tests that need no service beside them (markers in tests/conftest.py), first failure stops.

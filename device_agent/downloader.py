@@ -8,6 +8,12 @@ zero. At the end the size and sha256 must equal the BundleRef's; only then is th
 and full jitter (`edgepack.retry`: devices cut off by the same outage do not come back in lockstep);
 any progress resets that count, so a slow, flaky link still gets there.
 
+The URL of a BundleRef may be the fleet's own route or an absolute, expiring object-store URL
+(presigned S3, or a CDN in front of it). Redirects are followed here, not by urllib, so the fleet
+credential never goes to another origin; a 403/410 from another origin (a presigned URL that expired,
+or a CDN that no longer has it) sends the download back to the fleet's route, which redirects to a
+freshly signed URL, and the transfer resumes where it stopped.
+
 Errors: `DownloadError` (retryable: the network or the server is at fault) and
 `DownloadRefused` (permanent: 4xx, a size or hash mismatch twice, a bigger body than announced).
 """
@@ -25,6 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 from edgepack.errors import EdgepackError
 from edgepack.files import file_sha256_size
@@ -36,6 +43,28 @@ from device_agent.fleet_api import FleetClient
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE_PREFIX = "bytes "
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 5
+# A URL of another origin answering one of these has expired or lost the file: ask the fleet again.
+_STALE_URL = (401, 403, 404, 410)
+# Fresh URLs from the fleet that fail in a row, without a byte of progress, before the download is refused.
+_MAX_REFRESHES = 3
+
+
+def fleet_download_route(bundle_id: str) -> str:
+    """The fleet API's download route of a bundle (relative; the client resolves it)."""
+    return f"/api/v1/bundles/{bundle_id}/download"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None  # the downloader follows them itself: credentials and TLS trust are per origin
+
+
+class _StaleUrl(Exception):
+    def __init__(self, url: str, code: int, reason: str) -> None:
+        super().__init__(f"HTTP {code} {reason}")
+        self.url, self.code, self.reason = url, code, reason
 
 
 class DownloadError(EdgepackError):
@@ -63,6 +92,7 @@ class DownloadResult:
     bytes_fetched: int  # over the network in this call (less than the size when resumed)
     resumed_from: int
     requests: int
+    refreshes: int = 0  # times an expired or stale URL sent the download back to the fleet for a new one
 
 
 class Downloader:
@@ -93,10 +123,11 @@ class Downloader:
         final.unlink(missing_ok=True)
 
         url = self.client.resolve(ref.url)
+        fleet_route = self.client.resolve(fleet_download_route(ref.id))
         part = self.part_path(ref)
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         started_size = part.stat().st_size if part.exists() else 0
-        fetched = requests = mismatches = 0
+        fetched = requests = mismatches = refreshes = stale_in_a_row = 0
         backoff = self._policy.backoff(self._rng)
         while True:
             if self.should_stop():
@@ -109,7 +140,7 @@ class Downloader:
             if have == ref.size:
                 if file_sha256_size(part) == (ref.sha256, ref.size):
                     os.replace(part, final)
-                    return DownloadResult(final, fetched, started_size, requests)
+                    return DownloadResult(final, fetched, started_size, requests, refreshes)
                 part.unlink()
                 mismatches += 1
                 if mismatches >= 2:
@@ -120,6 +151,19 @@ class Downloader:
             requests += 1
             try:
                 gained = self._fetch_range(url, part, have, ref, progress)
+            except _StaleUrl as exc:
+                gained = part.stat().st_size - have if part.exists() else 0
+                fetched += max(gained, 0)
+                stale_in_a_row = 0 if gained > 0 else stale_in_a_row + 1
+                if stale_in_a_row > _MAX_REFRESHES:
+                    raise DownloadRefused(f"download of bundle {ref.id[:12]} refused: {exc} from {_origin(exc.url)} "
+                                          f"{stale_in_a_row} times in a row, with a fresh URL from the fleet each "
+                                          "time", bundle_id=ref.id) from None
+                refreshes += 1
+                log.info("bundle %s: %s answered %s (an expired or stale URL); asking the fleet for a fresh one",
+                         ref.id[:12], _origin(exc.url), exc)
+                url = fleet_route
+                continue
             except DownloadRefused:
                 raise
             except (DownloadError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
@@ -140,13 +184,12 @@ class Downloader:
 
     def _fetch_range(self, url: str, part: Path, have: int, ref: BundleRef,
                      progress: Callable[[int, int], None] | None) -> int:
-        headers = self.client.headers_for(url)
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        request = urllib.request.Request(url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=self.settings.timeout_s, context=self.client.context_for(url))
+            response, url = self._open(url, have)
         except urllib.error.HTTPError as exc:
+            answered = exc.filename if isinstance(exc.filename, str) else url
+            if exc.code in _STALE_URL and not self.client.same_origin(answered):
+                raise _StaleUrl(answered, exc.code, str(exc.reason)) from None
             if exc.code == 416 and have:
                 # The server thinks our prefix is past its end: our .part cannot belong to this file.
                 log.warning("server answered 416 for %s at %d bytes; starting over", ref.id[:12], have)
@@ -199,6 +242,36 @@ class Downloader:
         if have + written < ref.size:
             raise DownloadError(f"connection ended at {have + written} of {ref.size} bytes")
         return written
+
+
+    def _open(self, url: str, have: int) -> tuple[http.client.HTTPResponse, str]:
+        """GET `url` from byte `have`, following redirects with each hop's own credentials and TLS trust.
+        Returns the response and the URL that gave it; an HTTPError names the URL that answered it in
+        `filename`."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            headers = self.client.headers_for(url)
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+            context = self.client.context_for(url)
+            if context is not None:
+                handlers.append(urllib.request.HTTPSHandler(context=context))
+            opener = urllib.request.build_opener(*handlers)
+            try:
+                return opener.open(urllib.request.Request(url, headers=headers), timeout=self.settings.timeout_s), url
+            except urllib.error.HTTPError as exc:
+                location = exc.headers.get("Location") if exc.code in _REDIRECTS else None
+                if not location:
+                    exc.filename = url
+                    raise
+                exc.close()
+                url = urljoin(url, location)
+        raise DownloadError(f"more than {_MAX_REDIRECTS} redirects")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _content_range_start(value: str | None) -> int | None:

@@ -21,7 +21,8 @@
         ├── Conflict              the request clashes with the current state (HTTP 409)
         ├── PayloadTooLarge       an upload larger than the server accepts (HTTP 413)
         ├── RangeNotSatisfiable   a download Range that lies outside the file (HTTP 416)
-        └── BrokerUnavailable     the MQTT broker did not take a device identity change (HTTP 503)
+        ├── BrokerUnavailable     the MQTT broker did not take a device identity change (HTTP 503)
+        └── StoreUnavailable      the S3-compatible bundle store did not answer or refused us (HTTP 503)
 
 Only the edges (CLI, API) translate these into exit codes, status codes or log lines.
 `first_validation_error` turns a pydantic ValidationError into the one line those edges print.
@@ -155,6 +156,12 @@ class RangeNotSatisfiable(ApiError):
 
 class BrokerUnavailable(ApiError):
     """The MQTT broker did not confirm a device identity change (enrollment, rotation, revocation)."""
+
+    http_status = 503
+
+
+class StoreUnavailable(ApiError):
+    """The bundle store (an S3-compatible bucket) did not answer or refused the fleet's credentials."""
 
     http_status = 503
 

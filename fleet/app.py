@@ -35,7 +35,7 @@ from fleet.api import API_PREFIX, api_router, system_router
 from fleet.auth import bootstrap_admin_token
 from fleet.db import make_engine, make_session_factory, migrate
 from fleet.settings import FleetSettings
-from fleet.store import BundleStore, FileBundleStore
+from fleet.store import BundleStore, store_for
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,16 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: 
     is not disposed on shutdown (its owner does that)."""
     owns_engine = engine is None
     engine = engine if engine is not None else make_engine(settings.database_url)
-    store = store if store is not None else FileBundleStore(settings.store_dir)
+    store = store if store is not None else store_for(settings)
     trusted_keys = [load_public_key(path) for path in settings.trusted_keys]
     hooks = tuple(lifespan_hooks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.new_admin_token = await run_in_threadpool(prepare, settings, engine)
+        check_store = getattr(store, "check", None)
+        if check_store is not None:  # an object store that does not answer is a startup error, not a 503 later
+            await run_in_threadpool(check_store)
         if app.state.new_admin_token:
             log.warning("created an admin token: it is in %s (mode 0600)", settings.admin_token_file)
         if not trusted_keys:

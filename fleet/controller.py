@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgepack.protocol import BundleRef, DesiredState
@@ -47,10 +47,12 @@ from fleet.services.gates import (
     ASSIGNED, IN_PROGRESS_PHASES, PENDING, SKIPPED, TIMED_OUT, WAITING, WaveVerdict, canonical_profile,
     evaluate_gates, holdback_step, rollout_bundles, step_percent, utc,
 )
+from fleet.services.pacing import Pacing, pacing_of
 
 log = logging.getLogger(__name__)
 
 ACTOR = "controller"
+JOIN_SCAN_S = 5.0  # how often a running rollout looks for devices that joined its selector
 
 
 class DesiredStatePublisher(Protocol):
@@ -105,7 +107,11 @@ class RolloutController:
         bundle_url: Callable[[Bundle], str] = default_bundle_url,
         signer: DesiredStateSigner | None = None,
         refresh_interval_s: float = 60.0,
+        leadership: Any = None,
     ) -> None:
+        # fleet.leader.Leadership: with several replicas on one database only the one holding it ticks
+        self.leadership = leadership
+        self._join_scans: dict[str, float] = {}  # rollout id -> when it last looked for late joiners
         self.signer = signer
         self.refresh_interval_s = refresh_interval_s
         self._last_refresh: float | None = None
@@ -121,7 +127,8 @@ class RolloutController:
         """tick() every `interval_s` until `stop_event` is set (the body of the controller thread)."""
         while not stop_event.is_set():
             try:
-                self.tick()
+                if self.leadership is None or self.leadership.is_leader():
+                    self.tick()
             except Exception:  # the loop must outlive a bad tick (a database hiccup); the next one retries
                 log.exception("rollout controller tick failed")
             stop_event.wait(interval_s)
@@ -178,6 +185,10 @@ class RolloutController:
                 session.commit()
             return None
         self._mark_timeouts(session, rollout, now)
+        self._take_in_late_joiners(session, rollout, now)
+        held = self._start_paced(session, rollout, now)
+        if held is not None:  # members of this wave still wait for their start: it is not judged yet
+            return (rollout.id, rollout.current_wave, "hold") if self._hold(session, rollout, held, now) else None
         verdict = self.evaluate_wave(session, rollout, now)
         wave = rollout.current_wave
         if verdict.decision == "promote":
@@ -303,7 +314,24 @@ class RolloutController:
         if action == "install":
             member.error = None  # a rollback keeps the error that explains it
 
-    def _assign_wave(self, session: Session, rollout: Rollout, wave: int, now: float) -> int:
+    def _start_budget(self, session: Session, rollout: Rollout, pacing: Pacing, now: float) -> int | None:
+        """How many more devices the rollout's pacing lets start now (None: no limit)."""
+        budget: int | None = None
+        live = (RolloutMember.rollout_id == rollout.id, RolloutMember.rolled_back.is_(False))
+        if pacing.max_per_minute:
+            recent = session.scalar(select(func.count()).select_from(RolloutMember).where(
+                *live, RolloutMember.desired_seq > 0, RolloutMember.assigned_at > utc(now) - dt.timedelta(seconds=60)))
+            budget = max(0, pacing.max_per_minute - (recent or 0))
+        if pacing.max_concurrent:
+            busy = session.scalar(select(func.count()).select_from(RolloutMember).where(
+                *live, RolloutMember.desired_seq > 0, RolloutMember.phase.in_(IN_PROGRESS_PHASES)))
+            room = max(0, pacing.max_concurrent - (busy or 0))
+            budget = room if budget is None else min(budget, room)
+        return budget
+
+    def _assign_wave(self, session: Session, rollout: Rollout, wave: int, now: float, *, first: bool = True) -> int:
+        """Start the wave's waiting members, as many as the rollout's pacing allows now (all without one);
+        the controller starts the rest on later ticks (`_start_paced`)."""
         bundles = rollout_bundles(session, rollout)
         rows = session.execute(
             select(RolloutMember, Device).join(Device, Device.id == RolloutMember.device_id)
@@ -311,6 +339,15 @@ class RolloutController:
                    RolloutMember.phase == WAITING)
             .order_by(RolloutMember.id)
         ).all()
+        pacing = pacing_of(rollout.pacing)
+        if pacing.limits_starts:
+            at = utc(now)
+            rows = [(member, device) for member, device in rows if pacing.may_start(device.labels or {}, at)]
+            budget = self._start_budget(session, rollout, pacing, now)
+            if budget is not None:
+                rows = rows[:budget]
+        if not first and not rows:
+            return 0
         refs: dict[str, BundleRef] = {}
         for member, device in rows:
             bundle = bundles[canonical_profile(device.profile)]  # targets were chosen by these bundles
@@ -318,12 +355,69 @@ class RolloutController:
                 refs[bundle.id] = bundle_ref(bundle, self.bundle_url(bundle))
             member.previous_bundle_id = device.current_bundle_id
             self._store_desired(device, member, "install", refs[bundle.id], now)
+        if not first:
+            log.info("rollout %s: %d more devices of wave %d started", rollout.id, len(rows), wave)
+            return len(rows)
         audit.record(session, ACTOR, "rollout.wave_started", rollout.id,
                      {"wave": wave, "percent": step_percent(rollout, wave), "devices": len(rows),
                       **({"holdback": True} if wave == holdback_step(rollout) else {})})
         log.info("rollout %s: %s started on %d devices", rollout.id,
                  "the hold-back step" if wave == holdback_step(rollout) else f"wave {wave} ({rollout.waves[wave]}%)", len(rows))
         return len(rows)
+
+    def _start_paced(self, session: Session, rollout: Rollout, now: float) -> WaveVerdict | None:
+        """Start more of the current wave's waiting members (pacing, maintenance windows, late joiners); a
+        hold verdict while some still wait, None once every member of the wave was started. The wave's bake
+        counts from its last start."""
+        wave = rollout.current_wave
+        waiting = session.scalar(select(func.count()).select_from(RolloutMember).where(
+            RolloutMember.rollout_id == rollout.id, RolloutMember.wave_index == wave, RolloutMember.phase == WAITING))
+        if not waiting:
+            return None
+        started = self._assign_wave(session, rollout, wave, now, first=False)
+        if started:
+            if not self._claim(session, rollout, ("running",), wave, now, wave_started_at=utc(now)):
+                return None
+            session.commit()
+        still = waiting - started
+        if not still:
+            return None
+        pacing = pacing_of(rollout.pacing)
+        budget = self._start_budget(session, rollout, pacing, now) if pacing.limits_starts else None
+        reason = ("paced: waiting for the start budget (max_per_minute / max_concurrent)" if budget == 0
+                  else "outside the maintenance window: waiting devices start when their window opens")
+        return WaveVerdict("hold", {"reason": reason, "waiting": still, "pacing": pacing.to_dict()})
+
+    def _take_in_late_joiners(self, session: Session, rollout: Rollout, now: float) -> int:
+        """Devices that enrolled, or started matching the selector, after the rollout was created become
+        members (pacing.late_joiners): of the wave in progress, or of the last wave. At most every
+        JOIN_SCAN_S per rollout, and never a device another active rollout holds."""
+        pacing = pacing_of(rollout.pacing)
+        if pacing.late_joiners == "none":
+            return 0
+        last = self._join_scans.get(rollout.id)
+        if last is not None and now - last < JOIN_SCAN_S:
+            return 0
+        self._join_scans[rollout.id] = now
+        from fleet.services.rollouts import matches_selector
+
+        bundles = rollout_bundles(session, rollout)
+        members = select(RolloutMember.device_id).join(Rollout, Rollout.id == RolloutMember.rollout_id).where(
+            (RolloutMember.rollout_id == rollout.id) | Rollout.status.in_(("pending", "running", "paused", "rolling_back")))
+        candidates = session.scalars(select(Device).where(Device.revoked_at.is_(None), Device.id.not_in(members))).all()
+        joiners = [d for d in candidates if canonical_profile(d.profile) in bundles and matches_selector(d, rollout.selector or {})]
+        if not joiners:
+            return 0
+        final_wave = len(rollout.waves) - 1
+        wave = max(rollout.current_wave, final_wave) if pacing.late_joiners == "last_wave" else rollout.current_wave
+        for device in joiners:
+            session.add(RolloutMember(rollout_id=rollout.id, device_id=device.id, wave_index=wave, cohort="treatment",
+                                      phase=WAITING, desired_seq=0))
+        audit.record(session, ACTOR, "rollout.joined", rollout.id, {"wave": wave, "devices": [d.id for d in joiners][:100],
+                                                                    "count": len(joiners)})
+        session.commit()
+        log.info("rollout %s: %d late joiner(s) added to wave %d", rollout.id, len(joiners), wave)
+        return len(joiners)
 
     def _assign_rollbacks(self, session: Session, rollout: Rollout, now: float) -> int:
         """Every device the rollout sent something goes back to the bundle it ran before (bundle None when

@@ -35,6 +35,11 @@ BUNDLES_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+BUNDLE_REDIRECTS = Counter(
+    "edgepack_bundle_redirects",
+    "Bundle downloads answered with a redirect to a presigned object-store URL (no bytes through the fleet).",
+    registry=REGISTRY,
+)
 BUNDLE_BYTES_SERVED = Counter(
     "edgepack_bundle_bytes_served",
     "Bytes of bundle downloads sent (ranges count what was sent).",
@@ -142,6 +147,7 @@ __all__ = [
     "BUNDLES_REFUSED",
     "BUNDLES_UPLOADED",
     "BUNDLE_BYTES_SERVED",
+    "BUNDLE_REDIRECTS",
     "CREDENTIAL_CHANGES",
     "DESIRED_PUBLISHED",
     "DEVICE_STATUS_HTTP",

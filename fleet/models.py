@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -106,6 +107,8 @@ class Rollout(Base):
                                                      doc="Longest a wave may stay inconclusive before it pauses; None: the default")
     holdback_percent: Mapped[float] = mapped_column(Float, default=10.0,
                                                     doc="Share of each profile kept on the old bundle through the last wave")
+    pacing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc=(
+        "max_per_minute, max_concurrent, maintenance windows, late_joiners (fleet.services.pacing); None: unpaced"))
     min_reports: Mapped[int] = mapped_column(Integer, default=1)
     install_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
     status: Mapped[str] = mapped_column(String(16), index=True, doc="pending running paused succeeded rolled_back aborted")
@@ -155,7 +158,10 @@ class TelemetryWindow(Base):
 
     __tablename__ = "telemetry"
 
-    __table_args__ = (UniqueConstraint("device_id", "window_key", name="uq_telemetry_device_window"),)
+    # the gates read "these devices' windows since the wave started": (device_id, received_at) serves it from the
+    # index, in time order, without touching the rest of the table
+    __table_args__ = (UniqueConstraint("device_id", "window_key", name="uq_telemetry_device_window"),
+                      Index("ix_telemetry_device_received", "device_id", "received_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
@@ -170,6 +176,25 @@ class TelemetryWindow(Base):
     p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     drift: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TelemetryRollup(Base):
+    """Hourly aggregate of the telemetry windows of one bundle on one hardware profile, written when the raw
+    windows age out (fleet.services.retention) and kept far longer than they are."""
+
+    __tablename__ = "telemetry_rollups"
+    __table_args__ = (UniqueConstraint("bundle_id", "profile", "hour", name="uq_telemetry_rollup"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    profile: Mapped[str] = mapped_column(String(64))
+    hour: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    windows: Mapped[int] = mapped_column(Integer)
+    inferences: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    latency_counts: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True,
+                                                            doc="Merged counts on LATENCY_BOUNDS_MS (overflow last)")
+    drift: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="name -> {sum, n, max}")
 
 
 class Alert(Base):

@@ -170,6 +170,7 @@ class MqttBridge:
         ingest_queue: int = 20_000,
         ingest_batch: int = 500,
         ingest_writers: int = 1,
+        share_group: str | None = None,
     ) -> None:
         self.mqtt_url = mqtt_url
         # The URL's host, port and credentials, plus the TLS files (FleetSettings.mqtt_endpoint) when given.
@@ -194,6 +195,9 @@ class MqttBridge:
         self._log = _RateLimitedLog(log_interval_s)
         self._client = None
         # The writers that store what the network thread decodes, in batches (fleet.ingest).
+        # With a share group, replicas split the device messages: the broker hands each to one of them.
+        prefix = f"$share/{share_group}/" if share_group else ""
+        self.subscriptions = [(prefix + STATUS_SUBSCRIPTION, 1), (prefix + TELEMETRY_SUBSCRIPTION, 1)]
         self.ingestor = Ingestor(session_factory, max_queue=ingest_queue, batch=ingest_batch, writers=ingest_writers,
                                  drift_policy=drift_policy, on_alert=self._alert, on_stored=self._stored)
         self._accepting = False
@@ -255,7 +259,7 @@ class MqttBridge:
         if reason_code.is_failure:
             self._log.warning("connect", "MQTT connect to %s refused: %s", self.mqtt_url, reason_code)
             return
-        client.subscribe([(STATUS_SUBSCRIPTION, 1), (TELEMETRY_SUBSCRIPTION, 1)])
+        client.subscribe(self.subscriptions)
         self.connected.set()
         log.info("MQTT bridge connected to %s as %s", self.mqtt_url, self.client_id)
 
@@ -321,8 +325,7 @@ class MqttBridge:
         if isinstance(inbound, str):
             return None
         inbound.ack = ack
-        if self.ingestor is None or not self.ingestor.submit(inbound):
-            return None if self.ingestor is None else inbound  # a stopped ingestor leaves it unacknowledged
+        self.ingestor.submit(inbound)  # False when stopping: then it stays unacknowledged, for the next server
         return inbound
 
     def handle_message(self, topic: str, payload: bytes) -> str:
@@ -381,11 +384,16 @@ class MqttBridge:
         return True
 
 
-def _bundle_url_for(settings: FleetSettings) -> Callable[[Any], str]:
-    if not settings.public_url:
-        return default_bundle_url
-    base = settings.public_url.rstrip("/")
-    return lambda bundle: base + default_bundle_url(bundle)
+def _bundle_url_for(settings: FleetSettings, store: Any) -> Callable[[Any], str]:
+    """Where a desired state tells devices to download: a presigned object-store URL when the store gives
+    them (the agent falls back to the fleet's route once it expires), else the fleet's own route."""
+    base = settings.public_url.rstrip("/") if settings.public_url else ""
+
+    def url(bundle: Any) -> str:
+        presigned = store.presign(bundle.id) if store is not None else None
+        return presigned if presigned else base + default_bundle_url(bundle)
+
+    return url
 
 
 @contextlib.asynccontextmanager
@@ -413,18 +421,28 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
                         drift_policy=policy, on_alert=dispatcher.notify if dispatcher else None,
                         budget=DeviceBudget(settings.device_message_rate, settings.device_message_burst),
                         ingest_queue=settings.ingest_queue, ingest_batch=settings.ingest_batch,
-                        ingest_writers=writers).start()
+                        ingest_writers=writers, share_group=settings.mqtt_share_group).start()
     from fleet.director import director_for  # every stored desired state is signed with the fleet's key
 
-    controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings),
-                                   signer=director_for(settings.data_dir))
+    from fleet.leader import Leadership
+
+    leadership = Leadership(app.state.engine)  # one controller among the replicas on this database
+    controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings, getattr(app.state, "store", None)),
+                                   signer=director_for(settings.data_dir), leadership=leadership)
+    from fleet.services.retention import RetentionJob
+
+    retention = RetentionJob(session_factory, raw_days=settings.telemetry_retention_days,
+                             rollup_days=settings.rollup_retention_days, interval_s=settings.maintenance_interval_s,
+                             leadership=leadership)
     stop = threading.Event()
-    threads = [controller.start_thread(stop, settings.controller_interval_s)]
+    threads = [controller.start_thread(stop, settings.controller_interval_s), retention.start_thread(stop)]
     if dispatcher is not None:
         threads.append(dispatcher.start_thread(stop))
     app.state.mqtt_bridge = bridge
     app.state.rollout_controller = controller
     app.state.alert_dispatcher = dispatcher
+    app.state.retention = retention
+    app.state.leadership = leadership
     try:
         yield
     finally:
@@ -433,6 +451,7 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
             dispatcher.notify()  # wake it so it sees the stop now, not after its interval
         for thread in threads:
             await asyncio.to_thread(thread.join, 30)
+        leadership.release()  # another replica takes the controller over now, not at its next try
         bridge.stop()
 
 

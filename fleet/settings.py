@@ -12,6 +12,8 @@ value wins over the environment. `tests/fleet/test_settings.py` keeps the three 
                    data_dir/mqtt-client-id, so a restarted server resumes its broker session
     mqtt_persistent_session  True (default): clean_session=False, the broker queues QoS 1 telemetry for the
                    server while it is down and delivers it when it comes back
+    mqtt_share_group  replicas on one database and broker set the same group: each consumes its share of the
+                   device messages through `$share/<group>/…` (one rollout controller runs among them, fleet.leader)
     mqtt_ca, mqtt_cert, mqtt_key  with an mqtts:// broker: the CA its certificate must chain to (None: the system
                    store) and the client certificate to present, if the broker asks for one
     mqtt_dynsec    the broker is Mosquitto with the dynamic security plugin: device identities are created in it
@@ -19,6 +21,9 @@ value wins over the environment. `tests/fleet/test_settings.py` keeps the three 
     device_message_rate, device_message_burst  one device's MQTT message budget; the fleet ignores the rest
     ingest_queue, ingest_batch, ingest_writers  how decoded status and telemetry reach the database: writer
                    threads store batches in one transaction each (fleet.ingest)
+    telemetry_retention_days, rollup_retention_days, maintenance_interval_s  raw windows are rolled up into
+                   hourly aggregates and deleted after the first, aggregates after the second
+                   (fleet.services.retention), checked every maintenance_interval_s
     tls_cert, tls_key       PEM certificate and key: the API is served over HTTPS (uvicorn's TLS); None → HTTP
     public_url     base URL devices reach the server at, for bundle download URLs; None → relative URLs
     trusted_keys   `.pub` files whose keys may sign bundles this server accepts
@@ -77,6 +82,10 @@ class FleetSettings(BaseModel):
     mqtt_persistent_session: bool = _field(True, env="EDGEPACK_MQTT_PERSISTENT_SESSION",
                                            description="Keep the broker session (and the QoS 1 messages queued in it) "
                                                        "across restarts; False asks for a clean session.")
+    mqtt_share_group: str | None = _field(None, env="EDGEPACK_MQTT_SHARE_GROUP", min_length=1, max_length=64,
+                                          pattern=r"^[A-Za-z0-9._-]+$",
+                                          description="Consume device messages through the shared subscription "
+                                                      "$share/<group>/…: replicas with one group split the load.")
     mqtt_ca: Path | None = _field(None, env="EDGEPACK_MQTT_CA",
                                   description="CA file the mqtts:// broker's certificate must chain to; None: system store.")
     mqtt_cert: Path | None = _field(None, env="EDGEPACK_MQTT_CERT",
@@ -98,6 +107,23 @@ class FleetSettings(BaseModel):
     ingest_writers: int | None = _field(None, env="EDGEPACK_INGEST_WRITERS", ge=1, le=16,
                                         description="Writer threads; None: 1 on SQLite (one writer at a time "
                                                     "anyway), 2 on PostgreSQL.")
+    telemetry_retention_days: float = _field(30.0, env="EDGEPACK_TELEMETRY_RETENTION_DAYS", gt=0, allow_inf_nan=False,
+                                             description="Days raw telemetry windows are kept; older ones are rolled "
+                                                         "up into hourly aggregates and deleted.")
+    rollup_retention_days: float = _field(400.0, env="EDGEPACK_ROLLUP_RETENTION_DAYS", gt=0, allow_inf_nan=False,
+                                          description="Days the hourly telemetry aggregates are kept.")
+    maintenance_interval_s: float = _field(3600.0, env="EDGEPACK_MAINTENANCE_INTERVAL_S", gt=0, allow_inf_nan=False,
+                                           description="Seconds between two retention passes of the server.")
+    bundle_store: str | None = _field(None, env="EDGEPACK_BUNDLE_STORE", pattern=r"^s3://[^/\s]+(/\S*)?$",
+                                      description="s3://BUCKET[/PREFIX]: keep bundles in an S3-compatible bucket and "
+                                                  "send devices presigned URLs; None: the bundles folder in data_dir.")
+    s3_endpoint_url: str | None = _field(None, env="EDGEPACK_S3_ENDPOINT_URL",
+                                         description="The S3-compatible server (MinIO, Ceph RGW, R2, …); None: AWS. "
+                                                     "Credentials come from boto3's chain (AWS_ACCESS_KEY_ID, …).")
+    s3_region: str | None = _field(None, env="EDGEPACK_S3_REGION", description="The bucket's region; None: us-east-1.")
+    presign_expires_s: int = _field(900, env="EDGEPACK_PRESIGN_EXPIRES_S", ge=1, le=604_800,
+                                    description="Lifetime of a presigned bundle URL; an agent whose URL expired "
+                                                "asks the fleet's download route for a fresh one.")
     tls_cert: Path | None = _field(None, env="EDGEPACK_TLS_CERT", description="Certificate (PEM) to serve the API over HTTPS.")
     tls_key: Path | None = _field(None, env="EDGEPACK_TLS_KEY", description="Key (PEM) of tls_cert.")
     public_url: str | None = _field(None, env="EDGEPACK_PUBLIC_URL", description="Base URL devices use for bundle downloads.")
@@ -121,6 +147,16 @@ class FleetSettings(BaseModel):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"S3 endpoint {value!r}: expected an http:// or https:// URL")
+        return value.strip().rstrip("/")
 
     @field_validator("alert_webhook_url")
     @classmethod

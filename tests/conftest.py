@@ -11,7 +11,6 @@ that everything it holds ran.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 PG_ENV = "EDGEPACK_TEST_POSTGRES_URL"
 TESTS = Path(__file__).resolve().parent
 # Fixtures that start a service process or server for the test (directly or through `fleet`).
-E2E_FIXTURES = frozenset({"mosquitto", "postgres_url", "start_fleet", "run_agent"})
+E2E_FIXTURES = frozenset({"mosquitto", "postgres_url", "start_fleet", "run_agent", "s3_server"})
 _SKIPPED: list[str] = []
 
 
@@ -74,6 +73,15 @@ def mosquitto():
 
     with MosquittoBroker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (s3rver, testbeds/s3.py) on a free loopback port for the session."""
+    from testbeds.s3 import S3Server
+
+    with S3Server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ MODULE_EXTRAS: dict[str, tuple[str, ...]] = {
     "python_multipart": ("fleet",),  # the python-multipart distribution; also installs `multipart`
     "multipart": ("fleet",),
     "prometheus_client": ("fleet",),
+    "boto3": ("s3",),  # `fleet serve --bundle-store s3://…`
     "docker": ("toolchain",),
 }
 

@@ -14,12 +14,13 @@ from fleet.api.params import (
     AUTHED,
     WITH_BODY,
     BundleIdPath,
+    LimitQuery,
     NameQuery,
     ProfileQuery,
     StageQuery,
     error_responses,
 )
-from fleet.api.schemas import BundleDetail, BundlePublic, PromoteRequest
+from fleet.api.schemas import BundleDetail, BundlePublic, PromoteRequest, TelemetryRollupPublic
 from fleet.auth import BundlesRead, BundlesWrite, SessionDep, ViewerOrDeviceDep
 from fleet.services import bundles
 from fleet.store import BundleStore
@@ -30,7 +31,9 @@ _DOWNLOAD_RESPONSES = {
     200: {"description": "The bundle file", "content": {"application/octet-stream": {}}},
     206: {"description": "The requested byte range", "content": {"application/octet-stream": {}}},
     304: {"description": "If-None-Match named the bundle's ETag"},
-    **error_responses(400, *AUTHED, 404, 416),
+    307: {"description": "With an object store: a fresh presigned URL of the bundle in Location (GET it with "
+                         "Range as here, without this API's Authorization header)"},
+    **error_responses(400, *AUTHED, 404, 416, 503),
 }
 
 
@@ -79,7 +82,7 @@ _UPLOAD_BODY = {"required": True, "content": {
 
 @router.post("", status_code=201, response_model=BundleDetail, openapi_extra={"requestBody": _UPLOAD_BODY}, responses={
     200: {"model": BundleDetail, "description": "The same bundle was already stored"},
-    **error_responses(400, *WITH_BODY)})
+    **error_responses(400, *WITH_BODY, 503)})
 async def upload_bundle(request: Request, response: Response, principal: BundlesWrite,
                         session: SessionDep) -> BundleDetail:
     """Upload a bundle as the raw body (application/octet-stream) or multipart field `bundle`.
@@ -107,6 +110,17 @@ def get_bundle(bundle_id: BundleIdPath, _: BundlesRead, session: SessionDep) -> 
     return BundleDetail.model_validate(bundles.get_bundle(session, bundle_id))
 
 
+@router.get("/{bundle_id}/telemetry", response_model=list[TelemetryRollupPublic], responses=error_responses(400, *AUTHED, 404))
+def bundle_telemetry(bundle_id: BundleIdPath, _: BundlesRead, session: SessionDep,
+                     limit: LimitQuery = 168) -> list[TelemetryRollupPublic]:
+    """Hourly aggregates of the bundle's telemetry per hardware profile, newest first: what remains of its
+    windows once they aged out of raw retention (`telemetry_retention_days`)."""
+    from fleet.services.retention import bundle_rollups
+
+    bundle = bundles.get_bundle(session, bundle_id)
+    return [TelemetryRollupPublic.model_validate(row) for row in bundle_rollups(session, bundle.id, limit=limit)]
+
+
 @router.post("/{bundle_id}/promote", response_model=BundlePublic, responses=error_responses(400, *WITH_BODY, 404))
 def promote_bundle(bundle_id: BundleIdPath, body: PromoteRequest, principal: BundlesWrite,
                    session: SessionDep) -> BundlePublic:
@@ -123,8 +137,14 @@ def bundle_download_headers(bundle_id: BundleIdPath, request: Request, principal
 @router.get("/{bundle_id}/download", response_class=StreamingResponse, responses=_DOWNLOAD_RESPONSES)
 def download_bundle(bundle_id: BundleIdPath, request: Request, principal: ViewerOrDeviceDep, session: SessionDep) -> Response:
     """The bundle file; a single `Range` (`bytes=a-b`, `bytes=a-`, `bytes=-n`) gives 206 with
-    Content-Range, an unsatisfiable one 416; `If-Range` and `If-None-Match` take the ETag (the sha256)."""
+    Content-Range, an unsatisfiable one 416; `If-Range` and `If-None-Match` take the ETag (the sha256).
+    With an S3-compatible store the answer is a 307 to a fresh presigned URL instead: the bytes come from
+    the store, and an agent whose URL expired comes here for a new one."""
     store = request.app.state.store
+    presigned = bundles.presigned_download(session, store, bundle_id)
+    if presigned is not None:
+        session.close()
+        return Response(status_code=307, headers={"Location": presigned, "Cache-Control": "no-store"})
     bundle, size = bundles.open_download(session, store, bundle_id)
     # The database is done with: give the connection back before the body streams. A download holding its
     # connection for the whole transfer exhausts the pool when hundreds of devices fetch one wave's bundle,

@@ -52,7 +52,7 @@ _MEANINGS = {
     409: "The request clashes with the current state",
     413: "The body is larger than the server accepts",
     416: "The Range lies outside the file",
-    503: "The MQTT broker did not confirm the device identity change",
+    503: "A service behind the fleet did not answer: the MQTT broker (device identity changes) or the bundle store",
 }
 
 

@@ -26,7 +26,10 @@ def create_rollout(body: RolloutCreate, principal: RolloutsWrite, session: Sessi
     return rollouts.create_rollout(session, principal.actor, bundle.id, selector=parse_selector(body.selector),
                                    waves=body.waves, gates=body.gates, bake_s=body.bake_s,
                                    min_reports=body.min_reports, install_timeout_s=body.install_timeout_s,
-                                   max_bake_s=body.max_bake_s, holdback_percent=body.holdback_percent)
+                                   max_bake_s=body.max_bake_s, holdback_percent=body.holdback_percent,
+                                   max_per_minute=body.max_per_minute, max_concurrent=body.max_concurrent,
+                                   maintenance_windows=[w.model_dump() for w in body.maintenance_windows],
+                                   late_joiners=body.late_joiners)
 
 
 @router.get("", responses=error_responses(*AUTHED))

@@ -49,6 +49,20 @@ class _Request(BaseModel):
 # --- bundles
 
 
+class TelemetryRollupPublic(BaseModel):
+    """One hour of a bundle's telemetry on one hardware profile, kept after the raw windows aged out."""
+
+    bundle_id: str | None
+    profile: str
+    hour: str = Field(description="Start of the hour, UTC, ISO 8601")
+    windows: int
+    inferences: int
+    errors: int
+    error_rate: float | None
+    latency_ms: dict[str, float | None] = Field(description="p50/p95/p99 from the merged histogram (absent: none sent)")
+    drift: dict[str, dict[str, float | None]] = Field(description="Per input/output name: mean and max drift score")
+
+
 class BundlePublic(_Public):
     id: str = Field(description="sha256 of the .edgepack file")
     name: str
@@ -198,6 +212,14 @@ class AuditEntryPublic(_Public):
 # --- rollouts
 
 
+class MaintenanceWindow(_Request):
+    selector: Labels = Field(default_factory=dict, description="Devices this window applies to ({} : all)")
+    start: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = Field(description="HH:MM local time")
+    end: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = Field(
+        description="HH:MM local time; before start: the window spans midnight")
+    tz: Annotated[str, StringConstraints(max_length=64)] = Field(default="UTC", description="IANA time zone, e.g. Europe/Berlin")
+
+
 class RolloutCreate(_Request):
     bundle_id: str = Field(max_length=64, description="Bundle id or an unambiguous prefix (8+ hex digits)")
     selector: Labels | Annotated[str, StringConstraints(max_length=4096)] = Field(
@@ -213,6 +235,13 @@ class RolloutCreate(_Request):
         "Share of each profile kept on the old bundle through the last wave as its control (rollouts with relative gates)"))
     min_reports: int = Field(default=1, ge=0, le=1_000_000)
     install_timeout_s: float = Field(default=300.0, gt=0, le=WEEK_S)
+    max_per_minute: int | None = Field(default=None, ge=1, le=1_000_000, description="Start at most this many devices a minute")
+    max_concurrent: int | None = Field(default=None, ge=1, le=1_000_000,
+                                       description="At most this many devices installing (downloading) at once")
+    maintenance_windows: list[MaintenanceWindow] = Field(default_factory=list, max_length=64, description=(
+        "Devices matching a window's selector start only inside it; the first matching window applies"))
+    late_joiners: Literal["current_wave", "last_wave", "none"] = Field(default="current_wave", description=(
+        "Devices that enroll or start matching the selector mid-rollout: join the wave in progress, wait for the last, or not"))
 
 
 RolloutAction = Literal["pause", "resume", "abort", "rollback"]

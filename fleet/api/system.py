@@ -28,7 +28,14 @@ def healthz(request: Request) -> JSONResponse:
     except SQLAlchemyError as exc:
         log.warning("health check: database unreachable: %s", exc)
         return JSONResponse({"status": "error", "db": f"unreachable: {type(exc).__name__}"}, status_code=503)
-    return JSONResponse({"status": "ok", "db": "ok", "db_ms": round((time.perf_counter() - started) * 1000, 2)})
+    body = {"status": "ok", "db": "ok", "db_ms": round((time.perf_counter() - started) * 1000, 2)}
+    leadership = getattr(request.app.state, "leadership", None)
+    bridge = getattr(request.app.state, "mqtt_bridge", None)
+    if leadership is not None:  # which replica runs the rollout controller
+        body["controller"] = "leader" if leadership.leading else "standby"
+    if bridge is not None:
+        body["ingest_queue"] = bridge.ingestor.depth
+    return JSONResponse(body)
 
 
 class _DatabaseGauges:

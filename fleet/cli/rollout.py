@@ -105,6 +105,16 @@ def evidence_table(status: dict[str, Any]) -> Table:
     return table
 
 
+def parse_window(text: str) -> dict:
+    """'site=berlin@01:00-05:00/Europe/Berlin' → {selector, start, end, tz}; the server checks the values."""
+    selector_text, at, times = text.rpartition("@")[0], "@" in text, text.rpartition("@")[2]
+    span, _, tz = times.partition("/")
+    start, dash, end = span.partition("-")
+    if not at or not dash:
+        raise typer.BadParameter(f"--window {text!r}: expected SELECTOR@HH:MM-HH:MM[/TZ]")
+    return {"selector": parse_selector(selector_text) if selector_text else {}, "start": start, "end": end, "tz": tz or "UTC"}
+
+
 @app.command("start")
 def start(
     bundle: str = typer.Argument(..., help="Bundle id (or 8+ hex prefix), or a path to a .edgepack to upload first."),
@@ -114,6 +124,10 @@ def start(
     bake: str = typer.Option("30s", "--bake", help="Time each wave bakes before its first decision."),
     max_bake: Optional[str] = typer.Option(None, "--max-bake", help="Longest a wave may stay inconclusive before the rollout pauses (default 10 bakes, at least bake + 60s)."),
     holdback: float = typer.Option(10.0, "--holdback", help="Percent of each profile kept on the old bundle through the last wave as its control (with relative gates)."),
+    max_per_minute: Optional[int] = typer.Option(None, "--max-per-minute", min=1, help="Start at most this many devices in any minute."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="At most this many devices installing (downloading) at once."),
+    window: Optional[list[str]] = typer.Option(None, "--window", help="Maintenance window 'SELECTOR@HH:MM-HH:MM[/TZ]', e.g. 'site=berlin@01:00-05:00/Europe/Berlin' ('@…' alone: every device); repeatable."),
+    late_joiners: str = typer.Option("current_wave", "--late-joiners", help="Devices enrolling or matching mid-rollout: current_wave, last_wave or none."),
     min_reports: int = typer.Option(1, "--min-reports", help="Devices that must report before a decision."),
     install_timeout: str = typer.Option("5m", "--install-timeout", help="A device that has not installed by then counts as timed out."),
     json_output: bool = typer.Option(False, "--json"),
@@ -129,7 +143,9 @@ def start(
         bundle_id = client.upload(Path(bundle))["id"]
     body = {"bundle_id": bundle_id, "selector": parse_selector(selector), "waves": parse_waves(waves), "gates": list(gate or []),
             "bake_s": parse_duration(bake), "min_reports": min_reports, "install_timeout_s": parse_duration(install_timeout),
-            "holdback_percent": holdback, **({"max_bake_s": parse_duration(max_bake)} if max_bake else {})}
+            "holdback_percent": holdback, **({"max_bake_s": parse_duration(max_bake)} if max_bake else {}),
+            "max_per_minute": max_per_minute, "max_concurrent": max_concurrent,
+            "maintenance_windows": [parse_window(text) for text in window or []], "late_joiners": late_joiners}
     status = client.request("POST", "/rollouts", json=body)
     if json_output:
         sys.stdout.write(json.dumps(status, indent=2) + "\n")

@@ -45,6 +45,7 @@ def serve(
     mqtt_persistent_session: Optional[bool] = typer.Option(
         None, "--mqtt-persistent-session/--mqtt-clean-session",
         help="Keep the broker session across restarts, so telemetry sent while the server is down is stored when it is back (default on)."),
+    mqtt_share_group: Optional[str] = typer.Option(None, "--mqtt-share-group", help="Replicas of one fleet set the same group: each consumes its share of device messages ($share/GROUP/…)."),
     mqtt_ca: Optional[Path] = typer.Option(None, "--mqtt-ca", help="CA file the mqtts:// broker's certificate must chain to (default the system store)."),
     mqtt_cert: Optional[Path] = typer.Option(None, "--mqtt-cert", help="Client certificate (PEM) for a broker that requires one."),
     mqtt_key: Optional[Path] = typer.Option(None, "--mqtt-key", help="Key (PEM) of --mqtt-cert."),
@@ -58,7 +59,14 @@ def serve(
     ingest_queue: Optional[int] = typer.Option(None, "--ingest-queue", help="Decoded device messages waiting for a writer before the MQTT thread waits (default 20000)."),
     ingest_batch: Optional[int] = typer.Option(None, "--ingest-batch", help="Messages one writer stores per transaction at most (default 500)."),
     ingest_writers: Optional[int] = typer.Option(None, "--ingest-writers", help="Writer threads storing status and telemetry (default 1 on SQLite, 2 on PostgreSQL)."),
+    telemetry_retention_days: Optional[float] = typer.Option(None, "--telemetry-retention-days", help="Days raw telemetry windows are kept before they are rolled up hourly and deleted (default 30)."),
+    rollup_retention_days: Optional[float] = typer.Option(None, "--rollup-retention-days", help="Days the hourly telemetry aggregates are kept (default 400)."),
+    maintenance_interval_s: Optional[float] = typer.Option(None, "--maintenance-interval-s", help="Seconds between two retention passes (default 3600)."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to download bundles."),
+    bundle_store: Optional[str] = typer.Option(None, "--bundle-store", help="s3://BUCKET or s3://BUCKET/PREFIX: keep bundles in an S3-compatible bucket; devices download from presigned URLs (default the data dir's bundles folder)."),
+    s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url", help="The S3-compatible server (MinIO, Ceph RGW, R2, …); default AWS. Credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or boto3's other sources."),
+    s3_region: Optional[str] = typer.Option(None, "--s3-region", help="The bucket's region (default us-east-1)."),
+    presign_expires_s: Optional[int] = typer.Option(None, "--presign-expires-s", help="Lifetime of a presigned bundle URL in seconds (default 900)."),
     trusted_keys: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key allowed to sign bundles (repeatable)."),
     max_bundle_bytes: Optional[int] = typer.Option(None, "--max-bundle-bytes", help="Largest bundle upload accepted (default 4 GiB)."),
     controller_interval_s: Optional[float] = typer.Option(None, "--controller-interval-s", help="Seconds between two passes of the rollout controller (default 1)."),
@@ -79,14 +87,20 @@ def serve(
     from fleet.embedded_broker import EmbeddedBroker
     from fleet.mqtt_bridge import check_broker, lifespan_hook, redact_mqtt_url
     from fleet.settings import FleetSettings
+    from fleet.store import store_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = _trusted_keys(trusted_keys)
     options = {"host": host, "port": port, "data_dir": data_dir, "db_url": db_url or None, "mqtt_url": mqtt_url or None,
                "embedded_mqtt_port": embedded_mqtt_port, "mqtt_client_id": mqtt_client_id,
                "mqtt_persistent_session": mqtt_persistent_session, "mqtt_dynsec": mqtt_dynsec,
+               "mqtt_share_group": mqtt_share_group,
                "device_message_rate": device_message_rate, "device_message_burst": device_message_burst,
-               "ingest_queue": ingest_queue, "ingest_batch": ingest_batch, "ingest_writers": ingest_writers, "public_url": public_url or None,
+               "ingest_queue": ingest_queue, "ingest_batch": ingest_batch, "ingest_writers": ingest_writers,
+               "telemetry_retention_days": telemetry_retention_days, "rollup_retention_days": rollup_retention_days,
+               "maintenance_interval_s": maintenance_interval_s, "public_url": public_url or None,
+               "bundle_store": bundle_store or None, "s3_endpoint_url": s3_endpoint_url or None,
+               "s3_region": s3_region or None, "presign_expires_s": presign_expires_s,
                "trusted_keys": [key.resolve() for key in keys] or None, "max_bundle_bytes": max_bundle_bytes,
                "controller_interval_s": controller_interval_s, "alert_webhook_url": alert_webhook_url or None,
                "drift_alert_threshold": drift_alert_threshold,
@@ -98,6 +112,9 @@ def serve(
     except ValidationError as exc:  # an option or environment value out of range
         raise ConfigError(first_validation_error(exc, "fleet settings")) from None
     embedded = settings.mqtt_url is None
+    if embedded and settings.mqtt_share_group:
+        raise ConfigError("--mqtt-share-group needs an external broker (--mqtt-url): the embedded one serves a single "
+                          "server and has no shared subscriptions")
     if settings.https:
         _check_tls_pair(settings.tls_cert, settings.tls_key)
     scheme = "https" if settings.https else "http"
@@ -124,12 +141,17 @@ def serve(
         settings = settings.model_copy(update=derived)
         engine = make_engine(settings.database_url)
         started.callback(engine.dispose)
+        store = store_for(settings)
+        check_store = getattr(store, "check", None)
+        if check_store is not None:
+            check_store()  # the bucket answers to our credentials, before anything is written
         new_token = prepare(settings, engine)
         if new_token:
             console.print(f"[bold]admin token[/bold] (shown once, also in {settings.admin_token_file}): {new_token}")
         console.print(f"fleet on {scheme}://{settings.host}:{settings.port}  database {engine.url.render_as_string(hide_password=True)}  "
-                      f"mqtt {redact_mqtt_url(settings.mqtt_url or '')}  trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
-        api = create_app(settings, engine=engine, lifespan_hooks=[lifespan_hook])
+                      f"mqtt {redact_mqtt_url(settings.mqtt_url or '')}  bundles {settings.bundle_store or settings.store_dir}  "
+                      f"trusted keys: {', '.join(str(k) for k in settings.trusted_keys) or 'none'}")
+        api = create_app(settings, engine=engine, store=store, lifespan_hooks=[lifespan_hook])
         api.state.device_identities = _device_identities(settings, broker if embedded else None, api)
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)} if settings.https else {}
         uvicorn.Server(uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning", **tls)).run(sockets=[listener])
@@ -168,6 +190,33 @@ def _device_identities(settings, embedded, api):  # -> fleet.broker.DeviceIdenti
 
         return DynsecIdentities(settings.mqtt_endpoint())
     return NoBrokerIdentities()
+
+
+@app.command("prune")
+def prune(
+    data_dir: Path = typer.Option(Path("fleet-data"), "--data-dir", help="The fleet's data folder (its SQLite database)."),
+    db_url: Optional[str] = typer.Option(None, "--db-url", help="Database URL (postgresql://…); default SQLite in the data dir."),
+    telemetry_retention_days: float = typer.Option(30.0, "--telemetry-retention-days", min=0.0, help="Keep raw telemetry windows this many days; roll older ones up hourly and delete them."),
+    rollup_retention_days: float = typer.Option(400.0, "--rollup-retention-days", min=0.0, help="Keep hourly aggregates this many days."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Apply the telemetry retention now (a running server does it every --maintenance-interval-s)."""
+    from fleet.db import make_engine, make_session_factory, migrate, sqlite_url
+    from fleet.services.retention import prune_telemetry
+
+    engine = make_engine(db_url or sqlite_url(data_dir))
+    try:
+        migrate(engine)
+        with make_session_factory(engine)() as session:
+            result = prune_telemetry(session, raw_days=telemetry_retention_days, rollup_days=rollup_retention_days)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    console.print(f"{result.windows_deleted} telemetry windows older than {result.raw_cutoff:%Y-%m-%d %H:%M} UTC rolled up "
+                  f"and deleted ({result.rollups_written} new hourly rollups); {result.rollups_deleted} rollups older than "
+                  f"{result.rollup_cutoff:%Y-%m-%d} deleted")
 
 
 @app.command("broker-config")

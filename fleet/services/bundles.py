@@ -217,6 +217,15 @@ def range_applies(if_range: str | None, bundle_id: str) -> bool:
     return if_range is None or if_range.strip() == etag(bundle_id)
 
 
+def presigned_download(session: Session, store: BundleStore, bundle_id: str) -> str | None:
+    """A fresh presigned URL of a known bundle when the store gives them, else None (the fleet serves it)."""
+    bundle = get_bundle(session, bundle_id)
+    url = store.presign(bundle.id)
+    if url is not None:
+        metrics.BUNDLE_REDIRECTS.inc()
+    return url
+
+
 def open_download(session: Session, store: BundleStore, bundle_id: str) -> tuple[Bundle, int]:
     """The bundle to serve and its size on disk; NotFound if unknown or missing from the store."""
     bundle = get_bundle(session, bundle_id)
@@ -248,6 +257,7 @@ __all__ = [
     "list_bundles",
     "open_download",
     "parse_range",
+    "presigned_download",
     "promote",
     "range_applies",
 ]

@@ -39,6 +39,7 @@ from edgepack.errors import ConfigError, Conflict, NotFound
 from fleet.models import Bundle, Device, Rollout, RolloutDecision, RolloutMember, utcnow
 from fleet.services import audit
 from fleet.services.devices import matches, parse_selector
+from fleet.services.pacing import parse_pacing
 from fleet.services.gates import (
     DEFAULT_GATES, DEFAULT_HOLDBACK_PERCENT, SKIPPED, WAITING, canonical_profile, has_relative_gates, holdback_count,
     holdback_step, look_times, max_bake_s, parse_gates, rollout_bundles, utc,
@@ -141,6 +142,10 @@ def create_rollout(
     install_timeout_s: float = 300.0,
     max_bake_s: float | None = None,
     holdback_percent: float = DEFAULT_HOLDBACK_PERCENT,
+    max_per_minute: int | None = None,
+    max_concurrent: int | None = None,
+    maintenance_windows: Sequence[Any] | None = None,
+    late_joiners: str = "current_wave",
 ) -> dict[str, Any]:
     """Validate, choose the targets and their waves, store the rollout (status `pending`; the controller
     starts its first wave on its next tick). No gates given means `DEFAULT_GATES`; the hold-back exists
@@ -163,8 +168,11 @@ def create_rollout(
             or not math.isfinite(holdback_percent) or not 0 <= holdback_percent < 100:
         raise ConfigError(f"holdback_percent {holdback_percent!r}: expected a percentage from 0 to below 100")
 
+    pacing = parse_pacing(max_per_minute, max_concurrent, maintenance_windows, late_joiners)
+    paced = pacing.limits_starts or pacing.late_joiners != "current_wave"
+
     rollout = Rollout(
-        id=str(uuid.uuid4()), bundle_id=bundle.id, selector=labels, waves=[w.percent for w in wave_plan],
+        id=str(uuid.uuid4()), pacing=pacing.to_dict() if paced else None, bundle_id=bundle.id, selector=labels, waves=[w.percent for w in wave_plan],
         gates=[s.to_dict() for s in specs], bake_s=float(bake_s), min_reports=min_reports,
         install_timeout_s=float(install_timeout_s), status="pending", current_wave=-1, created_by=actor,
         created_at=utcnow(), max_bake_s=None if max_bake_s is None else float(max_bake_s),
@@ -202,7 +210,7 @@ def create_rollout(
            bundles={profile: b.id for profile, b in sorted(bundles.items())}, selector=labels,
            waves=rollout.waves, gates=[s.text for s in specs], bake_s=rollout.bake_s, max_bake_s=rollout.max_bake_s,
            holdback_percent=rollout.holdback_percent, holdback=sum(1 for w in assignment.values() if w == len(wave_plan)),
-           min_reports=min_reports,
+           min_reports=min_reports, pacing=rollout.pacing,
            install_timeout_s=rollout.install_timeout_s, targets=len(targets), profiles=dict(sorted(per_profile.items())))
     session.commit()
     return rollout_status(session, rollout.id)
@@ -229,6 +237,7 @@ def _summary(session: Session, rollout: Rollout, phase_counts: Mapping[str, int]
         "max_bake_s": max_bake_s(rollout),
         "looks_at_s": [round(t, 3) for t in look_times(rollout.bake_s, max_bake_s(rollout))],
         "holdback_percent": rollout.holdback_percent,
+        "pacing": rollout.pacing,
         "min_reports": rollout.min_reports,
         "install_timeout_s": rollout.install_timeout_s,
         "counts": dict(sorted(phase_counts.items())),

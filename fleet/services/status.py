@@ -39,7 +39,7 @@ def _now(now: float | dt.datetime | None) -> dt.datetime:
 
 
 def _device(session: Session, device_id: str) -> Device:
-    device = session.get(Device, device_id)
+    device = session.get(Device, device_id, with_for_update=True)  # as store_batch: no lost update
     if device is None:
         raise ProtocolError(f"device {device_id!r} is not enrolled", device_id=device_id)
     return device
@@ -191,7 +191,13 @@ def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
     telemetry windows in one multi-row insert. Messages of devices that are not enrolled or were revoked are
     dropped (`dropped:unknown_device`, `dropped:revoked_device`); nothing else is."""
     ids = {item.message.device_id for item in items}
-    devices = {device.id: device for device in session.scalars(select(Device).where(Device.id.in_(ids)))}
+    # Lock the batch's device rows, in id order, before reading them. Replicas consume one shared
+    # subscription, so one device's `downloading` and `active` can be stored by two transactions at once;
+    # without the lock both read the row as it was and the one committing last wins, whichever it is (a
+    # member stuck in `downloading`). With it the second waits and then reads what the first committed, and
+    # the device-ts rule above orders them. One order for every writer: no deadlock. (SQLite: one writer.)
+    devices = {device.id: device for device in session.scalars(
+        select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())}
     outcome = BatchOutcome()
     rows: list[dict[str, Any]] = []
     row_index: list[int] = []

@@ -86,3 +86,76 @@ def test_the_credential_goes_only_to_the_fleet_origin():
     assert client.headers_for(client.resolve("/api/v1/x"))["Authorization"] == "Bearer dc_secret"
     assert "Authorization" not in client.headers_for("http://cdn.example/bundle.edgepack")
     assert "Authorization" not in client.headers_for("https://fleet.local:8000/x")
+
+
+class _Origin:
+    """A loopback HTTP server whose GET answers come from `answer(path, headers) -> (status, headers, body)`."""
+
+    def __init__(self, answer) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                origin.seen.append((self.path, dict(self.headers)))
+                status, headers, body = answer(self.path, self.headers)
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_expired_store_url_goes_back_to_the_fleet_and_the_credential_never_leaves_its_origin(tmp_path, bundles):
+    from edgepack.protocol import BundleRef
+
+    payload = bundles.v1.path.read_bytes()
+    ref = bundles.v1.ref
+    expired = {"left": 2}  # the store refuses two URLs (the stale one, a fresh one), then serves the next with Range
+
+    def store_answer(path, headers):
+        if "fresh" not in path or expired["left"] > 0:
+            expired["left"] -= 1
+            return 403, {"Content-Type": "application/xml"}, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+        start = int(headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+        return (206 if start else 200), ({"Content-Range": f"bytes {start}-{len(payload) - 1}/{len(payload)}"} if start else {}), payload[start:]
+
+    store = _Origin(store_answer)
+    fleet = _Origin(lambda path, headers: (307, {"Location": f"{store.url}/bucket/{ref.id}?fresh=1"}, b""))
+    try:
+        part = tmp_path / "downloads" / f"{ref.id}.part"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(payload[:1000])  # an earlier try got this far
+        stale = BundleRef(**{**ref.model_dump(), "url": f"{store.url}/bucket/{ref.id}?expired=1"})
+        downloader = Downloader(tmp_path / "downloads", FleetClient(fleet.url, "dev-1", credential="dc_secret"), SETTINGS)
+
+        result = downloader.fetch(stale)
+
+        assert result.path.read_bytes() == payload and result.refreshes == 2 and result.resumed_from == 1000
+        assert [path for path, _ in fleet.seen] == [f"/api/v1/bundles/{ref.id}/download"] * 2
+        assert all(headers.get("Authorization") == "Bearer dc_secret" for _, headers in fleet.seen)
+        assert store.seen and not any("Authorization" in headers for _, headers in store.seen)
+        assert store.seen[-1][1]["Range"] == "bytes=1000-", "the transfer resumed where the earlier try stopped"
+
+        # A store that refuses every fresh URL too: refused after three of them, not retried forever.
+        expired["left"] = 10**6
+        (tmp_path / "downloads" / f"{ref.id}.edgepack").unlink()
+        with pytest.raises(DownloadRefused, match="fresh URL from the fleet each time"):
+            downloader.fetch(stale)
+    finally:
+        store.close()
+        fleet.close()

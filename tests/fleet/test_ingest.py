@@ -11,9 +11,8 @@ import pytest
 from sqlalchemy import func, select
 
 from edgepack.protocol import DeviceStatus, LatencySummary, Telemetry, encode, telemetry_topic
-from fleet.db import make_engine, make_session_factory, migrate
 from fleet.ingest import Ingestor
-from fleet.models import Alert, Base, Device, TelemetryWindow
+from fleet.models import Alert, Device, TelemetryWindow
 from fleet.mqtt_bridge import MqttBridge
 from fleet.services.alerts import DriftAlertPolicy
 from fleet.services.status import Inbound, store_batch, window_key
@@ -24,20 +23,13 @@ AT = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)
-    migrate(engine)
-    with engine.begin() as connection:  # the PostgreSQL database is the module's: start from empty tables
-        for table in reversed(Base.metadata.sorted_tables):
-            connection.execute(table.delete())
-    session_factory = make_session_factory(engine)
-    with session_factory() as session:
+def factory(migrated_factory):
+    with migrated_factory() as session:
         for device_id in ("dev-1", "dev-2", "gone"):
             add_device(session, device_id, "rpi5")
         session.get(Device, "gone").revoked_at = AT
         session.commit()
-    yield session_factory
-    engine.dispose()
+    return migrated_factory
 
 
 def _window(device_id: str, inferences: int, **fields) -> Telemetry:

@@ -91,4 +91,6 @@ def test_migration_0002_adds_and_removes_only_the_alerts_table(db_url):
     finally:
         engine.dispose()
 
-    assert "alerts" in head and head - before == {"alerts"} and after == head
+    # tables of later revisions (0007's telemetry_rollups) go with the downgrade and are not back at 0002
+    later = {"telemetry_rollups"}
+    assert "alerts" in head and head - before == {"alerts"} | later and after == head - later

@@ -181,7 +181,7 @@ def test_lifespan_hook_runs_the_controller_through_the_bridge(mosquitto, databas
         rollout = create_rollout(session, "alice", bundle.id, {}, waves=[100], gates=None, bake_s=0, min_reports=1,
                                  install_timeout_s=60)
     settings = FleetSettings(data_dir=tmp_path, mqtt_url=mosquitto.url, public_url="http://fleet.example:8080")
-    app = SimpleNamespace(state=SimpleNamespace(settings=settings, session_factory=database))
+    app = SimpleNamespace(state=SimpleNamespace(settings=settings, session_factory=database, engine=database.kw["bind"]))
     device = DeviceClient(mosquitto.url, "dev-1")
     device.subscribe(desired_topic("dev-1"))
 

@@ -22,6 +22,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/api/v1/bundles", OPERATOR),
     ("GET", "/api/v1/bundles", VIEWER),
     ("GET", "/api/v1/bundles/{bundle_id}", VIEWER),
+    ("GET", "/api/v1/bundles/{bundle_id}/telemetry", VIEWER),
     ("GET", "/api/v1/bundles/{bundle_id}/download", READER),
     ("HEAD", "/api/v1/bundles/{bundle_id}/download", READER),
     ("POST", "/api/v1/bundles/{bundle_id}/promote", OPERATOR),

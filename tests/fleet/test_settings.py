@@ -45,6 +45,14 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "ingest_queue": ("1000", 1000),
     "ingest_batch": ("100", 100),
     "ingest_writers": ("3", 3),
+    "mqtt_share_group": ("fleet-a", "fleet-a"),
+    "telemetry_retention_days": ("7", 7.0),
+    "rollup_retention_days": ("90", 90.0),
+    "maintenance_interval_s": ("60", 60.0),
+    "bundle_store": ("s3://bundles/fleet", "s3://bundles/fleet"),
+    "s3_endpoint_url": ("http://minio.lab:9000", "http://minio.lab:9000"),
+    "s3_region": ("eu-central-1", "eu-central-1"),
+    "presign_expires_s": ("600", 600),
 }
 
 

@@ -239,7 +239,10 @@ class Agent:
             except (RuntimeError, ValueError) as exc:
                 log.info("offline status not sent: %s", exc)
             client.disconnect()
-            client.loop_stop()
+            try:
+                client.loop_stop()
+            except RuntimeError:  # stop() raced start() in another thread: the network loop never started
+                log.debug("MQTT network loop was not started yet; nothing to stop")
         self._connected.clear()
 
     def run_forever(self) -> int:

@@ -51,11 +51,6 @@ _STALE_URL = (401, 403, 404, 410)
 _MAX_REFRESHES = 3
 
 
-def fleet_download_route(bundle_id: str) -> str:
-    """The fleet API's download route of a bundle (relative; the client resolves it)."""
-    return f"/api/v1/bundles/{bundle_id}/download"
-
-
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         return None  # the downloader follows them itself: credentials and TLS trust are per origin
@@ -123,7 +118,7 @@ class Downloader:
         final.unlink(missing_ok=True)
 
         url = self.client.resolve(ref.url)
-        fleet_route = self.client.resolve(fleet_download_route(ref.id))
+        fleet_route = self.client.bundle_download_url(ref.id)
         part = self.part_path(ref)
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         started_size = part.stat().st_size if part.exists() else 0

@@ -79,6 +79,11 @@ class FleetClient:
         return ConfigError(f"{who} certificate not trusted by {label}: {reason.verify_message or reason.reason} "
                            f"({urlsplit(url).scheme}://{urlsplit(url).netloc})", device_id=self.device_id)
 
+    def bundle_download_url(self, bundle_id: str) -> str:
+        """The fleet's own download route of a bundle (it redirects to a fresh URL when bundles live in an
+        object store)."""
+        return f"{self.fleet_url}/api/v1/bundles/{bundle_id}/download"
+
     def headers_for(self, url: str) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT}
         if self.credential and self.same_origin(url):

@@ -182,8 +182,10 @@ class RequestMetricsMiddleware:
 def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: BundleStore | None = None,
                lifespan_hooks: Sequence[LifespanHook] = ()) -> FastAPI:
     """The fleet API app. `engine` and `store` default to those the settings name; an engine passed in
-    is not disposed on shutdown (its owner does that)."""
+    is not disposed on shutdown (its owner does that), and a store passed in is not checked at startup (its
+    owner did that: `fleet serve` checks before anything starts)."""
     owns_engine = engine is None
+    owns_store = store is None
     engine = engine if engine is not None else make_engine(settings.database_url)
     store = store if store is not None else store_for(settings)
     trusted_keys = [load_public_key(path) for path in settings.trusted_keys]
@@ -193,7 +195,7 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None, store: 
     async def lifespan(app: FastAPI):
         app.state.new_admin_token = await run_in_threadpool(prepare, settings, engine)
         check_store = getattr(store, "check", None)
-        if check_store is not None:  # an object store that does not answer is a startup error, not a 503 later
+        if owns_store and check_store is not None:  # an object store that does not answer: a startup error
             await run_in_threadpool(check_store)
         if app.state.new_admin_token:
             log.warning("created an admin token: it is in %s (mode 0600)", settings.admin_token_file)

@@ -141,11 +141,12 @@ def download_bundle(bundle_id: BundleIdPath, request: Request, principal: Viewer
     With an S3-compatible store the answer is a 307 to a fresh presigned URL instead: the bytes come from
     the store, and an agent whose URL expired comes here for a new one."""
     store = request.app.state.store
-    presigned = bundles.presigned_download(session, store, bundle_id)
+    bundle = bundles.get_bundle(session, bundle_id)
+    presigned = bundles.presigned_download(store, bundle)
     if presigned is not None:
         session.close()
         return Response(status_code=307, headers={"Location": presigned, "Cache-Control": "no-store"})
-    bundle, size = bundles.open_download(session, store, bundle_id)
+    size = store.size(bundle.id)  # NotFound when the file is missing from the store
     # The database is done with: give the connection back before the body streams. A download holding its
     # connection for the whole transfer exhausts the pool when hundreds of devices fetch one wave's bundle,
     # and the requests waiting for a connection then hold every worker thread the streams need (a hang).

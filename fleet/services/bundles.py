@@ -217,19 +217,12 @@ def range_applies(if_range: str | None, bundle_id: str) -> bool:
     return if_range is None or if_range.strip() == etag(bundle_id)
 
 
-def presigned_download(session: Session, store: BundleStore, bundle_id: str) -> str | None:
-    """A fresh presigned URL of a known bundle when the store gives them, else None (the fleet serves it)."""
-    bundle = get_bundle(session, bundle_id)
+def presigned_download(store: BundleStore, bundle: Bundle) -> str | None:
+    """A fresh presigned URL of the bundle when the store gives them, else None (the fleet serves it)."""
     url = store.presign(bundle.id)
     if url is not None:
         metrics.BUNDLE_REDIRECTS.inc()
     return url
-
-
-def open_download(session: Session, store: BundleStore, bundle_id: str) -> tuple[Bundle, int]:
-    """The bundle to serve and its size on disk; NotFound if unknown or missing from the store."""
-    bundle = get_bundle(session, bundle_id)
-    return bundle, store.size(bundle.id)
 
 
 def iter_file(store: BundleStore, bundle_id: str, byte_range: ByteRange | None, size: int) -> Iterator[bytes]:
@@ -255,7 +248,6 @@ __all__ = [
     "get_bundle",
     "iter_file",
     "list_bundles",
-    "open_download",
     "parse_range",
     "presigned_download",
     "promote",

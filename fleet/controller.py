@@ -408,8 +408,7 @@ class RolloutController:
         joiners = [d for d in candidates if canonical_profile(d.profile) in bundles and matches_selector(d, rollout.selector or {})]
         if not joiners:
             return 0
-        final_wave = len(rollout.waves) - 1
-        wave = max(rollout.current_wave, final_wave) if pacing.late_joiners == "last_wave" else rollout.current_wave
+        wave = len(rollout.waves) - 1 if pacing.late_joiners == "last_wave" else rollout.current_wave
         for device in joiners:
             session.add(RolloutMember(rollout_id=rollout.id, device_id=device.id, wave_index=wave, cohort="treatment",
                                       phase=WAITING, desired_seq=0))

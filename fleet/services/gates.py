@@ -601,7 +601,7 @@ def _reporting(windows: Sequence[TelemetryWindow]) -> int:
     return len({window.device_id for window in windows})
 
 
-def _histogram(window: TelemetryWindow) -> tuple[tuple[float, ...], list[int]] | None:
+def window_histogram(window: TelemetryWindow) -> tuple[tuple[float, ...], list[int]] | None:
     """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None."""
     latency = (window.payload or {}).get("latency_ms") or {}
     return from_wire(latency.get("bounds_ms"), latency.get("counts"))
@@ -611,7 +611,7 @@ def device_histograms(windows: Sequence[TelemetryWindow]) -> tuple[tuple[float, 
     """(bounds, devices × buckets counts: each device's windows summed) when every window that served
     inferences has a histogram with the same buckets; else why not."""
     served = [window for window in windows if window.inferences > 0]
-    histograms = [_histogram(window) for window in served]
+    histograms = [window_histogram(window) for window in served]
     missing = sum(1 for histogram in histograms if histogram is None)
     if not served:
         return "no window served inferences"
@@ -1126,4 +1126,5 @@ __all__ = [
     "GateSpec", "Measurement", "MetricSource", "ProfileCohort", "WaveVerdict", "canonical_profile", "describe_metrics",
     "evaluate_gates", "has_relative_gates", "holdback_count", "holdback_step", "latency_quantile", "look_times",
     "max_bake_s", "parse_gates", "required_inferences", "rollout_bundles", "step_percent", "threshold_text",
+    "window_histogram",
 ]

@@ -27,9 +27,9 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from edgepack.histogram import LATENCY_BOUNDS_MS, from_wire, quantile
+from edgepack.histogram import LATENCY_BOUNDS_MS, merge_counts, quantile
 from fleet.models import Device, TelemetryRollup, TelemetryWindow
-from fleet.services.gates import utc
+from fleet.services.gates import utc, window_histogram
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ def _hour(at: dt.datetime) -> dt.datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
-def _histogram(payload: dict[str, Any] | None) -> list[int] | None:
+def _histogram(window: TelemetryWindow) -> list[int] | None:
     """The window's latency counts when they are on the shared buckets (else it adds no histogram)."""
-    latency = (payload or {}).get("latency_ms") or {}
-    wire = from_wire(latency.get("bounds_ms"), latency.get("counts"))
+    wire = window_histogram(window)
     if wire is None or len(wire[0]) != len(LATENCY_BOUNDS_MS):
         return None
     bounds, counts = wire
@@ -80,9 +79,9 @@ class _Accumulator:
         self.windows += 1
         self.inferences += window.inferences
         self.errors += window.errors
-        counts = _histogram(window.payload)
+        counts = _histogram(window)
         if counts is not None:
-            self.counts = counts if self.counts is None else [a + b for a, b in zip(self.counts, counts)]
+            self.counts = counts if self.counts is None else merge_counts([self.counts, counts])
         for name, score in (window.drift or {}).items():
             if isinstance(score, (int, float)) and math.isfinite(score):
                 entry = self.drift.setdefault(str(name), {"sum": 0.0, "n": 0, "max": float(score)})
@@ -96,7 +95,7 @@ class _Accumulator:
         rollup.errors += self.errors
         if self.counts is not None:
             rollup.latency_counts = (self.counts if not rollup.latency_counts
-                                     else [a + b for a, b in zip(rollup.latency_counts, self.counts)])
+                                     else merge_counts([rollup.latency_counts, self.counts]))
         drift = {name: dict(entry) for name, entry in (rollup.drift or {}).items()}
         for name, entry in self.drift.items():
             old = drift.get(name)

@@ -239,10 +239,7 @@ class Agent:
             except (RuntimeError, ValueError) as exc:
                 log.info("offline status not sent: %s", exc)
             client.disconnect()
-            try:
-                client.loop_stop()
-            except RuntimeError:  # stop() raced start() in another thread: the network loop never started
-                log.debug("MQTT network loop was not started yet; nothing to stop")
+            client.loop_stop()
         self._connected.clear()
 
     def run_forever(self) -> int:
@@ -325,9 +322,15 @@ class Agent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        self._client = client
         connect_client(client, endpoint, keepalive_s=self.config.mqtt_keepalive_s)
         client.loop_start()
+        self._client = client
+        if self._stop.is_set():
+            # stop() ran in another thread while this connected: it found no client to close, so close it here
+            # (stop sets the flag before it reads _client, and this sets _client before it reads the flag).
+            self._client = None
+            client.disconnect()
+            client.loop_stop()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

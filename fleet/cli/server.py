@@ -217,6 +217,8 @@ def prune(
     console.print(f"{result.windows_deleted} telemetry windows older than {result.raw_cutoff:%Y-%m-%d %H:%M} UTC rolled up "
                   f"and deleted ({result.rollups_written} new hourly rollups); {result.rollups_deleted} rollups older than "
                   f"{result.rollup_cutoff:%Y-%m-%d} deleted")
+    if result.partitions_dropped:
+        console.print(f"PostgreSQL day partitions dropped: {', '.join(result.partitions_dropped)}")
 
 
 @app.command("broker-config")

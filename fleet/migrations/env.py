@@ -12,6 +12,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from fleet.db import normalize_url
+from fleet.partitions import include_object
 from fleet.models import Base
 
 config = context.config
@@ -32,7 +33,10 @@ def run_migrations_offline() -> None:
 
 
 def _run_on(connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata)
+    # include_object: the telemetry key is a unique constraint on SQLite and an index on PostgreSQL's
+    # partitioned table (fleet.partitions); everything else is compared as it is
+    context.configure(connection=connection, target_metadata=target_metadata,
+                      include_object=include_object(connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
 

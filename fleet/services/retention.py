@@ -7,6 +7,11 @@ then deleted, in chunks of `chunk` windows, one transaction each, so a large bac
 and an interrupted run resumes where it stopped (a chunk is rolled up and deleted in the same transaction, so
 no window is counted twice). Rollups older than `rollup_days` are deleted too.
 
+On PostgreSQL the telemetry table is partitioned by day (fleet.partitions) and a day goes whole: once the
+day ended before the cutoff its windows are rolled up and its partition dropped in one transaction. Raw
+windows are then kept between `raw_days` and a day more; no row is deleted one by one, so the table never
+bloats. Only rows in the default partition (days without a partition) are deleted in chunks, as on SQLite.
+
 What a rollout decided, and on what evidence, lives in the rollout's waves (`waves.evidence`), not in the
 raw windows: a year-old rollout's evidence stays readable after its windows are gone.
 
@@ -28,6 +33,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from edgepack.histogram import LATENCY_BOUNDS_MS, merge_counts, quantile
+from fleet import partitions
 from fleet.models import Device, TelemetryRollup, TelemetryWindow
 from fleet.services.gates import utc, window_histogram
 
@@ -44,10 +50,12 @@ class PruneResult:
     rollups_deleted: int
     raw_cutoff: dt.datetime
     rollup_cutoff: dt.datetime
+    partitions_dropped: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"windows_rolled_up": self.windows_rolled_up, "windows_deleted": self.windows_deleted,
                 "rollups_written": self.rollups_written, "rollups_deleted": self.rollups_deleted,
+                "partitions_dropped": list(self.partitions_dropped),
                 "raw_cutoff": self.raw_cutoff.isoformat(), "rollup_cutoff": self.rollup_cutoff.isoformat()}
 
 
@@ -104,33 +112,79 @@ class _Accumulator:
         rollup.drift = drift
 
 
+Groups = dict[tuple[str | None, str, dt.datetime], _Accumulator]
+
+
+def _merge_groups(session: Session, groups: Groups) -> int:
+    """Add the groups to their hour's rollups (creating those missing); returns how many were created."""
+    written = 0
+    for (bundle_id, profile, hour), acc in groups.items():
+        bundle_match = TelemetryRollup.bundle_id.is_(None) if bundle_id is None else TelemetryRollup.bundle_id == bundle_id
+        rollup = session.scalars(select(TelemetryRollup).where(
+            bundle_match, TelemetryRollup.profile == profile, TelemetryRollup.hour == hour)).first()
+        if rollup is None:
+            rollup = TelemetryRollup(bundle_id=bundle_id, profile=profile, hour=hour, windows=0, inferences=0,
+                                     errors=0, latency_counts=None, drift={})
+            session.add(rollup)
+            written += 1
+        acc.merge_into(rollup)
+    session.flush()
+    return written
+
+
+def _windows_of(where: Any):
+    return (select(TelemetryWindow, Device.profile).join(Device, Device.id == TelemetryWindow.device_id).where(where))
+
+
+def _drop_old_partitions(session: Session, raw_cutoff: dt.datetime, chunk: int) -> tuple[int, int, list[str]]:
+    """PostgreSQL: every day partition that ended before `raw_cutoff` is rolled up and dropped, one
+    transaction each (its rollups and the drop commit together: an interrupted pass leaves the day whole)."""
+    rolled = written = 0
+    dropped: list[str] = []
+    for partition in partitions.day_partitions(session.connection()):
+        if partition.end > raw_cutoff:
+            break
+        groups: Groups = {}
+        rows = session.execute(_windows_of(partitions.in_partition(partition.name))
+                               .execution_options(yield_per=chunk))
+        for window, profile in rows:
+            groups.setdefault((window.bundle_id, profile, _hour(window.received_at)), _Accumulator()).add_window(window)
+            rolled += 1
+        written += _merge_groups(session, groups)
+        partitions.drop_partition(session.connection(), partition)
+        session.commit()
+        dropped.append(partition.name)
+    return rolled, written, dropped
+
+
 def prune_telemetry(session: Session, *, raw_days: float, rollup_days: float, now: float | dt.datetime | None = None,
                     chunk: int = 5000) -> PruneResult:
-    """Roll up and delete the windows older than `raw_days`, delete rollups older than `rollup_days`."""
+    """Roll up and delete the windows older than `raw_days`, delete rollups older than `rollup_days`.
+
+    On PostgreSQL telemetry is partitioned by day (fleet.partitions): the pass first creates the partitions
+    of the days ahead, then rolls up and drops every day that ended before the cutoff; windows go a whole
+    day at a time (kept up to a day longer than `raw_days`). Only the default partition's old rows, and
+    SQLite's, are deleted row by row."""
     at = utc(time.time() if now is None else now)
     raw_cutoff = at - dt.timedelta(seconds=raw_days * DAY_S)
     rollup_cutoff = at - dt.timedelta(seconds=rollup_days * DAY_S)
     rolled = deleted = written = 0
+    dropped: list[str] = []
+    old = TelemetryWindow.received_at < raw_cutoff
+    if partitions.is_partitioned(session.connection()):
+        partitions.ensure_ahead(session.connection(), today=at.date())
+        session.commit()
+        rolled, written, dropped = _drop_old_partitions(session, raw_cutoff, chunk)
+        deleted = rolled
+        old = old & partitions.in_partition(partitions.DEFAULT)
     while True:
-        rows = session.execute(
-            select(TelemetryWindow, Device.profile).join(Device, Device.id == TelemetryWindow.device_id)
-            .where(TelemetryWindow.received_at < raw_cutoff).order_by(TelemetryWindow.id).limit(chunk)
-        ).all()
+        rows = session.execute(_windows_of(old).order_by(TelemetryWindow.id).limit(chunk)).all()
         if not rows:
             break
-        groups: dict[tuple[str | None, str, dt.datetime], _Accumulator] = {}
+        groups: Groups = {}
         for window, profile in rows:
             groups.setdefault((window.bundle_id, profile, _hour(window.received_at)), _Accumulator()).add_window(window)
-        for (bundle_id, profile, hour), acc in groups.items():
-            bundle_match = TelemetryRollup.bundle_id.is_(None) if bundle_id is None else TelemetryRollup.bundle_id == bundle_id
-            rollup = session.scalars(select(TelemetryRollup).where(
-                bundle_match, TelemetryRollup.profile == profile, TelemetryRollup.hour == hour)).first()
-            if rollup is None:
-                rollup = TelemetryRollup(bundle_id=bundle_id, profile=profile, hour=hour, windows=0, inferences=0,
-                                         errors=0, latency_counts=None, drift={})
-                session.add(rollup)
-                written += 1
-            acc.merge_into(rollup)
+        written += _merge_groups(session, groups)
         ids = [window.id for window, _ in rows]
         session.execute(delete(TelemetryWindow).where(TelemetryWindow.id.in_(ids)).execution_options(synchronize_session=False))
         session.commit()  # this chunk's rollups and its deletion together
@@ -142,7 +196,8 @@ def prune_telemetry(session: Session, *, raw_days: float, rollup_days: float, no
                            .execution_options(synchronize_session=False)).rowcount or 0
     session.commit()
     return PruneResult(windows_rolled_up=rolled, windows_deleted=deleted, rollups_written=written,
-                       rollups_deleted=gone, raw_cutoff=raw_cutoff, rollup_cutoff=rollup_cutoff)
+                       rollups_deleted=gone, raw_cutoff=raw_cutoff, rollup_cutoff=rollup_cutoff,
+                       partitions_dropped=tuple(dropped))
 
 
 def rollup_summary(rollup: TelemetryRollup) -> dict[str, Any]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from sqlalchemy import select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select, text, tuple_
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from edgepack.errors import ProtocolError
@@ -127,24 +128,58 @@ def _window_row(device_id: str, telemetry: Telemetry, at: dt.datetime, key: str)
     )
 
 
+_COPY_COLUMNS = ("device_id", "window_key", "bundle_id", "received_at", "window_s", "inferences", "errors", "p50_ms",
+                 "p95_ms", "p99_ms", "drift", "payload")
+_JSON_COLUMNS = {"drift", "payload"}
+
+
+def _stored_keys(session: Session, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (device_id, window_key) pairs are stored already: one query. On PostgreSQL the keys go
+    as two arrays joined against the table (an index probe per key and partition); SQLite takes the IN list."""
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(text(
+            "SELECT t.device_id, t.window_key FROM telemetry t "
+            "JOIN unnest(CAST(:devices AS varchar[]), CAST(:keys AS varchar[])) AS k(device_id, window_key) "
+            "ON t.device_id = k.device_id AND t.window_key = k.window_key"),
+            {"devices": [d for d, _ in keys], "keys": [k for _, k in keys]})
+    else:
+        rows = session.execute(select(TelemetryWindow.device_id, TelemetryWindow.window_key)
+                               .where(tuple_(TelemetryWindow.device_id, TelemetryWindow.window_key).in_(keys)))
+    return {(device_id, key) for device_id, key in rows}
+
+
+def _copy_windows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: the rows in one COPY, on the session's own connection and transaction (several times
+    faster than a multi-row INSERT for a batch of hundreds)."""
+    connection = session.connection().connection.driver_connection
+    with connection.cursor() as cursor:
+        with cursor.copy(f"COPY telemetry ({', '.join(_COPY_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([json.dumps(row[c], allow_nan=False) if c in _JSON_COLUMNS else row[c]
+                                for c in _COPY_COLUMNS])
+
+
 def _insert_windows(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Insert the rows whose (device_id, window_key) is not stored yet; returns those inserted. One
-    statement for the lookup and one multi-row INSERT … ON CONFLICT DO NOTHING (a replica storing the same
-    redelivered window at the same moment loses the race quietly)."""
+    statement for the lookup and one for the insert (COPY on PostgreSQL). The caller holds the rows' devices
+    FOR UPDATE, so a replica storing the same redelivered window waits and then finds it. SQLite also has the
+    unique constraint (ON CONFLICT DO NOTHING); PostgreSQL's partitioned table cannot have one without the
+    partition key (fleet.partitions), and the lookup under the lock is what keeps a window once there."""
     if not rows:
         return []
     unique: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:  # the same window twice in one batch: the first one counts
         unique.setdefault((row["device_id"], row["window_key"]), row)
-    stored = {tuple(row) for row in session.execute(
-        select(TelemetryWindow.device_id, TelemetryWindow.window_key)
-        .where(tuple_(TelemetryWindow.device_id, TelemetryWindow.window_key).in_(list(unique))))}
+    stored = _stored_keys(session, list(unique))
     fresh = [row for pair, row in unique.items() if pair not in stored]
     if not fresh:
         return []
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(TelemetryWindow).on_conflict_do_nothing(index_elements=["device_id", "window_key"])
-    session.execute(statement, fresh)
+    if session.get_bind().dialect.name == "postgresql":
+        session.flush()  # the batch's device changes go first, as they would with an ORM insert
+        _copy_windows(session, fresh)
+    else:
+        session.execute(sqlite.insert(TelemetryWindow).on_conflict_do_nothing(index_elements=["device_id", "window_key"]),
+                        fresh)
     return fresh
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 import json
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from edgepack.histogram import LatencyHistogram
 from edgepack.protocol import Telemetry
@@ -114,3 +114,63 @@ def test_the_prune_command_reports_what_it_did_and_the_api_shows_the_rollups(dat
     rows = fleet.admin.get(f"/api/v1/bundles/{bundle_id}/telemetry").json()
     assert {r["profile"] for r in rows} == {"rpi5", "x86-avx2"} and sum(r["windows"] for r in rows) == 7
     assert fleet.admin.get(f"/api/v1/bundles/{'0' * 64}/telemetry").status_code == 404
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_on_postgresql_a_day_past_retention_is_rolled_up_and_its_partition_dropped(migrated_factory):
+    """Telemetry on PostgreSQL is partitioned by day: a day that ended before the cutoff goes whole (rolled up,
+    then DROP of its partition, no row deleted one by one); the boundary day and the recent ones stay."""
+    from fleet import partitions
+
+    factory = migrated_factory
+    old_day = (NOW - dt.timedelta(days=45)).date()
+    boundary = (NOW - dt.timedelta(days=30, hours=6))  # before the cutoff, but its day ends after it
+    with factory() as session:
+        connection = session.connection()
+        assert partitions.is_partitioned(connection)
+        partitions.ensure_partitions(connection, old_day, old_day + dt.timedelta(days=1))
+        partitions.ensure_partitions(connection, boundary.date(), boundary.date())
+        session.commit()
+        bundle = add_bundle(session, "det", "2.0", "rpi5")
+        add_device(session, "rpi-1", "rpi5")
+        start = dt.datetime.combine(old_day, dt.time(10), tzinfo=dt.timezone.utc)
+        for minute in range(0, 60, 10):  # six windows of one old hour, in the old day's partition
+            _store(session, "rpi-1", bundle.id, start + dt.timedelta(minutes=minute), [10.0] * 100, errors=1)
+        _store(session, "rpi-1", bundle.id, boundary, [20.0] * 100)
+        _store(session, "rpi-1", bundle.id, NOW - dt.timedelta(days=1), [11.0] * 100)
+        held = {name for name, in session.execute(text(
+            "SELECT tableoid::regclass::text FROM telemetry")).all()}
+        assert f'{partitions.SCHEMA}.{partitions.partition_for(old_day).name}' in held
+
+    with factory() as session:
+        result = prune_telemetry(session, raw_days=30, rollup_days=400, now=NOW)
+        names = {p.name for p in partitions.day_partitions(session.connection())}
+        remaining = session.scalars(select(TelemetryWindow.received_at).order_by(TelemetryWindow.received_at)).all()
+        rollups = bundle_rollups(session, bundle.id)
+    assert result.partitions_dropped[0] == partitions.partition_for(old_day).name
+    assert partitions.partition_for(old_day).name not in names and partitions.partition_for(boundary.date()).name in names
+    assert result.windows_rolled_up == 6
+    assert [utc_at.astimezone(dt.timezone.utc) for utc_at in remaining] == [boundary, NOW - dt.timedelta(days=1)]
+    assert len(rollups) == 1 and (rollups[0]["windows"], rollups[0]["inferences"], rollups[0]["errors"]) == (6, 600, 6)
+    # the days ahead exist, so new windows never land in the default partition
+    assert {partitions.partition_for((NOW + dt.timedelta(days=d)).date()).name for d in range(4)} <= names
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_on_postgresql_a_redelivered_window_is_one_row_across_partitions_and_a_held_day_is_not_partitioned(migrated_factory):
+    from fleet import partitions
+
+    factory = migrated_factory
+    with factory() as session:
+        bundle = add_bundle(session, "det", "2.0", "rpi5")
+        add_device(session, "rpi-1", "rpi5")
+        window = Telemetry(device_id="rpi-1", window_id="w-1", bundle_id=bundle.id, window_s=10, inferences=5, errors=0,
+                           latency_ms=_latency([3.0] * 5))
+        far = NOW - dt.timedelta(days=300)  # no partition for that day: the default partition takes it
+        assert record_telemetry(session, window, now=far) is not None
+        # the same window redelivered a day later is still the same window (found in another partition)
+        assert record_telemetry(session, window, now=NOW) is None
+        assert session.scalar(select(func.count()).select_from(TelemetryWindow)) == 1
+        created = partitions.ensure_partitions(session.connection(), far.date(), far.date())
+        assert created == []  # the default holds that day's row: PostgreSQL would refuse the partition
+        session.commit()

@@ -86,6 +86,17 @@ def count_metric(name: str, **labels: str) -> None:
         log.debug("fleet.metrics.%s could not be incremented", name, exc_info=True)
 
 
+def observe_metric(name: str, value: float) -> None:
+    """Observe `value` in the histogram `fleet.metrics.<name>`, best effort like count_metric."""
+    try:
+        from fleet import metrics
+        histogram = getattr(metrics, name, None)
+        if histogram is not None:
+            histogram.observe(value)
+    except Exception:
+        log.debug("fleet.metrics.%s could not be observed", name, exc_info=True)
+
+
 def default_bundle_url(bundle: Bundle) -> str:
     """The API's download route, relative: the agent resolves it against its fleet URL."""
     return download_path(bundle.id)
@@ -200,8 +211,12 @@ class RolloutController:
         return (rollout.id, wave, "hold") if self._hold(session, rollout, verdict, now) else None
 
     def evaluate_wave(self, session: Session, rollout: Rollout, now: float | None = None) -> WaveVerdict:
-        """The gates' verdict on the rollout's current wave."""
-        return evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now)
+        """The gates' verdict on the rollout's current wave (its CPU and wall time go to /metrics)."""
+        cpu, wall = time.thread_time(), time.perf_counter()
+        verdict = evaluate_gates(session, rollout, rollout.current_wave, self.clock() if now is None else now)
+        observe_metric("WAVE_EVALUATION_CPU_SECONDS", time.thread_time() - cpu)
+        observe_metric("WAVE_EVALUATION_SECONDS", time.perf_counter() - wall)
+        return verdict
 
     # ------------------------------------------------------------ transitions
 

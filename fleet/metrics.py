@@ -128,6 +128,18 @@ ROLLOUT_DECISIONS = Counter(
     ["decision"],
     registry=REGISTRY,
 )
+WAVE_EVALUATION_CPU_SECONDS = Histogram(
+    "edgepack_wave_evaluation_cpu_seconds",
+    "CPU time the controller's thread spent judging one wave (its gates on every member's telemetry), per look.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+WAVE_EVALUATION_SECONDS = Histogram(
+    "edgepack_wave_evaluation_seconds",
+    "Wall time of judging one wave, its database queries included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
 ALERTS_RAISED = Counter(
     "edgepack_alerts_raised",
     "Alerts raised, by kind (drift).",

@@ -71,6 +71,14 @@ def from_wire(raw_bounds: object, raw_counts: object) -> tuple[tuple[float, ...]
     or None when absent or unusable (bounds not finite and increasing, counts not matching, negative)."""
     if not raw_bounds:
         return None
+    if (isinstance(raw_bounds, (list, tuple)) and len(raw_bounds) == len(LATENCY_BOUNDS_MS)
+            and tuple(raw_bounds) == LATENCY_BOUNDS_MS and isinstance(raw_counts, list)
+            and all(type(count) is int and count >= 0 for count in raw_counts)):
+        # the agent's own buckets (nearly every window): nothing to convert or check but the counts
+        if len(raw_counts) == len(LATENCY_BOUNDS_MS) + 1:
+            return LATENCY_BOUNDS_MS, list(raw_counts)
+        if len(raw_counts) == len(LATENCY_BOUNDS_MS):
+            return LATENCY_BOUNDS_MS, [*raw_counts, 0]
     try:
         bounds = tuple(float(bound) for bound in raw_bounds)  # type: ignore[attr-defined]
         counts = [int(count) for count in (raw_counts or [])]  # type: ignore[attr-defined]

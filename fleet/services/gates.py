@@ -372,8 +372,8 @@ class ProfileCohort:
     wave_index: int
     profile: str
     bundle_id: str | None
-    treatment: list[tuple[RolloutMember, Device]]
-    control: list[tuple[RolloutMember, Device]]
+    treatment: list[tuple[RolloutMember, "CohortDevice"]]
+    control: list[tuple[RolloutMember, "CohortDevice"]]
     window_start: dt.datetime
     until: dt.datetime | None = None
     min_inferences: int = 1
@@ -601,10 +601,18 @@ def _reporting(windows: Sequence[TelemetryWindow]) -> int:
     return len({window.device_id for window in windows})
 
 
+_NO_HISTOGRAM = object()
+
+
 def window_histogram(window: TelemetryWindow) -> tuple[tuple[float, ...], list[int]] | None:
-    """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None."""
-    latency = (window.payload or {}).get("latency_ms") or {}
-    return from_wire(latency.get("bounds_ms"), latency.get("counts"))
+    """(bucket upper bounds, counts with the overflow bucket last) of a window's latency histogram, or None.
+    Decoded once per loaded window (one evaluation reads each window's histogram several times)."""
+    cached = window.__dict__.get("_edgepack_histogram", _NO_HISTOGRAM)
+    if cached is _NO_HISTOGRAM:
+        latency = (window.payload or {}).get("latency_ms") or {}
+        cached = from_wire(latency.get("bounds_ms"), latency.get("counts"))
+        window.__dict__["_edgepack_histogram"] = cached
+    return cached
 
 
 def device_histograms(windows: Sequence[TelemetryWindow]) -> tuple[tuple[float, ...], np.ndarray] | str:
@@ -937,12 +945,24 @@ def _failure_text(row: dict[str, Any]) -> str:
     return text
 
 
-def cohort_members(session: Session, rollout: Rollout) -> list[tuple[RolloutMember, Device]]:
-    return list(session.execute(
-        select(RolloutMember, Device).join(Device, Device.id == RolloutMember.device_id)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CohortDevice:
+    """What judging a wave reads of a member's device. Not the ORM row: at 10,000 members, loading every
+    Device (labels, the signed desired state: JSON to parse) cost more than all the statistics."""
+
+    id: str
+    profile: str
+    current_bundle_id: str | None
+
+
+def cohort_members(session: Session, rollout: Rollout) -> list[tuple[RolloutMember, CohortDevice]]:
+    rows = session.execute(
+        select(RolloutMember, Device.id, Device.profile, Device.current_bundle_id)
+        .join(Device, Device.id == RolloutMember.device_id)
         .where(RolloutMember.rollout_id == rollout.id)
         .order_by(RolloutMember.id)
-    ).all())
+    ).all()
+    return [(member, CohortDevice(device_id, profile, bundle_id)) for member, device_id, profile, bundle_id in rows]
 
 
 def holdback_step(rollout: Rollout) -> int:
@@ -994,8 +1014,8 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
     look_until = started + dt.timedelta(seconds=looks[look]) if look is not None and started else None
     control_name = "holdback" if wave_index == holdback_step(rollout) - 1 else "control"
 
-    by_profile: dict[str, list[tuple[RolloutMember, Device]]] = defaultdict(list)
-    control_by_profile: dict[str, list[tuple[RolloutMember, Device]]] = defaultdict(list)
+    by_profile: dict[str, list[tuple[RolloutMember, "CohortDevice"]]] = defaultdict(list)
+    control_by_profile: dict[str, list[tuple[RolloutMember, "CohortDevice"]]] = defaultdict(list)
     for member, device in treatment:
         by_profile[canonical_profile(device.profile)].append((member, device))
     for member, device in control:
@@ -1122,6 +1142,7 @@ def describe_metrics() -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "CohortDevice",
     "ALPHA", "DEFAULT_GATES", "DEFAULT_HOLDBACK_PERCENT", "DEFAULT_MIN_INFERENCES", "LOOKS", "METRIC_SOURCES",
     "GateSpec", "Measurement", "MetricSource", "ProfileCohort", "WaveVerdict", "canonical_profile", "describe_metrics",
     "evaluate_gates", "has_relative_gates", "holdback_count", "holdback_step", "latency_quantile", "look_times",

@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -382,6 +382,30 @@ class MqttBridge:
             return False
         count_metric("DESIRED_PUBLISHED")
         return True
+
+
+    def publish_desired_many(self, items: Sequence[tuple[str, DesiredState]], window: int = 1000) -> list[bool]:
+        """publish_desired for many states, pipelined: up to `window` on the wire before the first wait
+        (paho keeps its own in-flight limit); True for each the broker acknowledged in time."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return [False] * len(items)
+        results: list[bool] = []
+        for start in range(0, len(items), window):
+            chunk = items[start:start + window]
+            infos = [client.publish(desired_topic(device_id), encode(desired), qos=1, retain=True)
+                     for device_id, desired in chunk]
+            deadline = time.monotonic() + self.publish_timeout_s
+            for info in infos:
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):
+                    pass
+                ok = info.is_published()
+                if ok:
+                    count_metric("DESIRED_PUBLISHED")
+                results.append(ok)
+        return results
 
 
 def _bundle_url_for(settings: FleetSettings, store: Any) -> Callable[[Any], str]:

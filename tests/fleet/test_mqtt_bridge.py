@@ -155,11 +155,27 @@ def test_a_retained_desired_state_reaches_a_device_that_subscribes_later(bridge,
     assert message.retain and message.payload == encode(desired)
 
 
+def test_many_desired_states_go_out_pipelined_and_each_is_retained(bridge, mosquitto):
+    states = [(f"dev-{i}", DesiredState(rollout_id="r-1", seq=i + 1, action="rollback")) for i in range(300)]
+
+    assert bridge.publish_desired_many(states, window=64) == [True] * 300
+
+    late = DeviceClient(mosquitto.url, "late-reader")
+    try:
+        for device_id, desired in (states[0], states[150], states[-1]):
+            late.subscribe(desired_topic(device_id))
+            message = late.received.get(timeout=10)
+            assert message.retain and message.payload == encode(desired)
+    finally:
+        late.close()
+
+
 def test_publishing_while_disconnected_reports_failure(mosquitto, database):
     bridge = MqttBridge(mosquitto.url, database, client_id="never-started")
     desired = DesiredState(seq=1, action="rollback")
 
     assert bridge.publish_desired("dev-1", desired) is False
+    assert bridge.publish_desired_many([("dev-1", desired), ("dev-2", desired)]) == [False, False]
 
 
 def test_the_bridge_reconnects_after_a_broker_restart(bridge, mosquitto, database):

@@ -63,8 +63,10 @@ def apply_status(session: Session, status: DeviceStatus, now: float | dt.datetim
     return applied
 
 
-def _apply_status(session: Session, device: Device, status: DeviceStatus, at: dt.datetime) -> bool:
-    """apply_status without the commit, for a device already loaded."""
+def _apply_status(session: Session, device: Device, status: DeviceStatus, at: dt.datetime,
+                  members: dict[tuple[str, int], RolloutMember] | None = None) -> bool:
+    """apply_status without the commit, for a device already loaded; `members`: the rollout members of the
+    batch's (device, seq) pairs, looked up beforehand (else this status's is queried)."""
     if status.state == "offline":
         device.online = False
         return True
@@ -85,9 +87,12 @@ def _apply_status(session: Session, device: Device, status: DeviceStatus, at: dt
     device.last_status = status.model_dump(mode="json")
     if status.seq > 0:
         # A device's seqs are unique across rollouts, so the seq alone finds the member it answers.
-        member = session.scalars(
-            select(RolloutMember).where(RolloutMember.device_id == device.id, RolloutMember.desired_seq == status.seq)
-        ).first()
+        if members is not None:
+            member = members.get((device.id, status.seq))
+        else:
+            member = session.scalars(
+                select(RolloutMember).where(RolloutMember.device_id == device.id, RolloutMember.desired_seq == status.seq)
+            ).first()
         if member is not None and (status.rollout_id is None or status.rollout_id == member.rollout_id):
             phase = _member_phase(member, status)
             # A timed-out member only leaves that phase with a final answer, so it cannot flap back to pending.
@@ -233,25 +238,35 @@ def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
     # the device-ts rule above orders them. One order for every writer: no deadlock. (SQLite: one writer.)
     devices = {device.id: device for device in session.scalars(
         select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())}
+    # the rollout members the statuses answer, in one query (one per status would also flush the batch's
+    # device changes before each)
+    wanted = list({(item.message.device_id, item.message.seq) for item in items
+                   if item.kind == "status" and item.message.seq > 0 and item.message.device_id in devices})
+    members: dict[tuple[str, int], RolloutMember] = {}
+    if wanted:
+        for member in session.scalars(select(RolloutMember).where(
+                tuple_(RolloutMember.device_id, RolloutMember.desired_seq).in_(wanted)).order_by(RolloutMember.id)):
+            members.setdefault((member.device_id, member.desired_seq), member)
     outcome = BatchOutcome()
     rows: list[dict[str, Any]] = []
     row_index: list[int] = []
-    for item in items:
-        device = devices.get(item.message.device_id)
-        if device is None:
-            outcome.outcomes.append("dropped:unknown_device")
-            continue
-        if device.revoked_at is not None:
-            outcome.outcomes.append("dropped:revoked_device")
-            continue
-        if item.kind == "status":
-            applied = _apply_status(session, device, item.message, item.received_at)
-            outcome.outcomes.append("status" if applied else "stale")
-            continue
-        device.last_seen = max(utc(device.last_seen) or item.received_at, item.received_at)
-        row_index.append(len(outcome.outcomes))
-        outcome.outcomes.append("telemetry")
-        rows.append(_window_row(device.id, item.message, item.received_at, window_key(item.message, item.payload)))
+    with session.no_autoflush:
+        for item in items:
+            device = devices.get(item.message.device_id)
+            if device is None:
+                outcome.outcomes.append("dropped:unknown_device")
+                continue
+            if device.revoked_at is not None:
+                outcome.outcomes.append("dropped:revoked_device")
+                continue
+            if item.kind == "status":
+                applied = _apply_status(session, device, item.message, item.received_at, members)
+                outcome.outcomes.append("status" if applied else "stale")
+                continue
+            device.last_seen = max(utc(device.last_seen) or item.received_at, item.received_at)
+            row_index.append(len(outcome.outcomes))
+            outcome.outcomes.append("telemetry")
+            rows.append(_window_row(device.id, item.message, item.received_at, window_key(item.message, item.payload)))
     inserted = {(row["device_id"], row["window_key"]) for row in _insert_windows(session, rows)}
     seen: set[tuple[str, str]] = set()
     for index, row in zip(row_index, rows):

@@ -161,6 +161,9 @@ def _build_one(request, quiet: bool, json_output: bool):
         sys.stdout.write(report.to_json())
     if not quiet:
         console.print(_summary(report))
+        for failed in report.failed_variants:
+            console.print(f"[red]✗[/red] {failed.name} ({failed.runtime}, {failed.precision}) could not be "
+                          f"{'built' if failed.stage == 'build' else 'run'}: {failed.reason}")
         for note in report.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
     for step in report.toolchain or []:

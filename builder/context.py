@@ -12,7 +12,7 @@ import dataclasses
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 import numpy as np
 
@@ -22,13 +22,16 @@ from builder.runtimes import get_adapter
 from builder.verify import Outputs
 from edgepack.errors import EdgepackError, PassError
 from edgepack.files import file_sha256
-from edgepack.report import GateThresholds, PassRecord
+from edgepack.report import FailedVariant, GateThresholds, PassRecord
 
 if TYPE_CHECKING:
     from builder.data import BuildData
     from builder.targets import Candidate, Target
     from edgepack.config import BuildConfig
     from hardware_profiles.schema import HardwareProfile, RuntimeSpec
+
+
+_T = TypeVar("_T")
 
 
 class ProgressSink(Protocol):
@@ -92,6 +95,7 @@ class BuildContext:
     # The profile's runtimes in order, each with the target that builds it (None: edgepack builds none).
     targets: list[tuple[RuntimeSpec, Target | None]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    failed: list[FailedVariant] = dataclasses.field(default_factory=list)  # variants that raised (attempt)
     pass_log: list[PassRecord] = dataclasses.field(default_factory=list)
     # Files a target wants next to the report even when it built no candidate (a converter's log).
     artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)
@@ -107,6 +111,26 @@ class BuildContext:
     def note(self, message: str) -> None:
         """A sentence for the report's notes."""
         self.notes.append(message)
+
+    def attempt(self, name: str, runtime: str, precision: str, make: Callable[[], _T], stage: str = "build") -> _T | None:
+        """`make()`, or None when it raises: one variant failing (a quantizer crash, a converter error, a runtime
+        that cannot load it) is a result, not the end of the build. It is recorded in the report's
+        `failed_variants`, said on the progress display, and the build selects among the other variants.
+        Running out of memory or an interrupt still ends the build."""
+        try:
+            return make()
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, EdgepackError):
+                reason = exc.message
+            else:
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            self.failed.append(FailedVariant(name=name, runtime=runtime, precision=precision, stage=stage, reason=reason))
+            self.progress.note(f"{name} ({runtime}) could not be {'built' if stage == 'build' else 'run'}: {reason}; "
+                               "going on without it")
+            return None
 
     def publish_artifact(self, name: str, path: Path) -> None:
         """Publish `path` beside the report as `<stem>.<name>`."""

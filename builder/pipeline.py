@@ -360,7 +360,12 @@ def build_candidates(ctx: BuildContext, reference: ReferenceModel) -> list[Candi
 # ==================================================================== evaluate
 def evaluate(ctx: BuildContext, reference: ReferenceModel, candidates: list[Candidate]) -> Evaluation:
     """Measure every candidate, then judge each against the fp32 reference and the gates."""
-    measured = [(candidate, _with_build_verdict(ctx, candidate, measure(ctx, reference, candidate))) for candidate in candidates]
+    measured = []
+    for candidate in candidates:  # one the runtime cannot load or run is dropped (ctx.attempt), the others go on
+        measurement = ctx.attempt(candidate.name, candidate.runtime, candidate.precision,
+                                  lambda: measure(ctx, reference, candidate), stage="verify")
+        if measurement is not None:
+            measured.append((candidate, _with_build_verdict(ctx, candidate, measurement)))
     reference_measurement = next(
         (m for c, m in measured if c.format == "onnx" and c.precision == "fp32" and c.model_path == reference.model_path), None)
     if reference_measurement is None:
@@ -469,9 +474,16 @@ def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Eva
     sensitivity: dict[str, list[SensitivityEntry]] = {}
     for trial in evaluation.trials:
         if _wants_fallback(ctx, trial):
-            ranking = _rank_nodes(ctx, reference, trial.candidate)
-            sensitivity[trial.variant.name] = ranking
-            trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+            try:
+                ranking = _rank_nodes(ctx, reference, trial.candidate)
+                sensitivity[trial.variant.name] = ranking
+                trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # the variant stays as it was measured, with its failed gate
+                why = exc.message if isinstance(exc, EdgepackError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                trial = _with_note(trial, f"the accuracy fallback failed ({why}); left as first built")
+                ctx.progress.note(f"{trial.variant.name}: the accuracy fallback failed: {why}")
         trials.append(trial)
     return trials, sensitivity
 
@@ -581,7 +593,7 @@ def draft_report(ctx: BuildContext, reference: ReferenceModel, reference_measure
         gates=Gates(**dict(ctx.gates), passed=selection.selected is not None),
         reference=ReferenceSummary(name="fp32", accuracy=reference_measurement.accuracy, size_bytes=reference_measurement.size_bytes,
                                    validation_samples=len(ctx.validation_feeds)),
-        variants=[t.variant for t in selection.trials], notes=list(ctx.notes), passes=list(ctx.pass_log), sensitivity=sensitivity,
+        variants=[t.variant for t in selection.trials], failed_variants=list(ctx.failed), notes=list(ctx.notes), passes=list(ctx.pass_log), sensitivity=sensitivity,
         estimate_label=ESTIMATE_LABEL, lineage=_lineage(ctx, reference.source_sha256),
         source_model=SourceModel(path=str(reference.source_model), sha256=reference.source_sha256, opset=reference.source_opset),
         bundle=None, cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses, enabled=ctx.cache.enabled), duration_s=0.0,

@@ -145,6 +145,17 @@ class VariantMeasurement(_ReportModel):
                                                    "its target refused it, the profile cannot run it); absent otherwise.")
 
 
+class FailedVariant(_ReportModel):
+    """A variant the build tried and could not make or run: the build went on without it."""
+
+    name: str = Field(description="The variant it would have been (int8, ov-fp16, tflite-full-int8 …).")
+    runtime: str = Field(description="The runtime it was for.")
+    precision: Precision = Field(description="Numeric precision it would have had.")
+    stage: Literal["build", "verify"] = Field(description="build: a pass or converter raised; verify: its runtime could "
+                                                          "not load or run it.")
+    reason: str = Field(description="What went wrong, in one line (the exception's type and first line).")
+
+
 class Variant(VariantMeasurement):
     """A candidate judged against the fp32 reference and the gates, with the build's decision about it."""
 
@@ -267,6 +278,8 @@ class BuildReport(_ReportModel):
                                      "passed.")
     reference: ReferenceSummary = Field(description="The fp32 reference every variant is compared with.")
     variants: list[Variant] = Field(description="Every candidate built, in build order, with its measurements and decision.")
+    failed_variants: list[FailedVariant] = Field(default=[], description="Variants that could not be built or run, with "
+                                                 "why; the build selected among the rest.")
     notes: list[str] = Field(description="Sentences about the whole build (skipped precisions or runtimes, dynamic shapes, "
                                          "estimate caveats …).")
     passes: list[PassRecord] = Field(description="Every pass step the build ran, in order.")

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edgepack.protocol import DeviceStatus, Telemetry, desired_topic, encode, status_topic, telemetry_topic
@@ -141,7 +141,6 @@ class FleetCounts:
     acked: int = 0
     windows_sent: int = 0
     pubacks: int = 0
-    first_desired: dict[int, float] = field(default_factory=dict)
 
 
 class LiteFleet:
@@ -309,7 +308,6 @@ class LiteFleet:
         now = time.time()
         with self._lock:
             sim.desired_at.setdefault(seq, now)
-        self.counts.first_desired.setdefault(seq, now)
         if seq <= sim.handled_seq:
             return  # the retained replay after a reconnect
         sim.handled_seq = seq

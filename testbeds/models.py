@@ -4,7 +4,7 @@ The packages are found, never imported: `rapidocr_onnxruntime/__init__.py` impor
 test environment does not have, and `silero_vad` pulls in torch/torchaudio helpers. `find_spec` on a
 top-level package reads only the file system, so it is safe. Install the models with
 
-    pip install --no-deps rapidocr-onnxruntime silero-vad
+    pip install --no-deps rapidocr-onnxruntime silero-vad magika
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime silero-vad"
+INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime silero-vad magika"
 
 
 def package_dir(package: str) -> Path:
@@ -45,3 +45,9 @@ def ppocr_cls_model() -> Path:
 def silero_vad_model() -> Path:
     """Silero VAD v5: `input` [1, 512] at 16 kHz, `state` [2, 1, 128], `sr` int64 -> speech probability."""
     return _shipped("silero_vad", "data/silero_vad.onnx")
+
+
+def magika_model() -> Path:
+    """Google's magika file-type model (standard_v3_3): `bytes` int32 [N, 2048] (the first and last 1024 bytes
+    of a file, padded with 256) -> softmax [N, 214] over content types."""
+    return _shipped("magika", "models/standard_v3_3/model.onnx")

@@ -84,31 +84,42 @@ def tensorrt_engine_spec(candidate: Candidate, sparse_capable: bool) -> dict[str
 
 
 def onnx_family(ctx: BuildContext, reference: ReferenceModel, runtime: str) -> list[Candidate]:
+    """fp32, then every variant the plan asks for; one that fails to build is left out (ctx.attempt)."""
     plan, config, profile = ctx.plan, ctx.config, ctx.profile
     base = reference.model_path
     passes = load_all_passes()
     out: list[Candidate] = [Candidate("fp32", "fp32", runtime, "onnx", base, {})]
+
+    def add(name: str, precision: str, make) -> Candidate | None:
+        candidate = ctx.attempt(name, runtime, precision, make)
+        if candidate is not None:
+            out.append(candidate)
+        return candidate
+
+    def from_pass(name: str, precision: str, pass_, model, label: str | None = None, extra=None):
+        def make() -> Candidate:
+            result = ctx.run_pass(pass_, model, label=label)
+            return Candidate(name, precision, runtime, "onnx", result.model_path, {**result.info, **(extra(result) if extra else {})})
+        return make
+
     if plan.fp16:
-        result = ctx.run_pass(plan.fp16, base)
-        out.append(Candidate("fp16", "fp16", runtime, "onnx", result.model_path, result.info))
+        add("fp16", "fp16", from_pass("fp16", "fp16", plan.fp16, base))
     if plan.int8:
-        result = ctx.run_pass(plan.int8, base)
-        out.append(Candidate("int8", "int8", runtime, "onnx", result.model_path, result.info))
+        add("int8", "int8", from_pass("int8", "int8", plan.int8, base))
     if plan.int8_dynamic_config is not None:
         mode = config.optimize.int8.dynamic
         share = reference.matmul_share
         if mode == "always" or (mode == "auto" and share >= 0.5):
             reduce_range = bool(plan.int8 and plan.int8.scheme(profile)["reduce_range"])
             dyn = passes["int8-dynamic"].from_dict({**plan.int8_dynamic_config, "reduce_range": reduce_range})
-            result = ctx.run_pass(dyn, base)
-            out.append(Candidate("int8-dynamic", "int8", runtime, "onnx", result.model_path, result.info))
+            add("int8-dynamic", "int8", from_pass("int8-dynamic", "int8", dyn, base))
         elif mode == "auto":
             ctx.note(f"int8-dynamic not tried: MatMul/Gemm are {share:.0%} of the compute (auto tries it from 50%)")
     if plan.prune:
-        pruned = ctx.run_pass(plan.prune, base)
-        out.append(Candidate("fp32-sparse", "fp32", runtime, "onnx", pruned.model_path, {**pruned.info, "prune": pruned.info}))
-        if plan.int8:
-            q = ctx.run_pass(plan.int8, pruned.model_path, label="int8-sparse")
-            out.append(Candidate("int8-sparse", "int8", runtime, "onnx", q.model_path,
-                                 {**q.info, "sparsity": pruned.info["sparsity"], "prune": pruned.info}))
+        sparse = add("fp32-sparse", "fp32", from_pass("fp32-sparse", "fp32", plan.prune, base,
+                                                     extra=lambda result: {"prune": result.info}))
+        if plan.int8 and sparse is not None:
+            prune_info = sparse.info["prune"]
+            add("int8-sparse", "int8", from_pass("int8-sparse", "int8", plan.int8, sparse.model_path, label="int8-sparse",
+                                                 extra=lambda result: {"sparsity": prune_info["sparsity"], "prune": prune_info}))
     return out

@@ -97,6 +97,8 @@ def test_an_op_onnx2tf_cannot_convert_is_one_line_and_a_log_while_onnxruntime_bu
     assert report.selected in ("fp32", "int8")
     (note,) = [n for n in report.notes if n.startswith("tflite variants not built")]
     assert "\n" not in note
+    failed = [f for f in report.failed_variants if f.runtime == "tflite"]
+    assert failed and all(f.name.startswith("tflite-") and "LpPool" in f.reason for f in failed)
     assert "LpPool node 'lp_pool'" in note and "lp-cnn-0.1.0-rpi4.onnx2tf.log" in note
     log = (out / "lp-cnn-0.1.0-rpi4.onnx2tf.log").read_text()
     assert "LpPool OP is not yet implemented" in log

@@ -108,11 +108,13 @@ class OpenVinoTarget(Target):
             return []
         ir_reference = _candidate("ov-fp32", "fp32", fp32)
         out = [ir_reference]
+        made = []  # a variant that fails is dropped with its reason (ctx.attempt); the others go on
         if self._fp16 is not None:
-            out.append(_candidate("ov-fp16", "fp16", ctx.run_pass(self._fp16, fp32.model_path)))
+            made.append(ctx.attempt("ov-fp16", self.runtime, "fp16",
+                                    lambda: _candidate("ov-fp16", "fp16", ctx.run_pass(self._fp16, fp32.model_path))))
         if self._int8 is not None:
-            out.append(self._int8_candidate(ctx, ir_reference))
-        return out
+            made.append(ctx.attempt("ov-int8", self.runtime, "int8", lambda: self._int8_candidate(ctx, ir_reference)))
+        return out + [candidate for candidate in made if candidate is not None]
 
     def _int8_candidate(self, ctx: BuildContext, reference: Candidate) -> Candidate:
         plain = ctx.run_pass(self._int8, reference.model_path)

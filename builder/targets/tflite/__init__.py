@@ -25,6 +25,7 @@ from builder.passes.base import Pass, load_all_passes
 from builder.runtimes import RuntimeUnavailable
 from builder.targets import Candidate, Target
 from edgepack.errors import PassError
+from edgepack.report import FailedVariant
 
 if TYPE_CHECKING:
     from builder.context import BuildContext, ReferenceModel
@@ -92,6 +93,9 @@ class TfliteTarget(Target):
                 ctx.publish_artifact(LOG_ARTIFACT, Path(log))
                 where = f"; converter log: {stem}.{LOG_ARTIFACT}"
             ctx.note(f"tflite variants not built: {exc.message}{where}")
+            for variant in variants:
+                ctx.failed.append(FailedVariant(name=f"tflite-{variant}", runtime=self.runtime, precision=PRECISION[variant],
+                                                stage="build", reason=f"{exc.message}{where}"))
             return []
         folder = converted.model_path.parent
         info = converted.info
@@ -101,6 +105,8 @@ class TfliteTarget(Target):
         for variant, reason in info.get("failed_variants", {}).items():
             if variant in variants:
                 ctx.note(f"tflite-{variant} not built: {reason}; converter log: {stem}.{LOG_ARTIFACT}")
+                ctx.failed.append(FailedVariant(name=f"tflite-{variant}", runtime=self.runtime, precision=PRECISION[variant],
+                                                stage="build", reason=f"{reason} (converter log: {stem}.{LOG_ARTIFACT})"))
         toolchain = ctx.profile.toolchains.get("edgetpu_compiler")
         candidates = []
         for variant in variants:

@@ -35,7 +35,7 @@ from builder.passes.base import load_all_passes
 from builder.runtimes import RuntimeUnavailable, get_adapter
 from builder.select import evaluate_gates, select_variant
 from builder.targets import Candidate, get_target, target_class
-from builder.verify import compare, load_metric
+from builder.verify import accuracy_drop, compare, load_metric
 from edgepack import __version__
 from edgepack.config import BuildConfig, load_build_config
 from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError
@@ -506,12 +506,22 @@ def _rank_nodes(ctx: BuildContext, reference: ReferenceModel, candidate: Candida
 
 def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measurement: VariantMeasurement, trial: Trial,
               ranking: list[SensitivityEntry]) -> Trial:
-    """Keep 1, 2, … of the most sensitive nodes in float until the accuracy gates hold (or the limit)."""
+    """Keep the k most sensitive nodes in float, for the smallest k that meets the accuracy gates.
+
+    The nodes are ranked once; k is then searched, not counted up one at a time: k = 1 (the common case),
+    then the limit (`max_fallback_nodes`): when even that misses the gate, the search stops there — and when
+    it is no better than plain INT8, the plain variant stays, since more float nodes only cost speed. Else k
+    is halved between the last miss and the last pass. That is 2 + log2(limit) builds at most instead of
+    `limit`, assuming more float nodes never hurt accuracy (the ranking's premise)."""
     candidate = trial.candidate
     limit = min(ctx.config.optimize.int8.max_fallback_nodes, len(ranking))
+    if limit < 1:
+        return trial
     int8_static = load_all_passes()["int8-static"]
     target = target_class(candidate.runtime)
-    for count in range(1, limit + 1):
+    tried: dict[int, Trial] = {}
+
+    def build(count: int) -> Trial:
         excluded = tuple(sorted(entry.node for entry in ranking[:count]))
         pass_ = int8_static.from_dict({**ctx.plan.int8_config, "nodes_to_exclude": list(excluded)})
         out = ctx.run_pass(pass_, reference.model_path, label=f"{candidate.name} fallback {count}")
@@ -519,10 +529,36 @@ def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measuremen
                             {**candidate.info, **out.info}, float_nodes=frozenset(excluded))
         if target is not None:
             rebuilt = target().requantized(ctx, rebuilt)
-        trial = Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), reference_measurement))
-        if not any(g.gate in ACCURACY_GATES for g in trial.variant.failed_gates):
-            return _with_note(trial, f"{count} most sensitive node(s) kept in float to meet the accuracy gate")
-    return _with_note(trial, f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes)")
+        tried[count] = Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), reference_measurement))
+        return tried[count]
+
+    def meets(attempt: Trial) -> bool:
+        return not any(g.gate in ACCURACY_GATES for g in attempt.variant.failed_gates)
+
+    def drop(attempt: Trial) -> float:
+        return accuracy_drop(ctx.config.metric, reference_measurement.accuracy, attempt.variant.accuracy)
+
+    if meets(build(1)):
+        return _with_note(tried[1], "1 most sensitive node kept in float to meet the accuracy gate")
+    if limit == 1:
+        return _with_note(tried[1], "still misses the accuracy gate with 1 node in float (max_fallback_nodes)")
+    top = build(limit)
+    if not meets(top):
+        if drop(top) >= drop(trial) - 1e-12:
+            return _with_note(trial, f"keeping up to {limit} of the most sensitive nodes in float did not reduce the "
+                                     f"{ctx.config.metric} loss ({drop(top):.4g} vs {drop(trial):.4g} as built); left as built "
+                                     f"after {len(tried)} fallback builds")
+        return _with_note(top, f"still misses the accuracy gate with {limit} node(s) in float (max_fallback_nodes); "
+                               f"{len(tried)} fallback builds")
+    low, high = 1, limit  # low misses, high meets
+    while high - low > 1:
+        middle = (low + high) // 2
+        if meets(build(middle)):
+            high = middle
+        else:
+            low = middle
+    return _with_note(tried[high], f"{high} most sensitive node(s) kept in float to meet the accuracy gate "
+                                   f"(found in {len(tried)} fallback builds by halving)")
 
 
 def _with_note(trial: Trial, note: str) -> Trial:

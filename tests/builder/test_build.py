@@ -148,6 +148,32 @@ def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_n
     assert ranking[: len(int8.fallback_nodes)] == sorted(int8.fallback_nodes, key=ranking.index)
 
 
+def test_the_fallback_searches_how_many_nodes_to_keep_in_float_by_halving_and_stops_when_the_budget_is_out_of_reach(
+        tmp_path, tiny_project):
+    write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
+    drop = 1.0 - plain.report.variant("int8").accuracy
+
+    def fallback(budget: float, out: str):
+        write_config(tiny_project, gates={"max_accuracy_drop": budget})
+        report = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / out)).report
+        return report, [p.name for p in report.passes if "fallback" in p.name]
+
+    # the tiny CNN has 3 quantizable nodes: k = 1 misses, k = 3 (the limit) meets, then the middle
+    report, builds = fallback(drop / 2, "b")
+    int8 = report.variant("int8")
+    ranking = [entry.node for entry in report.sensitivity["int8"]]
+    assert builds == ["int8 fallback 1", "int8 fallback 3", "int8 fallback 2"]
+    assert int8.passed and sorted(int8.fallback_nodes) == sorted(ranking[:2])
+    assert any("2 most sensitive node(s) kept in float" in note and "by halving" in note for note in int8.notes)
+
+    # a budget no number of float nodes meets: two builds (k = 1, k = the limit), not one per node
+    report, builds = fallback(0.0, "c")
+    assert builds == ["int8 fallback 1", "int8 fallback 3"]
+    assert not report.variant("int8").passed
+    assert any("still misses the accuracy gate" in note or "did not reduce" in note for note in report.variant("int8").notes)
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
 
 

@@ -61,8 +61,12 @@ def test_lite_devices_answer_desired_states_and_report_telemetry():
             for device_id in ids:
                 sender.publish(desired_topic(device_id), json.dumps(desired), qos=1, retain=True).wait_for_publish(10)
             wait_for(lambda: fleet.counts.acked == N, 30, what="every device to answer")
+            # the answers are published; wait until the recorder has them all, not only until they were sent
+            wait_for(lambda: sum(1 for s in recorder.of("status") if s.get("seq") == 1) >= 2 * N, 30,
+                     what="the recorder to receive every answer")
             phases = Counter((s["device_id"], s["phase"]) for s in recorder.of("status") if s.get("seq") == 1)
-            assert all(phases[(d, "downloading")] == 1 and phases[(d, "active")] == 1 for d in ids)
+            # at least once each (QoS 1 may deliver a copy twice); that each device acted once is counted above
+            assert all(phases[(d, "downloading")] >= 1 and phases[(d, "active")] >= 1 for d in ids)
             assert set(fleet.current_bundles().values()) == {"b" * 64}
             # the same seq again (a retained replay) is not acted on twice
             sender.publish(desired_topic(ids[0]), json.dumps(desired), qos=1, retain=True).wait_for_publish(10)

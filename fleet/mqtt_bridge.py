@@ -370,19 +370,7 @@ class MqttBridge:
 
     def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
         """Publish a desired state retained with QoS 1; True once the broker acknowledged it."""
-        client = self._client
-        if client is None or not self.connected.is_set():
-            return False
-        info = client.publish(desired_topic(device_id), encode(desired), qos=1, retain=True)
-        try:
-            info.wait_for_publish(self.publish_timeout_s)
-        except (RuntimeError, ValueError):
-            return False
-        if not info.is_published():
-            return False
-        count_metric("DESIRED_PUBLISHED")
-        return True
-
+        return self.publish_desired_many([(device_id, desired)])[0]
 
     def publish_desired_many(self, items: Sequence[tuple[str, DesiredState]], window: int = 1000) -> list[bool]:
         """publish_desired for many states, pipelined: up to `window` on the wire before the first wait

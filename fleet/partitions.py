@@ -53,6 +53,11 @@ def include_object(dialect_name: str):
     return include
 
 
+def qualified(name: str) -> str:
+    """A partition's name as SQL: quoted, in SCHEMA."""
+    return f'"{SCHEMA}"."{name}"'
+
+
 @dataclass(frozen=True)
 class Partition:
     name: str
@@ -68,7 +73,7 @@ class Partition:
 
     @property
     def qualified(self) -> str:
-        return f'"{SCHEMA}"."{self.name}"'
+        return qualified(self.name)
 
 
 def partition_for(day: dt.date) -> Partition:
@@ -109,7 +114,7 @@ def ensure_partitions(connection: Connection, first: dt.date, last: dt.date) -> 
         if day not in existing:
             partition = partition_for(day)
             held = connection.execute(text(
-                f'SELECT 1 FROM "{SCHEMA}"."{DEFAULT}" WHERE received_at >= :start AND received_at < :end LIMIT 1'),
+                f"SELECT 1 FROM {qualified(DEFAULT)} WHERE received_at >= :start AND received_at < :end LIMIT 1"),
                 {"start": partition.start, "end": partition.end}).first()
             if not held:
                 connection.execute(text(
@@ -130,7 +135,7 @@ def in_partition(name: str):
     """A WHERE clause for the rows of `telemetry` that live in partition `name` (of SCHEMA)."""
     if not (name == DEFAULT or _NAME.match(name)):
         raise ValueError(f"not a telemetry partition: {name!r}")
-    return text(f"telemetry.tableoid = '\"{SCHEMA}\".\"{name}\"'::regclass")
+    return text(f"telemetry.tableoid = '{qualified(name)}'::regclass")
 
 
 def drop_partition(connection: Connection, partition: Partition) -> None:
@@ -138,4 +143,4 @@ def drop_partition(connection: Connection, partition: Partition) -> None:
 
 
 __all__ = ["DAYS_AHEAD", "DEFAULT", "Partition", "SCHEMA", "day_partitions", "drop_partition", "ensure_ahead",
-           "ensure_partitions", "in_partition", "include_object", "is_partitioned", "partition_for"]
+           "ensure_partitions", "in_partition", "include_object", "is_partitioned", "partition_for", "qualified"]

@@ -372,8 +372,8 @@ class ProfileCohort:
     wave_index: int
     profile: str
     bundle_id: str | None
-    treatment: list[tuple[RolloutMember, "CohortDevice"]]
-    control: list[tuple[RolloutMember, "CohortDevice"]]
+    treatment: list[tuple[RolloutMember, CohortDevice]]
+    control: list[tuple[RolloutMember, CohortDevice]]
     window_start: dt.datetime
     until: dt.datetime | None = None
     min_inferences: int = 1
@@ -1014,8 +1014,8 @@ def evaluate_gates(session: Session, rollout: Rollout, wave_index: int, now: flo
     look_until = started + dt.timedelta(seconds=looks[look]) if look is not None and started else None
     control_name = "holdback" if wave_index == holdback_step(rollout) - 1 else "control"
 
-    by_profile: dict[str, list[tuple[RolloutMember, "CohortDevice"]]] = defaultdict(list)
-    control_by_profile: dict[str, list[tuple[RolloutMember, "CohortDevice"]]] = defaultdict(list)
+    by_profile: dict[str, list[tuple[RolloutMember, CohortDevice]]] = defaultdict(list)
+    control_by_profile: dict[str, list[tuple[RolloutMember, CohortDevice]]] = defaultdict(list)
     for member, device in treatment:
         by_profile[canonical_profile(device.profile)].append((member, device))
     for member, device in control:

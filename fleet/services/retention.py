@@ -115,6 +115,16 @@ class _Accumulator:
 Groups = dict[tuple[str | None, str, dt.datetime], _Accumulator]
 
 
+def _grouped(rows: Any) -> tuple[Groups, int]:
+    """(window, profile) rows summed per bundle, profile and hour; and how many rows there were."""
+    groups: Groups = {}
+    count = 0
+    for window, profile in rows:
+        groups.setdefault((window.bundle_id, profile, _hour(window.received_at)), _Accumulator()).add_window(window)
+        count += 1
+    return groups, count
+
+
 def _merge_groups(session: Session, groups: Groups) -> int:
     """Add the groups to their hour's rollups (creating those missing); returns how many were created."""
     written = 0
@@ -144,12 +154,9 @@ def _drop_old_partitions(session: Session, raw_cutoff: dt.datetime, chunk: int) 
     for partition in partitions.day_partitions(session.connection()):
         if partition.end > raw_cutoff:
             break
-        groups: Groups = {}
-        rows = session.execute(_windows_of(partitions.in_partition(partition.name))
-                               .execution_options(yield_per=chunk))
-        for window, profile in rows:
-            groups.setdefault((window.bundle_id, profile, _hour(window.received_at)), _Accumulator()).add_window(window)
-            rolled += 1
+        groups, count = _grouped(session.execute(_windows_of(partitions.in_partition(partition.name))
+                                                 .execution_options(yield_per=chunk)))
+        rolled += count
         written += _merge_groups(session, groups)
         partitions.drop_partition(session.connection(), partition)
         session.commit()
@@ -181,10 +188,7 @@ def prune_telemetry(session: Session, *, raw_days: float, rollup_days: float, no
         rows = session.execute(_windows_of(old).order_by(TelemetryWindow.id).limit(chunk)).all()
         if not rows:
             break
-        groups: Groups = {}
-        for window, profile in rows:
-            groups.setdefault((window.bundle_id, profile, _hour(window.received_at)), _Accumulator()).add_window(window)
-        written += _merge_groups(session, groups)
+        written += _merge_groups(session, _grouped(rows)[0])
         ids = [window.id for window, _ in rows]
         session.execute(delete(TelemetryWindow).where(TelemetryWindow.id.in_(ids)).execution_options(synchronize_session=False))
         session.commit()  # this chunk's rollups and its deletion together

@@ -32,6 +32,35 @@ _INDEXES = ("DROP INDEX IF EXISTS ix_telemetry_device_id, ix_telemetry_bundle_id
             "ix_telemetry_device_received, ix_telemetry_device_window")
 
 
+def _create_table(partitioned: bool) -> None:
+    """`telemetry` with 0001's columns (and 0006's window_key); partitioned by day, or as before 0009."""
+    if partitioned:  # PostgreSQL wants the partition key in the primary key; the window key is an index then
+        keys = "CONSTRAINT pk_telemetry PRIMARY KEY (id, received_at)"
+        tail = " PARTITION BY RANGE (received_at)"
+    else:
+        keys = ("CONSTRAINT pk_telemetry PRIMARY KEY (id),\n"
+                "            CONSTRAINT uq_telemetry_device_window UNIQUE (device_id, window_key)")
+        tail = ""
+    op.execute(f"""
+        CREATE TABLE telemetry (
+            id INTEGER NOT NULL DEFAULT nextval('telemetry_id_seq'),
+            device_id VARCHAR(128) NOT NULL,
+            window_key VARCHAR(72) NOT NULL,
+            bundle_id VARCHAR(64),
+            received_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            window_s FLOAT NOT NULL,
+            inferences INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            p50_ms FLOAT,
+            p95_ms FLOAT,
+            p99_ms FLOAT,
+            drift JSON NOT NULL,
+            payload JSON NOT NULL,
+            CONSTRAINT fk_telemetry_device_id_devices FOREIGN KEY (device_id) REFERENCES devices (id),
+            {keys}
+        ){tail}""")
+
+
 def _create_indexes(unique_key: bool) -> None:
     if unique_key:  # the downgrade's table, as 0001 made it
         op.execute("CREATE INDEX ix_telemetry_device_id ON telemetry (device_id)")
@@ -53,25 +82,8 @@ def upgrade() -> None:
     op.execute("ALTER TABLE telemetry_unpartitioned DROP CONSTRAINT pk_telemetry")
     op.execute(_INDEXES)
     op.execute(f'CREATE SCHEMA IF NOT EXISTS "{partitions.SCHEMA}"')
-    op.execute("""
-        CREATE TABLE telemetry (
-            id INTEGER NOT NULL DEFAULT nextval('telemetry_id_seq'),
-            device_id VARCHAR(128) NOT NULL,
-            window_key VARCHAR(72) NOT NULL,
-            bundle_id VARCHAR(64),
-            received_at TIMESTAMP WITH TIME ZONE NOT NULL,
-            window_s FLOAT NOT NULL,
-            inferences INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            p50_ms FLOAT,
-            p95_ms FLOAT,
-            p99_ms FLOAT,
-            drift JSON NOT NULL,
-            payload JSON NOT NULL,
-            CONSTRAINT pk_telemetry PRIMARY KEY (id, received_at),
-            CONSTRAINT fk_telemetry_device_id_devices FOREIGN KEY (device_id) REFERENCES devices (id)
-        ) PARTITION BY RANGE (received_at)""")
-    op.execute(f'CREATE TABLE "{partitions.SCHEMA}"."{partitions.DEFAULT}" PARTITION OF telemetry DEFAULT')
+    _create_table(partitioned=True)
+    op.execute(f"CREATE TABLE {partitions.qualified(partitions.DEFAULT)} PARTITION OF telemetry DEFAULT")
     _create_indexes(unique_key=False)
     today = dt.datetime.now(dt.timezone.utc).date()
     span = bind.execute(text("SELECT min(received_at), max(received_at) FROM telemetry_unpartitioned")).one()
@@ -90,25 +102,7 @@ def downgrade() -> None:
     op.execute("ALTER TABLE telemetry_partitioned DROP CONSTRAINT fk_telemetry_device_id_devices")
     op.execute("ALTER TABLE telemetry_partitioned DROP CONSTRAINT pk_telemetry")
     op.execute(_INDEXES)
-    op.execute("""
-        CREATE TABLE telemetry (
-            id INTEGER NOT NULL DEFAULT nextval('telemetry_id_seq'),
-            device_id VARCHAR(128) NOT NULL,
-            window_key VARCHAR(72) NOT NULL,
-            bundle_id VARCHAR(64),
-            received_at TIMESTAMP WITH TIME ZONE NOT NULL,
-            window_s FLOAT NOT NULL,
-            inferences INTEGER NOT NULL,
-            errors INTEGER NOT NULL,
-            p50_ms FLOAT,
-            p95_ms FLOAT,
-            p99_ms FLOAT,
-            drift JSON NOT NULL,
-            payload JSON NOT NULL,
-            CONSTRAINT pk_telemetry PRIMARY KEY (id),
-            CONSTRAINT fk_telemetry_device_id_devices FOREIGN KEY (device_id) REFERENCES devices (id),
-            CONSTRAINT uq_telemetry_device_window UNIQUE (device_id, window_key)
-        )""")
+    _create_table(partitioned=False)
     _create_indexes(unique_key=True)
     # a window stored twice is not possible here (the lookup under the device lock), but a unique constraint
     # must not fail the downgrade over one: keep the first

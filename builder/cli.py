@@ -162,8 +162,7 @@ def _build_one(request, quiet: bool, json_output: bool):
     if not quiet:
         console.print(_summary(report))
         for failed in report.failed_variants:
-            console.print(f"[red]✗[/red] {failed.name} ({failed.runtime}, {failed.precision}) could not be "
-                          f"{'built' if failed.stage == 'build' else 'run'}: {failed.reason}")
+            console.print(f"[red]✗[/red] {failed.line()}")
         for note in report.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
     for step in report.toolchain or []:

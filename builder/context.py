@@ -20,7 +20,7 @@ from builder.cache import BuildCache, cache_key
 from builder.passes.base import Pass, PassContext, PassOutput
 from builder.runtimes import get_adapter
 from builder.verify import Outputs
-from edgepack.errors import EdgepackError, PassError
+from edgepack.errors import EdgepackError, PassError, one_line_reason
 from edgepack.files import file_sha256
 from edgepack.report import FailedVariant, GateThresholds, PassRecord
 
@@ -122,14 +122,10 @@ class BuildContext:
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as exc:
-            if isinstance(exc, EdgepackError):
-                reason = exc.message
-            else:
-                first = str(exc).splitlines()[0][:200] if str(exc) else ""
-                reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-            self.failed.append(FailedVariant(name=name, runtime=runtime, precision=precision, stage=stage, reason=reason))
-            self.progress.note(f"{name} ({runtime}) could not be {'built' if stage == 'build' else 'run'}: {reason}; "
-                               "going on without it")
+            failed = FailedVariant(name=name, runtime=runtime, precision=precision, stage=stage,
+                                   reason=one_line_reason(exc))
+            self.failed.append(failed)
+            self.progress.note(f"{failed.line()}; going on without it")
             return None
 
     def publish_artifact(self, name: str, path: Path) -> None:

@@ -38,7 +38,7 @@ from builder.targets import Candidate, get_target, target_class
 from builder.verify import accuracy_drop, compare, load_metric
 from edgepack import __version__
 from edgepack.config import BuildConfig, load_build_config
-from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError
+from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError, one_line_reason
 from edgepack.files import atomic_writer, file_sha256
 from edgepack.report import (
     REPORT_SCHEMA_VERSION, BuildReport, BundleInfo, CacheStats, Gates, GateThresholds, HostInfo, Lineage, ReferenceSummary,
@@ -481,7 +481,7 @@ def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Eva
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # the variant stays as it was measured, with its failed gate
-                why = exc.message if isinstance(exc, EdgepackError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                why = one_line_reason(exc)
                 trial = _with_note(trial, f"the accuracy fallback failed ({why}); left as first built")
                 ctx.progress.note(f"{trial.variant.name}: the accuracy fallback failed: {why}")
         trials.append(trial)

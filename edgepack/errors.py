@@ -206,3 +206,18 @@ def first_validation_error(exc: ValidationError, source: str, *, count_others: b
     if count_others and more:
         line += f" (+{more} more problem{'s' if more > 1 else ''})"
     return line.replace("\n", " ")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line of at most 200 characters; its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """Why something failed, for a report or a log line: an EdgepackError's own message (written for users),
+    else the exception's type and first line (`ValueError: …`), which is all a foreign library's error says."""
+    if isinstance(exc, EdgepackError):
+        return exc.message
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {first_line(exc)}" if text else type(exc).__name__

@@ -155,6 +155,11 @@ class FailedVariant(_ReportModel):
                                                           "not load or run it.")
     reason: str = Field(description="What went wrong, in one line (the exception's type and first line).")
 
+    def line(self) -> str:
+        """The failure as one sentence, as the CLI and the progress display say it."""
+        return (f"{self.name} ({self.runtime}, {self.precision}) could not be "
+                f"{'built' if self.stage == 'build' else 'run'}: {self.reason}")
+
 
 class Variant(VariantMeasurement):
     """A candidate judged against the fp32 reference and the gates, with the build's decision about it."""

@@ -10,7 +10,7 @@ fails when the two disagree. `dev` and `all` are left out: no command needs them
 
 from __future__ import annotations
 
-from edgepack.errors import MissingExtra
+from edgepack.errors import MissingExtra, first_line
 
 MODULE_EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("builder",),
@@ -56,11 +56,8 @@ def missing_extra(exc: ImportError, command: str, command_extras: tuple[str, ...
         return None
     wanted = command_extras if set(command_extras) & set(providers) else providers[:1]
     noun = f"the {wanted[0]} extra" if len(wanted) == 1 else f"the {', '.join(wanted[:-1])} and {wanted[-1]} extras"
-    cause = f"missing module: {module}" if isinstance(exc, ModuleNotFoundError) else f"cannot import {module}: {_first_line(exc)}"
+    cause = f"missing module: {module}" if isinstance(exc, ModuleNotFoundError) else f"cannot import {module}: {first_line(exc)}"
     return MissingExtra(f"'{command}' needs {noun}: pip install 'edgepack[{','.join(wanted)}]' ({cause})",
                         command=command, extras=wanted, module=module)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

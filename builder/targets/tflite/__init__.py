@@ -76,6 +76,11 @@ class TfliteTarget(Target):
             "calibration_samples": optimize.calibration.samples,
         })
 
+    def _failed(self, ctx: BuildContext, variant: str, reason: str) -> None:
+        """A variant the converter could not make, in the report's failed_variants."""
+        ctx.failed.append(FailedVariant(name=f"tflite-{variant}", runtime=self.runtime, precision=PRECISION[variant],
+                                        stage="build", reason=reason))
+
     def candidates(self, ctx: BuildContext, reference: ReferenceModel) -> list[Candidate]:
         variants = self.variants(ctx)
         if not variants:
@@ -94,8 +99,7 @@ class TfliteTarget(Target):
                 where = f"; converter log: {stem}.{LOG_ARTIFACT}"
             ctx.note(f"tflite variants not built: {exc.message}{where}")
             for variant in variants:
-                ctx.failed.append(FailedVariant(name=f"tflite-{variant}", runtime=self.runtime, precision=PRECISION[variant],
-                                                stage="build", reason=f"{exc.message}{where}"))
+                self._failed(ctx, variant, f"{exc.message}{where}")
             return []
         folder = converted.model_path.parent
         info = converted.info
@@ -105,8 +109,7 @@ class TfliteTarget(Target):
         for variant, reason in info.get("failed_variants", {}).items():
             if variant in variants:
                 ctx.note(f"tflite-{variant} not built: {reason}; converter log: {stem}.{LOG_ARTIFACT}")
-                ctx.failed.append(FailedVariant(name=f"tflite-{variant}", runtime=self.runtime, precision=PRECISION[variant],
-                                                stage="build", reason=f"{reason} (converter log: {stem}.{LOG_ARTIFACT})"))
+                self._failed(ctx, variant, f"{reason} (converter log: {stem}.{LOG_ARTIFACT})")
         toolchain = ctx.profile.toolchains.get("edgetpu_compiler")
         candidates = []
         for variant in variants:

@@ -203,6 +203,7 @@ def broker_carry_rate(broker_url: str, n: int) -> float:
     import paho.mqtt.client as mqtt
 
     from edgepack.protocol import desired_topic
+    from fleet.mqtt_bridge import parse_mqtt_url
 
     statuses = [0]
     done = threading.Event()
@@ -217,8 +218,8 @@ def broker_carry_rate(broker_url: str, n: int) -> float:
     client.max_inflight_messages_set(1000)
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
-    host, port = broker_url.rsplit("//", 1)[1].rsplit(":", 1)
-    client.connect(host, int(port))
+    endpoint = parse_mqtt_url(broker_url)
+    client.connect(endpoint["host"], endpoint["port"])
     client.loop_start()
     client.subscribe("edgepack/v1/devices/+/status", qos=1)
     assert subscribed.wait(10)

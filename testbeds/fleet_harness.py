@@ -264,9 +264,11 @@ class TopicListener:
         from edgepack.mqtt import MqttEndpoint
 
         endpoint = MqttEndpoint.from_url(mqtt_url, ca_file=ca_file)
+        self.subscribed = threading.Event()  # set once the broker granted the subscription
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}-{time.time_ns()}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=qos)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         endpoint.apply(self.client)
         self.client.connect(endpoint.host, endpoint.port)
         self.client.loop_start()

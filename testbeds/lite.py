@@ -10,6 +10,7 @@ agents cannot reach on one machine. Every desired state and every window sent is
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import selectors
@@ -21,6 +22,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgepack.protocol import DeviceStatus, Telemetry, desired_topic, encode, status_topic, telemetry_topic
+
+
+def publish_status(client: Any, device_id: str, seq: int, rollout_id: str | None, phase: str, current: str | None,
+                   previous: str | None) -> None:
+    """A device's status, as an agent publishes it: retained, QoS 1, stamped with the device's clock."""
+    status = DeviceStatus(device_id=device_id, seq=seq, rollout_id=rollout_id, phase=phase, current_bundle=current,
+                          previous_bundle=previous, profile=None, ts=time.time())
+    client.publish(status_topic(device_id), encode(status), qos=1, retain=True)
+
+
+def answer_desired(device: Any, desired: dict[str, Any], publish: Callable[[int, str | None, str], None]) -> bool:
+    """What a lite device does with a desired state: nothing for a seq it handled (the retained replay after a
+    reconnect), else `downloading`, the switch (to the state's bundle; back to the previous one for a
+    rollback) and `active`. `device` holds handled_seq, current and previous; True when it acted."""
+    seq = int(desired.get("seq") or 0)
+    if seq <= device.handled_seq:
+        return False
+    device.handled_seq = seq
+    rollout_id = desired.get("rollout_id")
+    bundle = (desired.get("bundle") or {}).get("id")
+    publish(seq, rollout_id, "downloading")
+    if desired.get("action") == "rollback":
+        device.current, device.previous = bundle or device.previous, device.current
+    else:
+        device.current, device.previous = bundle, device.current
+    publish(seq, rollout_id, "active")
+    return True
 
 
 class LiteDevice:
@@ -81,23 +109,10 @@ class LiteDevice:
             return
         with self._lock:
             self.desired.append(desired)
-            seq = int(desired.get("seq") or 0)
-            if seq <= self.handled_seq:
-                return  # the retained replay after a reconnect
-            self.handled_seq = seq
-        rollout_id = desired.get("rollout_id")
-        bundle = (desired.get("bundle") or {}).get("id")
-        self._publish_status(seq, rollout_id, "downloading")
-        if desired.get("action") == "rollback":
-            self.current, self.previous = bundle or self.previous, self.current
-        else:
-            self.current, self.previous = bundle, self.current
-        self._publish_status(seq, rollout_id, "active")
+        answer_desired(self, desired, self._publish_status)
 
     def _publish_status(self, seq: int, rollout_id: str | None, phase: str) -> None:
-        status = DeviceStatus(device_id=self.device_id, seq=seq, rollout_id=rollout_id, phase=phase,
-                              current_bundle=self.current, previous_bundle=self.previous, profile=None, ts=time.time())
-        self.client.publish(status_topic(self.device_id), encode(status), qos=1, retain=True)
+        publish_status(self.client, self.device_id, seq, rollout_id, phase, self.current, self.previous)
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.telemetry_every_s):
@@ -305,29 +320,17 @@ class LiteFleet:
         except (ValueError, TypeError, AttributeError):
             return
         sim = self.sims[index]
-        now = time.time()
         with self._lock:
-            sim.desired_at.setdefault(seq, now)
-        if seq <= sim.handled_seq:
-            return  # the retained replay after a reconnect
-        sim.handled_seq = seq
+            sim.desired_at.setdefault(seq, time.time())
+        if not answer_desired(sim, desired, functools.partial(self._status, sim)):
+            return
         self.counts.desired += 1
-        rollout_id = desired.get("rollout_id")
-        bundle = (desired.get("bundle") or {}).get("id")
-        self._status(sim, seq, rollout_id, "downloading")
-        if desired.get("action") == "rollback":
-            sim.current, sim.previous = bundle or sim.previous, sim.current
-        else:
-            sim.current, sim.previous = bundle, sim.current
-        self._status(sim, seq, rollout_id, "active")
         with self._lock:
             sim.acked_at[seq] = time.time()
         self.counts.acked += 1
 
     def _status(self, sim: _Sim, seq: int, rollout_id: str | None, phase: str) -> None:
-        status = DeviceStatus(device_id=sim.device_id, seq=seq, rollout_id=rollout_id, phase=phase,
-                              current_bundle=sim.current, previous_bundle=sim.previous, profile=None, ts=time.time())
-        sim.client.publish(status_topic(sim.device_id), encode(status), qos=1, retain=True)
+        publish_status(sim.client, sim.device_id, seq, rollout_id, phase, sim.current, sim.previous)
 
     def _publish_window(self, sim: _Sim, payload: bytes | None = None) -> None:
         if payload is None:
@@ -409,4 +412,4 @@ class LiteFleet:
                     sock.close()
 
 
-__all__ = ["FleetCounts", "LiteDevice", "LiteFleet"]
+__all__ = ["FleetCounts", "LiteDevice", "LiteFleet", "answer_desired", "publish_status"]

@@ -13,43 +13,36 @@ from collections import Counter
 import paho.mqtt.client as mqtt
 
 from edgepack.protocol import desired_topic
-from testbeds.fleet_harness import wait_for
+from testbeds.fleet_harness import TopicListener, wait_for
 from testbeds.lite import LiteFleet
 from testbeds.mosquitto import MosquittoBroker
 
 N = 300
 
 
-class Recorder:
-    def __init__(self, port: int) -> None:
+class Recorder(TopicListener):
+    """Every status and telemetry message the devices publish (and the retained desired states), in order."""
+
+    def __init__(self, mqtt_url: str) -> None:
         self.messages: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="recorder")
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self.ready.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe([("edgepack/v1/devices/+/status", 1), ("edgepack/v1/devices/+/telemetry", 1)])
-        assert self.ready.wait(10)
+        super().__init__(mqtt_url, "edgepack/v1/devices/+/+", qos=1, name="recorder")
+        assert self.subscribed.wait(10)
 
     def _on_message(self, client, userdata, message) -> None:
-        with self.lock:
-            self.messages.append((message.topic, json.loads(message.payload)))
+        if message.payload:
+            with self.lock:
+                self.messages.append((message.topic, json.loads(message.payload)))
 
     def of(self, kind: str) -> list[dict]:
         with self.lock:
             return [payload for topic, payload in self.messages if topic.endswith("/" + kind)]
 
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
 
 def test_lite_devices_answer_desired_states_and_report_telemetry():
     with MosquittoBroker(secure=False) as broker:
         port = int(broker.url.rsplit(":", 1)[1])
-        recorder = Recorder(port)  # before the lite devices' sockets (select() in paho's loop)
+        recorder = Recorder(broker.url)  # before the lite devices' sockets (select() in paho's loop)
         ids = [f"lite-{i:04d}" for i in range(N)]
         fleet = LiteFleet(broker.url, ids, bundle_id="a" * 64, telemetry_every_s=1.0).start(timeout_s=60)
         try:

@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 from sqlalchemy import select, update
@@ -46,6 +46,9 @@ from fleet.models import Alert, Bundle, Device, Rollout, RolloutMember, Telemetr
 from fleet.services import audit
 from fleet.services.gates import utc
 from fleet.services.rollouts import ACTIVE_STATUSES
+
+if TYPE_CHECKING:  # for the type hints only
+    from fleet.services.status import StoredWindow
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def _same_subject(device_id: str, bundle_id: str | None, kind: str):
     return (Alert.device_id == device_id, bundle, Alert.kind == kind)
 
 
-def needs_drift_check(window: TelemetryWindow, policy: DriftAlertPolicy, open_subjects: set[tuple[str, str | None]]) -> bool:
+def needs_drift_check(window: TelemetryWindow | StoredWindow, policy: DriftAlertPolicy, open_subjects: set[tuple[str, str | None]]) -> bool:
     """Whether check_drift could change anything for this window: its worst score is above the threshold,
     or it is low enough to clear an alert that is open (`open_subjects`, from open_drift_subjects). The
     writers call check_drift only for these, so a batch of healthy windows costs one query, not one each."""
@@ -112,7 +115,7 @@ def open_drift_subjects(session: Session, device_ids: set[str]) -> set[tuple[str
     return {tuple(row) for row in rows}
 
 
-def check_drift(session: Session, window: TelemetryWindow, policy: DriftAlertPolicy,
+def check_drift(session: Session, window: TelemetryWindow | StoredWindow, policy: DriftAlertPolicy,
                 now: float | dt.datetime | None = None) -> Alert | None:
     """Raise, keep or clear the drift alert of the window's device and bundle (see the module docstring);
     returns a newly raised alert (committed), else None. `now` defaults to when the window was received."""

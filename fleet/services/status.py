@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from sqlalchemy import select, text, tuple_
+from sqlalchemy import bindparam, select, text, tuple_, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
@@ -102,18 +102,6 @@ def _apply_status(session: Session, device: Device, status: DeviceStatus, at: dt
     return True
 
 
-def _finite(value: Any) -> Any:
-    """`value` with every NaN or infinity replaced by None: JSON columns (PostgreSQL's above all) refuse
-    them, and a gate must never average one in."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
 def window_key(telemetry: Telemetry, payload: bytes | None = None) -> str:
     """What makes a window unique for its device: the agent's `window_id`, else the sha256 of the message
     as it arrived (`payload`; the canonical encoding when there is none): a redelivery is the same bytes."""
@@ -122,20 +110,58 @@ def window_key(telemetry: Telemetry, payload: bytes | None = None) -> str:
     return "sha256:" + hashlib.sha256(payload if payload is not None else encode(telemetry)).hexdigest()[:48]
 
 
+def _finite_float(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
 def _window_row(device_id: str, telemetry: Telemetry, at: dt.datetime, key: str) -> dict[str, Any]:
-    latency = _finite(telemetry.latency_ms.model_dump())
+    """The telemetry row of one window. Non-finite numbers become null: JSON columns (PostgreSQL's above all)
+    refuse them, and a gate must never average one in. `payload` is the window as JSON text, in which
+    pydantic's encoder writes every NaN or infinity as null; the PostgreSQL COPY takes the text as it is,
+    SQLite's insert parses it back (_insert_windows)."""
+    latency = telemetry.latency_ms
     return dict(
         device_id=device_id, window_key=key, bundle_id=telemetry.bundle_id, received_at=at,
         window_s=telemetry.window_s, inferences=telemetry.inferences, errors=telemetry.errors,
-        p50_ms=latency["p50"], p95_ms=latency["p95"], p99_ms=latency["p99"],
+        p50_ms=_finite_float(latency.p50), p95_ms=_finite_float(latency.p95), p99_ms=_finite_float(latency.p99),
         drift={name: score for name, score in telemetry.drift.items() if math.isfinite(score)},
-        payload=_finite(telemetry.model_dump(mode="json")),
+        payload=telemetry.model_dump_json(),
     )
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """A telemetry window store_batch stored, as the drift check reads it (fleet.services.alerts), without
+    building an ORM object per window: the row's columns, the payload as its JSON text (parsed only when read),
+    and no `id` (the batch does not read its rows back)."""
+
+    device_id: str
+    window_key: str
+    bundle_id: str | None
+    received_at: dt.datetime
+    window_s: float
+    inferences: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    drift: dict[str, float]
+    payload_json: str
+    id: int | None = None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.payload_json)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "StoredWindow":
+        return cls(**{name: row[name] for name in _STORED_FIELDS}, payload_json=row["payload"])
 
 
 _COPY_COLUMNS = ("device_id", "window_key", "bundle_id", "received_at", "window_s", "inferences", "errors", "p50_ms",
                  "p95_ms", "p99_ms", "drift", "payload")
-_JSON_COLUMNS = {"drift", "payload"}
+_DRIFT_AT = _COPY_COLUMNS.index("drift")
+_STORED_FIELDS = tuple(name for name in _COPY_COLUMNS if name != "payload")
 
 
 def _stored_keys(session: Session, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -160,8 +186,9 @@ def _copy_windows(session: Session, rows: list[dict[str, Any]]) -> None:
     with connection.cursor() as cursor:
         with cursor.copy(f"COPY telemetry ({', '.join(_COPY_COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row([json.dumps(row[c], allow_nan=False) if c in _JSON_COLUMNS else row[c]
-                                for c in _COPY_COLUMNS])
+                values = [row[c] for c in _COPY_COLUMNS]
+                values[_DRIFT_AT] = json.dumps(values[_DRIFT_AT], allow_nan=False)  # the payload is JSON text already
+                copy.write_row(values)
 
 
 def _insert_windows(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,7 +211,7 @@ def _insert_windows(session: Session, rows: list[dict[str, Any]]) -> list[dict[s
         _copy_windows(session, fresh)
     else:
         session.execute(sqlite.insert(TelemetryWindow).on_conflict_do_nothing(index_elements=["device_id", "window_key"]),
-                        fresh)
+                        [{**row, "payload": json.loads(row["payload"])} for row in fresh])
     return fresh
 
 
@@ -205,6 +232,21 @@ def record_telemetry(session: Session, telemetry: Telemetry, now: float | dt.dat
                                                          TelemetryWindow.window_key == key)).one()
 
 
+def _set_last_seen(session: Session, last_seen: dict[str, dt.datetime]) -> None:
+    """Set these devices' last_seen (rows this transaction holds FOR UPDATE) in one statement: on
+    PostgreSQL an UPDATE joined to two arrays, elsewhere one executemany."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(
+            "UPDATE devices AS d SET last_seen = v.at "
+            "FROM unnest(CAST(:ids AS varchar[]), CAST(:ats AS timestamptz[])) AS v(id, at) WHERE d.id = v.id"),
+            {"ids": list(last_seen), "ats": list(last_seen.values())})
+    else:
+        table = Device.__table__
+        session.connection().execute(
+            update(table).where(table.c.id == bindparam("b_id")).values(last_seen=bindparam("b_at")),
+            [{"b_id": device_id, "b_at": at} for device_id, at in last_seen.items()])
+
+
 @dataclass
 class Inbound:
     """One decoded device message on its way to the database (fleet.ingest queues these)."""
@@ -223,7 +265,7 @@ class BatchOutcome:
     (an older status: only liveness changed) or `dropped:<reason>`; and the windows it stored."""
 
     outcomes: list[str] = field(default_factory=list)
-    windows: list[TelemetryWindow] = field(default_factory=list)
+    windows: list[StoredWindow] = field(default_factory=list)
 
 
 def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
@@ -236,8 +278,16 @@ def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
     # without the lock both read the row as it was and the one committing last wins, whichever it is (a
     # member stuck in `downloading`). With it the second waits and then reads what the first committed, and
     # the device-ts rule above orders them. One order for every writer: no deadlock. (SQLite: one writer.)
-    devices = {device.id: device for device in session.scalars(
-        select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())}
+    # Only the three columns telemetry needs are read for every device; the devices a status changes are
+    # loaded whole (already locked), and the others' last_seen is set in one statement at the end: most
+    # batches are telemetry, and an ORM row per window was most of a batch's time.
+    known = {row.id: row for row in session.execute(
+        select(Device.id, Device.revoked_at, Device.last_seen).where(Device.id.in_(ids)).order_by(Device.id)
+        .with_for_update())}
+    status_ids = [device_id for device_id in {item.message.device_id for item in items if item.kind == "status"}
+                  if device_id in known]
+    devices = ({device.id: device for device in session.scalars(select(Device).where(Device.id.in_(status_ids)))}
+               if status_ids else {})
     # the rollout members the statuses answer, in one query (one per status would also flush the batch's
     # device changes before each)
     wanted = list({(item.message.device_id, item.message.seq) for item in items
@@ -250,23 +300,32 @@ def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
     outcome = BatchOutcome()
     rows: list[dict[str, Any]] = []
     row_index: list[int] = []
+    last_seen: dict[str, dt.datetime] = {}  # telemetry-only devices: their new last_seen
     with session.no_autoflush:
         for item in items:
-            device = devices.get(item.message.device_id)
-            if device is None:
+            device_id = item.message.device_id
+            row = known.get(device_id)
+            if row is None:
                 outcome.outcomes.append("dropped:unknown_device")
                 continue
-            if device.revoked_at is not None:
+            if row.revoked_at is not None:
                 outcome.outcomes.append("dropped:revoked_device")
                 continue
+            device = devices.get(device_id)
             if item.kind == "status":
                 applied = _apply_status(session, device, item.message, item.received_at, members)
                 outcome.outcomes.append("status" if applied else "stale")
                 continue
-            device.last_seen = max(utc(device.last_seen) or item.received_at, item.received_at)
+            if device is not None:
+                device.last_seen = max(utc(device.last_seen) or item.received_at, item.received_at)
+            else:
+                seen = last_seen.get(device_id) or utc(row.last_seen) or item.received_at
+                last_seen[device_id] = max(seen, item.received_at)
             row_index.append(len(outcome.outcomes))
             outcome.outcomes.append("telemetry")
-            rows.append(_window_row(device.id, item.message, item.received_at, window_key(item.message, item.payload)))
+            rows.append(_window_row(device_id, item.message, item.received_at, window_key(item.message, item.payload)))
+    if last_seen:
+        _set_last_seen(session, last_seen)
     inserted = {(row["device_id"], row["window_key"]) for row in _insert_windows(session, rows)}
     seen: set[tuple[str, str]] = set()
     for index, row in zip(row_index, rows):
@@ -275,9 +334,9 @@ def store_batch(session: Session, items: Sequence[Inbound]) -> BatchOutcome:
             outcome.outcomes[index] = "duplicate"
         else:
             seen.add(pair)
-            outcome.windows.append(TelemetryWindow(**row))
+            outcome.windows.append(StoredWindow.from_row(row))
     session.commit()
     return outcome
 
 
-__all__ = ["BatchOutcome", "Inbound", "apply_status", "record_telemetry", "store_batch", "window_key"]
+__all__ = ["BatchOutcome", "Inbound", "StoredWindow", "apply_status", "record_telemetry", "store_batch", "window_key"]

@@ -11,6 +11,14 @@
                rolling_back (manual)  → store rollback states, `rolled_back`
              then publish every stored, unacknowledged desired state
 
+When it ticks. `run()` makes a full pass every `interval_s`, and a quick one as soon as a wave could be
+decided: when the bake of a running wave ends, and when a device ends an install (`notify()`, which the MQTT
+bridge calls for every stored `active`, `failed` or `rolled_back`; a burst of them is one pass, at most every
+`settle_s`). A quick pass does everything a full one does but evaluate a wave that is still baking or
+still has members installing (the gates could only hold it). So a wave whose devices finish early is judged
+the moment its bake ends, not up to `interval_s` later, and a wave still installing at the end of its bake
+is judged when its last device answers.
+
 Restart safety. A desired state is first stored (`Device.desired`, `Device.desired_seq`, the member's
 `desired_seq` and phase `assigned`) and committed, and only then published; the member becomes `pending`
 once the broker acknowledged it. A controller that crashed in between finds the member still `assigned`
@@ -141,6 +149,7 @@ class RolloutController:
         signer: DesiredStateSigner | None = None,
         refresh_interval_s: float = 60.0,
         leadership: Any = None,
+        settle_s: float = 0.1,
     ) -> None:
         # fleet.leader.Leadership: with several replicas on one database only the one holding it ticks
         self.leadership = leadership
@@ -153,26 +162,51 @@ class RolloutController:
         self.publisher = publisher
         self.clock = clock
         self.bundle_url = bundle_url
+        self.settle_s = settle_s
+        self._notified = threading.Event()  # a device ended an install: a wave may be decidable
+        self._bake_ends: dict[str, float] = {}  # running rollout id -> when its current wave's bake ends (clock)
+
+    def notify(self) -> None:
+        """A device ended an install (or the server is stopping): pass over the rollouts soon."""
+        self._notified.set()
 
     # ------------------------------------------------------------ the loop
 
     def run(self, stop_event: threading.Event, interval_s: float = 1.0) -> None:
-        """tick() every `interval_s` until `stop_event` is set (the body of the controller thread)."""
+        """A full tick() every `interval_s`, quick ones in between when a wave may be decidable (see the
+        module docstring), until `stop_event` is set (the body of the controller thread)."""
+        next_full = 0.0
         while not stop_event.is_set():
+            full = time.monotonic() >= next_full
+            if full:
+                next_full = time.monotonic() + interval_s
             try:
                 if self.leadership is None or self.leadership.is_leader():
-                    self.tick()
+                    self.tick(quick=not full)
             except Exception:  # the loop must outlive a bad tick (a database hiccup); the next one retries
                 log.exception("rollout controller tick failed")
-            stop_event.wait(interval_s)
+            self._wait(stop_event, next_full)
+
+    def _wait(self, stop_event: threading.Event, next_full: float) -> None:
+        """Until the next full tick, the next end of a bake, or a notify() (then `settle_s` more, so a burst
+        of answers is one tick), whichever comes first."""
+        timeout = next_full - time.monotonic()
+        now = self.clock()
+        upcoming = [end - now for end in self._bake_ends.values() if end > now]
+        if upcoming:
+            timeout = min(timeout, min(upcoming) + 0.01)
+        if self._notified.wait(max(0.0, timeout)):
+            self._notified.clear()
+            stop_event.wait(self.settle_s)
 
     def start_thread(self, stop_event: threading.Event, interval_s: float = 1.0) -> threading.Thread:
         thread = threading.Thread(target=self.run, args=(stop_event, interval_s), name="rollout-controller", daemon=True)
         thread.start()
         return thread
 
-    def tick(self) -> dict[str, Any]:
-        """One step for every active rollout, then publish what is stored but unacknowledged.
+    def tick(self, quick: bool = False) -> dict[str, Any]:
+        """One step for every active rollout, then publish what is stored but unacknowledged. `quick`: judge
+        only the waves that could be decided now (their bake is over and no member is still installing).
 
         Returns what happened: {"decisions": [(rollout_id, wave, decision)], "published": n, "unpublished": n}.
         """
@@ -182,10 +216,12 @@ class RolloutController:
             rollout_ids = session.scalars(
                 select(Rollout.id).where(Rollout.status.in_(("pending", "running", "rolling_back"))).order_by(Rollout.created_at)
             ).all()
+        for gone in set(self._bake_ends) - set(rollout_ids):
+            del self._bake_ends[gone]
         for rollout_id in rollout_ids:
             try:
                 with self.session_factory() as session:
-                    decision = self.step(session, rollout_id, now)
+                    decision = self.step(session, rollout_id, now, quick=quick)
                     if decision:
                         decisions.append(decision)
             except Exception:
@@ -197,8 +233,9 @@ class RolloutController:
             refreshed = self.refresh_expiring(now)
         return {"decisions": decisions, "published": published, "unpublished": unpublished, "refreshed": refreshed}
 
-    def step(self, session: Session, rollout_id: str, now: float) -> tuple[str, int, str] | None:
-        """Advance one rollout; returns (rollout_id, wave, decision) when a decision was taken."""
+    def step(self, session: Session, rollout_id: str, now: float, quick: bool = False) -> tuple[str, int, str] | None:
+        """Advance one rollout; returns (rollout_id, wave, decision) when a decision was taken. `quick`: leave
+        a wave unjudged while it bakes or has members installing."""
         rollout = session.get(Rollout, rollout_id)
         if rollout is None:
             return None
@@ -222,6 +259,10 @@ class RolloutController:
         held = self._start_paced(session, rollout, now)
         if held is not None:  # members of this wave still wait for their start: it is not judged yet
             return (rollout.id, rollout.current_wave, "hold") if self._hold(session, rollout, held, now) else None
+        bake_end = utc(rollout.wave_started_at).timestamp() + float(rollout.bake_s or 0.0)
+        self._bake_ends[rollout.id] = bake_end
+        if quick and (now < bake_end or self._installing(session, rollout)):
+            return None
         verdict = self.evaluate_wave(session, rollout, now)
         wave = rollout.current_wave
         if verdict.decision == "promote":
@@ -231,6 +272,13 @@ class RolloutController:
         if verdict.decision == "pause":
             return (rollout.id, wave, "pause") if self._pause(session, rollout, verdict, now) else None
         return (rollout.id, wave, "hold") if self._hold(session, rollout, verdict, now) else None
+
+    @staticmethod
+    def _installing(session: Session, rollout: Rollout) -> bool:
+        """Whether a member of the current wave has not ended its install yet (one query, stopping at the first)."""
+        return session.scalar(select(RolloutMember.id).where(
+            RolloutMember.rollout_id == rollout.id, RolloutMember.wave_index == rollout.current_wave,
+            RolloutMember.phase.in_(IN_PROGRESS_PHASES)).limit(1)) is not None
 
     def evaluate_wave(self, session: Session, rollout: Rollout, now: float | None = None) -> WaveVerdict:
         """The gates' verdict on the rollout's current wave (its CPU and wall time go to /metrics)."""

@@ -51,6 +51,7 @@ from fleet.controller import RolloutController, count_metric, default_bundle_url
 from fleet.ingest import Ingestor, store_messages
 from fleet.models import Alert, utcnow
 from fleet.services.alerts import AlertDispatcher, DriftAlertPolicy
+from fleet.services.gates import FAILED_PHASES
 from fleet.services.status import Inbound
 from fleet.settings import FleetSettings, resolve_mqtt_client_id
 
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/status"
 TELEMETRY_SUBSCRIPTION = f"{TOPIC_ROOT}/+/telemetry"
+INSTALL_ENDS = FAILED_PHASES | {"active"}  # the statuses a rollout wave waits for
 MALFORMED_REASONS = ("bad_topic", "oversized", "malformed_json", "unknown_schema", "invalid_message",
                      "device_mismatch", "unknown_device", "revoked_device")
 # well-formed messages from someone who may not speak for that device
@@ -185,6 +187,9 @@ class MqttBridge:
         # Drift alerts outside rollouts: checked after each stored telemetry window; `on_alert` hears of new ones.
         self.drift_policy = drift_policy
         self.on_alert = on_alert
+        # Hears of every stored status that ends an install (active, failed, rolled_back): the rollout
+        # controller's notify(), so a wave is judged when its last device answers, not at the next pass.
+        self.on_install_end: Callable[[], None] | None = None
         self.malformed: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
         self.budget = budget
@@ -349,6 +354,9 @@ class MqttBridge:
         self.processed[kind] += 1
         if kind in ("status", "telemetry"):
             count_metric("MQTT_MESSAGES", kind=kind)
+        if (result == "status" and self.on_install_end is not None and item.message.seq > 0
+                and item.message.phase in INSTALL_ENDS):
+            self.on_install_end()
 
     def _alert(self, alert: Alert | None) -> None:
         if alert is None:
@@ -441,6 +449,7 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     leadership = Leadership(app.state.engine)  # one controller among the replicas on this database
     controller = RolloutController(session_factory, bridge, bundle_url=_bundle_url_for(settings, getattr(app.state, "store", None)),
                                    signer=director_for(settings.data_dir), leadership=leadership)
+    bridge.on_install_end = controller.notify
     from fleet.services.retention import RetentionJob
 
     retention = RetentionJob(session_factory, raw_days=settings.telemetry_retention_days,
@@ -459,6 +468,7 @@ async def lifespan_hook(app: Any) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
+        controller.notify()  # wake it so it sees the stop now
         if dispatcher is not None:
             dispatcher.notify()  # wake it so it sees the stop now, not after its interval
         for thread in threads:

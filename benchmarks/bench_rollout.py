@@ -11,6 +11,11 @@ and measures:
   - enrollment: agents started → every device enrolled, and → every device online over MQTT;
   - rollout start → every device active, against the lower bound of one download per device at the
     loopback bandwidth measured in that round (N × bundle size / bandwidth) plus the bake time of every wave;
+  - where that time went, per wave: how long its devices took (wave start → its last device seen active,
+    polled every 0.1 s: downloads, verification, install and self-test of agents that share this host), and
+    what the fleet added (the promotion after both the bake and the last device). `critical path` is
+    Σ max(bake, devices) over the promoted waves plus the last wave's devices: the rollout time a fleet
+    that added nothing would have with these devices; `fleet added` is the rest;
   - the agent message rate the fleet handles: valid DeviceStatus messages published on every agent's own
     MQTT connection (its identity, through the broker's ACL checks), as fast as they go, timed until the
     server has handled all of them (its /metrics counter).
@@ -90,15 +95,21 @@ def run_round(root: Path, mode: str, bundles: list[Path], public: Path, args) ->
             bandwidth = loopback_bandwidth(fleet, ids[0], sizes[0])
 
             started = time.perf_counter()
+            started_wall = time.time()
+            first_active: dict[str, float] = {}  # device id -> first poll that saw it active on the new bundle
             rollout = client.request("POST", "/rollouts", json={
                 "bundle_id": ids[0], "selector": {"bench": "1"}, "waves": waves, "gates": ["install_failure_ratio<=0"],
                 "bake_s": args.bake, "min_reports": 1, "install_timeout_s": 600})
 
             def all_active():
                 devices = client.request("GET", "/devices")
-                return all(d["current_bundle_id"] in ids and d["phase"] == "active" for d in devices)
+                now = time.time()
+                for d in devices:
+                    if d["current_bundle_id"] in ids and d["phase"] == "active":
+                        first_active.setdefault(d["id"], now)
+                return len(first_active) == len(devices)
 
-            wait_for(all_active, 900, interval_s=0.2, what="every device active")
+            wait_for(all_active, 900, interval_s=0.1, what="every device active")
             to_active = time.perf_counter() - started
             final = wait_for(lambda: (r := client.request("GET", f"/rollouts/{rollout['id']}"))["status"] in ("succeeded", "rolled_back") and r,
                              300, interval_s=0.2, what="the rollout decision")
@@ -109,10 +120,41 @@ def run_round(root: Path, mode: str, bundles: list[Path], public: Path, args) ->
                 agent.stop()
     size = sum(sizes) / len(sizes)
     lower_bound = args.agents * size / bandwidth + args.bake * len(waves)
-    return {"mode": mode, "enrolled_s": enrolled_s, "online_s": online_s, "to_active_s": to_active,
+    path = critical_path(final, started_wall, first_active, args.bake)
+    return {"mode": mode, **path, "ratio_path": to_active / path["critical_path_s"], "enrolled_s": enrolled_s, "online_s": online_s, "to_active_s": to_active,
             "to_succeeded_s": to_succeeded, "status": final["status"], "lower_bound_s": lower_bound,
             "ratio_active": to_active / lower_bound, "bandwidth": bandwidth, "size": size,
             "msg_per_s": args.statuses / handled_s}
+
+
+def critical_path(rollout: dict[str, Any], started: float, first_active: dict[str, float], bake: float) -> dict[str, Any]:
+    """Per wave: when it started (the rollout's POST, then each promotion), how long until its last device
+    was seen active, and the promotion's delay after both its bake and that device; summed up."""
+    promoted = {d["wave"]: _epoch(d["at"]) for d in rollout["decisions"] if d["decision"] == "promote"}
+    waves: dict[int, list[str]] = {}
+    for member in rollout["members"]:
+        waves.setdefault(member["wave"], []).append(member["device_id"])
+    path = added = 0.0
+    spans = []
+    wave_start = started
+    for index in sorted(waves):
+        last = max(first_active.get(device, wave_start) for device in waves[index])
+        span = last - wave_start
+        spans.append(span)
+        end = promoted.get(index)
+        if end is None or index == max(waves):  # the last wave: all active is where the clock stops
+            path += span
+            break
+        path += max(bake, span)
+        added += end - wave_start - max(bake, span)
+        wave_start = end
+    return {"critical_path_s": path, "fleet_added_s": added, "device_spans_s": spans}
+
+
+def _epoch(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso).timestamp()
 
 
 def _status_burst(fleet: FleetProcess, agents, bundle_id: str, count: int) -> float:
@@ -138,7 +180,9 @@ def _status_burst(fleet: FleetProcess, agents, bundle_id: str, count: int) -> fl
 
 ROWS = (("enrolled_s", "agents started → all enrolled", "s"), ("online_s", "agents started → all online (MQTT)", "s"),
         ("to_active_s", "rollout start → all active", "s"), ("to_succeeded_s", "rollout start → succeeded", "s"),
-        ("ratio_active", "all active / lower bound", "x"), ("msg_per_s", "agent status messages handled", "msg/s"))
+        ("ratio_active", "all active / lower bound", "x"), ("critical_path_s", "critical path (bake, devices)", "s"),
+        ("fleet_added_s", "fleet added beyond it", "s"), ("ratio_path", "all active / critical path", "x"),
+        ("msg_per_s", "agent status messages handled", "msg/s"))
 
 
 def report(results: list[dict[str, Any]], args) -> None:
@@ -152,6 +196,8 @@ def report(results: list[dict[str, Any]], args) -> None:
         print(f"  {r['mode']:<9} enrolled {r['enrolled_s']:6.2f} s  online {r['online_s']:6.2f} s  active {r['to_active_s']:6.2f} s "
               f"(lower bound {r['lower_bound_s']:.2f} s at {r['bandwidth'] / 1e6:.0f} MB/s = {r['ratio_active']:.2f}x)  "
               f"succeeded {r['to_succeeded_s']:6.2f} s ({r['status']})  {r['msg_per_s']:6.0f} msg/s")
+        print(f"  {'':<9} devices per wave {' / '.join(f'{s:.2f}' for s in r['device_spans_s'])} s, critical path "
+              f"{r['critical_path_s']:.2f} s, fleet added {r['fleet_added_s']:.2f} s = {r['ratio_path']:.2f}x the critical path")
     header = f"\n{'median per mode':<38}" + "".join(f"{m:>12}" for m in modes) + "".join(f"{m + '/insecure':>20}" for m in modes if m != "insecure")
     print(header)
     for key, label, unit in ROWS:

@@ -26,6 +26,7 @@ from edgepack.report import FailedVariant, GateThresholds, PassRecord
 
 if TYPE_CHECKING:
     from builder.data import BuildData
+    from builder.family import Family
     from builder.targets import Candidate, Target
     from edgepack.config import BuildConfig
     from hardware_profiles.schema import HardwareProfile, RuntimeSpec
@@ -78,6 +79,7 @@ class ReferenceModel:
     matmul_share: float  # MatMul/Gemm share of the MACs: decides whether dynamic INT8 is worth trying
     host_is_target: bool  # whether host latency stands for the target's
     host_reason: str
+    family: Family | None = None  # what kind of network (builder.family): the INT8 recipe starts from it
 
 
 @dataclasses.dataclass

@@ -21,10 +21,14 @@ COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 FREE_OPS = {"Constant", "Identity", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "QuantizeLinear", "DequantizeLinear", "Cast", "Dropout"}
 
 
-def _shapes(model: Any) -> dict[str, tuple[int, ...]]:
+def _shapes(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor's static shape that shape inference finds. `input_shapes` fixes the graph inputs' dims
+    first (a model whose dims stay dynamic on its target still has MACs: counted at the shape of the data)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    if input_shapes:
+        model = _with_input_shapes(model, input_shapes)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=bool(input_shapes))
     shapes: dict[str, tuple[int, ...]] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim
@@ -37,10 +41,30 @@ def _shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def count_graph(model_path: Path) -> list[dict[str, Any]]:
-    """Per node: op type, name, MACs, weight elements and activation elements."""
+def _with_input_shapes(model: Any, input_shapes: dict[str, tuple[int, ...]]) -> Any:
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        shape = input_shapes.get(value.name)
+        if shape is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+    del fixed.graph.value_info[:]  # inferred again from the fixed inputs
+    return fixed
+
+
+def count_graph(model_path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """Per node: op type, name, MACs, weight elements and activation elements; dynamic input dims are
+    counted at `input_shapes` when given."""
     model = load_model(model_path)
-    shapes = _shapes(model)
+    shapes = _shapes(model, input_shapes)
     initializers = {init.name for init in model.graph.initializer}
     nodes = []
     for node in model.graph.node:

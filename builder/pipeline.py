@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from builder.cache import BuildCache, cache_key
 from builder.context import BuildContext, BuildPlan, ProgressSink, ReferenceModel, SilentProgress
 from builder.data import load_build_data
 from builder.estimate import ESTIMATE_LABEL, count_graph, estimate_latency_ms
+from builder.family import Family, detect_family
 from builder.hostinfo import host_info, host_is_target
 from builder.onnx_utils import elem_type_to_numpy, graph_inputs, load_model, tool_versions, value_info_shape
 from builder.passes.base import load_all_passes
@@ -41,8 +42,8 @@ from edgepack.config import BuildConfig, load_build_config
 from edgepack.errors import ConfigError, DataError, EdgepackError, ModelError, PassError, one_line_reason
 from edgepack.files import atomic_writer, file_sha256
 from edgepack.report import (
-    REPORT_SCHEMA_VERSION, BuildReport, BundleInfo, CacheStats, Gates, GateThresholds, HostInfo, Lineage, ReferenceSummary,
-    SensitivityEntry, SourceModel, ToolchainStep, Variant, VariantMeasurement,
+    REPORT_SCHEMA_VERSION, BuildReport, BundleInfo, CacheStats, Gates, GateThresholds, HostInfo, Lineage, ModelFamily,
+    ReferenceSummary, SensitivityEntry, SourceModel, ToolchainStep, Variant, VariantMeasurement,
 )
 
 if TYPE_CHECKING:
@@ -295,16 +296,51 @@ def build_reference(ctx: BuildContext) -> ReferenceModel:
     opset_out = ctx.run_pass(ctx.plan.opset, current)
     base = ctx.run_pass(ctx.plan.simplify, opset_out.model_path).model_path
     outputs = ctx.outputs(Candidate("fp32", "fp32", "onnxruntime", "onnx", base), ctx.validation_feeds)
-    graph_counts = count_graph(base)
+    graph_counts = count_graph(base, _counting_shapes(ctx, base))
     total_macs = sum(n["macs"] for n in graph_counts)
     matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
     is_target, target_reason = host_is_target(ctx.profile)
     control_flow = [f"{n.op_type} {n.name}" for n in load_model(base).graph.node if n.op_type in ("If", "Loop", "Scan")]
     if control_flow:
         ctx.note(f"the latency estimate leaves out compute inside control-flow subgraphs ({', '.join(control_flow)})")
+    family = detect_family(base, graph_counts)
+    _apply_family_recipe(ctx, family)
     return ReferenceModel(source_model=source_model, source_sha256=file_sha256(source_model), source_opset=opset_out.info.get("from"),
                           model_path=base, outputs=outputs, graph_counts=graph_counts,
-                          matmul_share=matmul_macs / total_macs if total_macs else 0.0, host_is_target=is_target, host_reason=target_reason)
+                          matmul_share=matmul_macs / total_macs if total_macs else 0.0, host_is_target=is_target, host_reason=target_reason,
+                          family=family)
+
+
+# Dynamic INT8 quantizes the embedding tables too (Gather) when they are at least this share of the weights:
+# MiniLM's 30522x384 table is 52 % of its weights, and left float it keeps dynamic INT8 at 0.65x the float size.
+EMBEDDING_SHARE_FOR_GATHER = 0.25
+
+
+def _apply_family_recipe(ctx: BuildContext, family: Family) -> None:
+    """Start INT8 from the family's recipe (builder.family), unless the config names the ops itself."""
+    plan, opt = ctx.plan, ctx.config.optimize
+    recipe = family.int8_recipe()
+    changes = []
+    if recipe and plan.int8 is not None and not opt.int8.op_types:
+        plan.int8_config = {**plan.int8_config, **recipe}
+        plan.int8 = load_all_passes()["int8-static"].from_dict(plan.int8_config)
+        changes.append("static INT8 quantizes only the weight MatMul/Gemm (Softmax, LayerNorm, GELU and attention stay float)")
+    if plan.int8_dynamic_config is not None and family.embedding_share >= EMBEDDING_SHARE_FOR_GATHER:
+        from builder.passes.onnx.int8_dynamic import Int8DynamicConfig
+
+        op_types = (*Int8DynamicConfig().op_types, "Gather")
+        plan.int8_dynamic_config = {**plan.int8_dynamic_config, "op_types": list(op_types)}
+        changes.append(f"dynamic INT8 also quantizes the embedding tables ({family.embedding_share:.0%} of the weights)")
+    ctx.note(f"model family: {family.name} ({family.reason})" + (f"; {'; '.join(changes)}" if changes else ""))
+
+
+def _counting_shapes(ctx: BuildContext, model_path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The input shapes to count a model's MACs at when its dims stay dynamic (a transformer's batch and
+    sequence): the config's or the data's. None when there is nothing to take them from."""
+    try:
+        return _static_shapes_for(ctx, load_model(model_path))
+    except (ModelError, DataError, ConfigError):
+        return None
 
 
 def _needs_static_shapes(ctx: BuildContext) -> bool:
@@ -469,15 +505,31 @@ def judge(ctx: BuildContext, measurement: VariantMeasurement, reference: Variant
 
 # ==================================================================== fallback
 def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Evaluation) -> tuple[list[Trial], dict[str, list[SensitivityEntry]]]:
-    """INT8 variants that miss an accuracy gate, rebuilt with their most harmful nodes in float."""
+    """Variants that miss an accuracy gate, rebuilt to meet it: ONNX INT8 with its most harmful nodes in
+    float (the fallback search), OpenVINO INT8 with NNCF's accuracy control (its target's recover_accuracy).
+    Neither runs when a variant that passes is already as fast and as small: recovering accuracy only adds
+    float ops, so the rebuilt variant could not be selected over it, and these are a build's slowest steps."""
     trials: list[Trial] = []
     sensitivity: dict[str, list[SensitivityEntry]] = {}
     for trial in evaluation.trials:
-        if _wants_fallback(ctx, trial):
+        fallback, target = _wants_fallback(ctx, trial), _recovering_target(ctx, trial)
+        if fallback or target is not None:
+            better = _passing_at_least_as_good(ctx, trial, evaluation.trials)
+            if better is not None:
+                why = (f"accuracy recovery not run: {better.variant.name} already passes every gate and is as fast "
+                       f"({better.variant.target_latency_ms:.3g} vs {trial.variant.target_latency_ms:.3g} ms) and as small")
+                ctx.progress.note(f"{trial.variant.name}: {why}")
+                trials.append(_with_note(trial, why))
+                continue
             try:
-                ranking = _rank_nodes(ctx, reference, trial.candidate)
-                sensitivity[trial.variant.name] = ranking
-                trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+                if fallback:
+                    ranking = _rank_nodes(ctx, reference, trial.candidate)
+                    sensitivity[trial.variant.name] = ranking
+                    trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+                else:
+                    rebuilt = target.recover_accuracy(ctx, trial.candidate, [t.candidate for t in evaluation.trials])
+                    if rebuilt is not None:
+                        trial = Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), evaluation.reference))
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # the variant stays as it was measured, with its failed gate
@@ -488,11 +540,38 @@ def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Eva
     return trials, sensitivity
 
 
+def _misses_accuracy(trial: Trial) -> bool:
+    return any(g.gate in ACCURACY_GATES for g in trial.variant.failed_gates)
+
+
 def _wants_fallback(ctx: BuildContext, trial: Trial) -> bool:
     candidate = trial.candidate
     return (candidate.format == "onnx" and (candidate.info.get("quantization") or {}).get("format") == "QDQ"
             and "sparse" not in candidate.name and ctx.plan.int8 is not None and ctx.config.optimize.int8.fallback
-            and any(g.gate in ACCURACY_GATES for g in trial.variant.failed_gates))
+            and _misses_accuracy(trial))
+
+
+def _recovering_target(ctx: BuildContext, trial: Trial) -> Target | None:
+    """The target that can rebuild this variant to meet its accuracy gate, if it missed one."""
+    if not _misses_accuracy(trial):
+        return None
+    return next((target for runtime, target in ctx.targets if target is not None and runtime.name == trial.candidate.runtime
+                 and target.recovers_accuracy(trial.candidate)), None)
+
+
+def _passing_at_least_as_good(ctx: BuildContext, trial: Trial, trials: Sequence[Trial]) -> Trial | None:
+    """A variant that passes and that a rebuilt `trial` could not beat: as fast on the target, as small,
+    in a runtime the profile ranks no lower (selection's tie-breaker)."""
+    order = {runtime.name: index for index, runtime in enumerate(ctx.profile.runtimes)}
+    mine = trial.variant
+    rank = order.get(mine.runtime, len(order))
+    for other in trials:
+        theirs = other.variant
+        if (other is not trial and theirs.passed and theirs.runnable
+                and theirs.target_latency_ms <= mine.target_latency_ms and theirs.size_bytes <= mine.size_bytes
+                and order.get(theirs.runtime, len(order)) <= rank):
+            return other
+    return None
 
 
 def _rank_nodes(ctx: BuildContext, reference: ReferenceModel, candidate: Candidate) -> list[SensitivityEntry]:
@@ -629,7 +708,8 @@ def draft_report(ctx: BuildContext, reference: ReferenceModel, reference_measure
         gates=Gates(**dict(ctx.gates), passed=selection.selected is not None),
         reference=ReferenceSummary(name="fp32", accuracy=reference_measurement.accuracy, size_bytes=reference_measurement.size_bytes,
                                    validation_samples=len(ctx.validation_feeds)),
-        variants=[t.variant for t in selection.trials], failed_variants=list(ctx.failed), notes=list(ctx.notes), passes=list(ctx.pass_log), sensitivity=sensitivity,
+        variants=[t.variant for t in selection.trials], failed_variants=list(ctx.failed),
+        model_family=ModelFamily(**reference.family.to_dict()) if reference.family else None, notes=list(ctx.notes), passes=list(ctx.pass_log), sensitivity=sensitivity,
         estimate_label=ESTIMATE_LABEL, lineage=_lineage(ctx, reference.source_sha256),
         source_model=SourceModel(path=str(reference.source_model), sha256=reference.source_sha256, opset=reference.source_opset),
         bundle=None, cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses, enabled=ctx.cache.enabled), duration_s=0.0,

@@ -145,6 +145,15 @@ class VariantMeasurement(_ReportModel):
                                                    "its target refused it, the profile cannot run it); absent otherwise.")
 
 
+class ModelFamily(_ReportModel):
+    """What kind of network the builder found (builder.family), and the INT8 recipe it started from."""
+
+    name: Literal["transformer", "recurrent", "embedding", "conv", "other"] = Field(description="The family.")
+    reason: str = Field(description="What in the graph says so.")
+    embedding_share: float = Field(ge=0, le=1, description="Weight tables an integer input indexes, as a share of all weights.")
+    int8_recipe: dict[str, Any] | str = Field(description="The static INT8 settings the family starts from, or `default`.")
+
+
 class FailedVariant(_ReportModel):
     """A variant the build tried and could not make or run: the build went on without it."""
 
@@ -285,6 +294,8 @@ class BuildReport(_ReportModel):
     variants: list[Variant] = Field(description="Every candidate built, in build order, with its measurements and decision.")
     failed_variants: list[FailedVariant] = Field(default=[], description="Variants that could not be built or run, with "
                                                  "why; the build selected among the rest.")
+    model_family: ModelFamily | None = Field(default=None, description="The kind of network found, and the INT8 recipe it "
+                                                                       "started from.")
     notes: list[str] = Field(description="Sentences about the whole build (skipped precisions or runtimes, dynamic shapes, "
                                          "estimate caveats …).")
     passes: list[PassRecord] = Field(description="Every pass step the build ran, in order.")

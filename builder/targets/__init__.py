@@ -18,7 +18,7 @@ import hashlib
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from edgepack.files import file_sha256
 
@@ -101,6 +101,16 @@ class Target:
     def requantized(self, ctx: BuildContext, candidate: Candidate) -> Candidate:
         """A candidate the INT8 fallback rebuilt with nodes in float: add what this runtime derives from it."""
         return candidate
+
+    def recovers_accuracy(self, candidate: Candidate) -> bool:
+        """Whether `recover_accuracy` can rebuild this candidate when it misses an accuracy gate."""
+        return False
+
+    def recover_accuracy(self, ctx: BuildContext, candidate: Candidate, built: Sequence[Candidate]) -> Candidate | None:
+        """The runtime's own accuracy recovery for a candidate that missed an accuracy gate (`built`: every
+        candidate measured so far); None leaves it as it was. Called after every variant was measured, and
+        only when no variant that passes is already as fast and as small (builder.pipeline.apply_fallback)."""
+        return None
 
 
 def load_all_targets() -> dict[str, type[Target]]:

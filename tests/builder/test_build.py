@@ -138,7 +138,8 @@ def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_n
     plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
     drop = 1.0 - plain.report.variant("int8").accuracy
     assert drop > 0
-    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2})
+    # without fp16, which on this tiny model is as fast and as small as int8 (then no fallback runs: below)
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2}, optimize={"precisions": ["fp32", "int8"]})
     result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b"))
     int8 = result.report.variant("int8")
     assert int8.fallback_nodes, "the accuracy fallback kept no node in float"
@@ -155,7 +156,7 @@ def test_the_fallback_searches_how_many_nodes_to_keep_in_float_by_halving_and_st
     drop = 1.0 - plain.report.variant("int8").accuracy
 
     def fallback(budget: float, out: str):
-        write_config(tiny_project, gates={"max_accuracy_drop": budget})
+        write_config(tiny_project, gates={"max_accuracy_drop": budget}, optimize={"precisions": ["fp32", "int8"]})
         report = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / out)).report
         return report, [p.name for p in report.passes if "fallback" in p.name]
 
@@ -172,6 +173,24 @@ def test_the_fallback_searches_how_many_nodes_to_keep_in_float_by_halving_and_st
     assert builds == ["int8 fallback 1", "int8 fallback 3"]
     assert not report.variant("int8").passed
     assert any("still misses the accuracy gate" in note or "did not reduce" in note for note in report.variant("int8").notes)
+
+
+def test_no_accuracy_recovery_runs_when_a_passing_variant_is_already_as_fast_and_as_small(tmp_path, tiny_project):
+    # On the tiny CNN for Jetson fp16 passes and is estimated as fast as int8 and is smaller: an int8 rebuilt
+    # with float nodes could never be selected over it, so the fallback search (the slow part) is not run.
+    write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
+    drop = 1.0 - plain.report.variant("int8").accuracy
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2})
+
+    report = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b")).report
+
+    int8, fp16 = report.variant("int8"), report.variant("fp16")
+    assert fp16.passed and fp16.target_latency_ms <= int8.target_latency_ms and fp16.size_bytes <= int8.size_bytes
+    assert not int8.passed and not int8.fallback_nodes and "int8" not in report.sensitivity
+    assert not [p.name for p in report.passes if "fallback" in p.name]
+    assert any(note.startswith("accuracy recovery not run: fp16 already passes every gate") for note in int8.notes)
+    assert report.selected == "fp16"
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written

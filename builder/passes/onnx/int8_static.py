@@ -35,6 +35,7 @@ class Int8StaticConfig(PassConfig):
     activation_type: Literal["auto", "int8", "uint8"] = Field(default="auto", description="auto = from the profile's CPU features.")
     reduce_range: Literal["auto", True, False] = Field(default="auto", description="7-bit weights; auto = from the profile.")
     op_types: tuple[str, ...] | None = Field(default=None, description="Ops to quantize (default: compute ops and the ops onnxruntime keeps in INT8 between them).")
+    matmul_const_b_only: bool = Field(default=False, description="Quantize only MatMuls whose second input is a weight (the transformer recipe: attention's activation-by-activation MatMuls stay float).")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Nodes kept in float (the accuracy fallback).")
     only_nodes: tuple[str, ...] | None = Field(default=None, description="Quantize only these nodes (sensitivity analysis).")
     depthwise: Literal["auto", "quantize", "float"] = Field(
@@ -93,6 +94,8 @@ class Int8Static(Pass):
         }
         if self.config.calibration_method == "percentile":
             extra_options["CalibPercentile"] = self.config.percentile
+        if self.config.matmul_const_b_only:
+            extra_options["MatMulConstBOnly"] = True
         feeds = list(ctx.data.feeds("calibration", limit=self.config.calibration_samples))
         # Calibration ranges depend on the model, the data and the method only: share them between runs.
         range_key = hashlib.sha256(
@@ -146,6 +149,7 @@ class Int8Static(Pass):
                     "calibration_samples": len(feeds),
                     "per_channel": self.config.per_channel,
                     "op_types": list(self.config.op_types or DEFAULT_OP_TYPES),
+                    **({"matmul_const_b_only": True} if self.config.matmul_const_b_only else {}),
                     "depthwise_in_float": len(depthwise) if keep_depthwise_float and nodes_to_quantize is None else 0,
                     **scheme,
                 },

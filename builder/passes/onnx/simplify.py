@@ -35,7 +35,12 @@ class Simplify(Pass):
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(output)
-        ort.InferenceSession(str(input_model), sess_options=options, providers=["CPUExecutionProvider"])
+        # MatMulAddFusion turns a MatMul+Add on 3-D activations (every transformer layer) into Reshape-Gemm-
+        # Reshape with shape constants it names itself; reloading the saved graph runs the same fusion again
+        # and fails on those names ("Attempt to replace the existing tensor"). A quantizer also handles the
+        # MatMul better than the reshaped Gemm, and the device's runtime fuses at load anyway.
+        ort.InferenceSession(str(input_model), sess_options=options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["MatMulAddFusion"])
         after = load_model(output)
         grown = output.stat().st_size / max(1, input_model.stat().st_size)
         if grown > 1.10:

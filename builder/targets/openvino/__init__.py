@@ -117,11 +117,23 @@ class OpenVinoTarget(Target):
         return out + [candidate for candidate in made if candidate is not None]
 
     def _int8_candidate(self, ctx: BuildContext, reference: Candidate) -> Candidate:
-        plain = ctx.run_pass(self._int8, reference.model_path)
-        candidate = _candidate("ov-int8", "int8", plain)
+        """Plain INT8 (NNCF post-training quantization); accuracy control comes later, if the gate needs it
+        and nothing cheaper already passes (recover_accuracy)."""
+        return _candidate("ov-int8", "int8", ctx.run_pass(self._int8, reference.model_path))
+
+    # ---------------------------------------------------------------- accuracy recovery
+    def recovers_accuracy(self, candidate: Candidate) -> bool:
+        return (candidate.name == "ov-int8" and self._accuracy_control is not None
+                and bool(candidate.info.get("quantized_nodes")))
+
+    def recover_accuracy(self, ctx: BuildContext, candidate: Candidate, built: Sequence[Candidate]) -> Candidate | None:
+        """NNCF accuracy control: quantize again, keeping in float the ops that cost the metric most, until
+        the drop against ov-fp32 is within the budget. None (ov-int8 stays plain) when plain INT8 is within
+        the budget against ov-fp32 already, or control fails or does not improve it."""
+        reference = next((c for c in built if c.name == "ov-fp32" and c.runtime == self.runtime), None)
         max_drop = ctx.gates.max_accuracy_drop
-        if max_drop is None or not plain.info.get("quantized_nodes"):
-            return candidate
+        if reference is None or max_drop is None:
+            return None
         metric = ctx.config.metric
         val_feeds, labels = ctx.validation_feeds, ctx.validation_labels
 
@@ -136,31 +148,31 @@ class OpenVinoTarget(Target):
         ctx.progress.finish("check ov-int8", f"openvino: {metric} drop {plain_drop:.4g} vs ov-fp32 (budget {max_drop:g})")
         candidate.info["quantization"]["drop_vs_ov_fp32"] = round(plain_drop, 6)
         if plain_drop <= max_drop + 1e-12:
-            return candidate
+            return None
 
         lost = f"plain INT8 lost {plain_drop:.4g} {metric} against ov-fp32 (budget {max_drop:g})"
         try:
             controlled = ctx.run_pass(self._accuracy_control, reference.model_path, label="ov-int8 accuracy-control")
         except PassError as exc:
             ctx.note(f"ov-int8: {lost}; accuracy control failed ({exc.message}), so ov-int8 stays the plain INT8 IR")
-            return candidate
+            return None
         if not controlled.info.get("quantized_nodes"):
             ctx.note(f"ov-int8: {lost}; NNCF accuracy control reverted every quantized op, so ov-int8 stays the plain INT8 IR")
-            return candidate
+            return None
         # Compute ops that lost their INT8 inputs; NNCF's own list (which also names activations) if none did.
-        kept_float = (sorted(set(plain.info["quantized_ops"]) - set(controlled.info["quantized_ops"]))
+        kept_float = (sorted(set(candidate.info["quantized_ops"]) - set(controlled.info["quantized_ops"]))
                       or sorted(controlled.info["quantization"].get("reverted_ops") or []))
         trial = _candidate("ov-int8", "int8", controlled, float_nodes=kept_float)
         trial_drop = drop_of(trial)
         if trial_drop >= plain_drop:
             ctx.note(f"ov-int8: {lost}; NNCF accuracy control did not improve it ({trial_drop:.4g}), "
                                  "so ov-int8 stays the plain INT8 IR")
-            return candidate
+            return None
         trial.info["quantization"].update({
             "accuracy_control": True,
             "plain_drop_vs_ov_fp32": round(plain_drop, 6),
             "drop_vs_ov_fp32": round(trial_drop, 6),
-            "fake_quantize_ops_before": plain.info.get("fake_quantize_ops"),
+            "fake_quantize_ops_before": candidate.info.get("fake_quantize_ops"),
             "fake_quantize_ops_after": controlled.info.get("fake_quantize_ops"),
         })
         outcome = "within budget" if trial_drop <= max_drop + 1e-12 else "still over budget"

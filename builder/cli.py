@@ -80,9 +80,11 @@ def build(
     json_output: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (the matrix for several profiles)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     toolchain: str = typer.Option("none", "--toolchain", help="none | docker: run vendor steps (edgetpu_compiler, trtexec) in the profile's container images."),
+    time_budget: str = typer.Option("15m", "--time-budget", help="Time for each profile's build (90s, 15m, 1h, or `none`): past it the slow optional steps (accuracy fallback builds, OpenVINO accuracy control) are skipped and the report says so."),
 ) -> None:
     """Build a model for hardware profiles: variants, verification, latency, selection, signed bundle."""
     from builder.pipeline import BuildRequest, run_build
+    from edgepack.durations import parse_duration
     from edgepack.errors import ConfigError, EdgepackError
 
     if "--debug" not in sys.argv:
@@ -90,6 +92,7 @@ def build(
         logging.getLogger().setLevel(logging.ERROR)
     if toolchain not in ("none", "docker"):
         raise ConfigError(f"--toolchain must be none or docker, not {toolchain!r}")
+    budget_s = None if time_budget.strip().lower() == "none" else parse_duration(time_budget)
     if all_profiles:
         from hardware_profiles import list_profiles
 
@@ -100,7 +103,8 @@ def build(
         raise ConfigError("name a profile with --profile NAME (repeatable) or use --all-profiles; `edgepack profiles` lists them")
     if len(profiles) == 1:
         result = _build_one(BuildRequest(config_path=config, profile=profiles[0], out_dir=out, model_override=model,
-                                         signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain), quiet, json_output)
+                                         signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain,
+                               time_budget_s=budget_s), quiet, json_output)
         raise typer.Exit(result.exit_code)
 
     from builder.matrix import make_matrix, profile_entry, write_matrix
@@ -109,7 +113,8 @@ def build(
     for index, profile_name in enumerate(profiles, 1):
         console.rule(f"[bold]{profile_name}[/bold] ({index}/{len(profiles)})")
         request = BuildRequest(config_path=config, profile=profile_name, out_dir=out, model_override=model,
-                               signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain)
+                               signing_key=signing_key, cache_dir=cache_dir, use_cache=not no_cache, toolchain=toolchain,
+                               time_budget_s=budget_s)
         try:
             result = _build_one(request, quiet, json_output=False)
         except EdgepackError as exc:
@@ -165,6 +170,8 @@ def _build_one(request, quiet: bool, json_output: bool):
             console.print(f"[red]✗[/red] {failed.line()}")
         for note in report.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
+    for step in report.cut_short:
+        console.print(f"[yellow]cut short[/yellow]: {step}")
     for step in report.toolchain or []:
         console.print(f"toolchain {step.step}: {step.status}: {step.message}")
     if report.selected and report.bundle:

@@ -104,6 +104,11 @@ class BuildContext:
     # Candidates earlier targets built (a later target may leave out what an earlier one covers).
     built: list[Candidate] = dataclasses.field(default_factory=list)
     work_dir: Path | None = None
+    # The time budget of the whole build (--time-budget): optional, slow steps (the accuracy fallback's
+    # builds, OpenVINO's accuracy control) are not started once it is spent; `cut_short` says which.
+    time_budget_s: float | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    cut_short: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def stem(self) -> str:
@@ -113,6 +118,19 @@ class BuildContext:
     def note(self, message: str) -> None:
         """A sentence for the report's notes."""
         self.notes.append(message)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def budget_spent(self, step: str) -> bool:
+        """Whether the build's time budget is spent, so the optional `step` must not start; a step cut
+        short is recorded (the report's cut_short) and shown."""
+        if self.time_budget_s is None or self.elapsed_s() < self.time_budget_s:
+            return False
+        message = f"{step}: not run, the build's time budget of {self.time_budget_s:g} s was spent ({self.elapsed_s():.0f} s)"
+        self.cut_short.append(message)
+        self.progress.note(message)
+        return True
 
     def attempt(self, name: str, runtime: str, precision: str, make: Callable[[], _T], stage: str = "build") -> _T | None:
         """`make()`, or None when it raises: one variant failing (a quantizer crash, a converter error, a runtime

@@ -57,6 +57,9 @@ __all__ = ["REPORT_SCHEMA_VERSION", "BuildRequest", "BuildResult", "Builder", "P
 ACCURACY_GATES = ("max_accuracy_drop", "min_agreement")
 
 
+DEFAULT_TIME_BUDGET_S = 900.0
+
+
 @dataclasses.dataclass
 class BuildRequest:
     config_path: Path
@@ -68,6 +71,9 @@ class BuildRequest:
     use_cache: bool = True
     keep_work: bool = False
     toolchain: str = "none"  # "docker" runs vendor-toolchain steps in the profile's container images
+    # Seconds for the whole build; past it the optional slow steps (accuracy fallback builds, OpenVINO
+    # accuracy control) are skipped and the report says so. None: no limit.
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
 
 
 @dataclasses.dataclass
@@ -134,6 +140,7 @@ class Builder:
                 "notes": list(ctx.notes), "passes": list(ctx.pass_log),
                 "cache": CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses, enabled=ctx.cache.enabled),
                 "duration_s": round(time.perf_counter() - started, 3),
+                "time_budget_s": ctx.time_budget_s, "cut_short": list(ctx.cut_short),
             })
             staged = [*packaged.files, *publish_artifacts(ctx, candidates), *write_reports(ctx, report)]
             outputs = publish(self.request.out_dir, staged)
@@ -180,6 +187,7 @@ def validate(request: BuildRequest, progress: ProgressSink) -> BuildContext:
         raise DataError("int8 needs calibration data: set data.calibration in edgepack.yaml (or drop int8 from optimize.precisions)")
     ctx = BuildContext(request=request, config=config, profile=profile, data=data, gates=gates, plan=_plan(config, profile),
                        cache=BuildCache(request.cache_dir, enabled=request.use_cache), tools=tool_versions(), input_shapes={},
+                       time_budget_s=request.time_budget_s,
                        progress=progress, targets=targets, notes=notes)
     ctx.targets = _usable_targets(ctx)
     # The model's inputs against the data: the user's input, so checked before any pass runs.
@@ -515,6 +523,9 @@ def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Eva
         fallback, target = _wants_fallback(ctx, trial), _recovering_target(ctx, trial)
         if fallback or target is not None:
             better = _passing_at_least_as_good(ctx, trial, evaluation.trials)
+            if better is None and ctx.budget_spent(f"{trial.variant.name} accuracy recovery"):
+                trials.append(_with_note(trial, "accuracy recovery not run: the build's time budget was spent"))
+                continue
             if better is not None:
                 why = (f"accuracy recovery not run: {better.variant.name} already passes every gate and is as fast "
                        f"({better.variant.target_latency_ms:.3g} vs {trial.variant.target_latency_ms:.3g} ms) and as small")
@@ -621,6 +632,8 @@ def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measuremen
         return _with_note(tried[1], "1 most sensitive node kept in float to meet the accuracy gate")
     if limit == 1:
         return _with_note(tried[1], "still misses the accuracy gate with 1 node in float (max_fallback_nodes)")
+    if ctx.budget_spent(f"{candidate.name} fallback search"):
+        return _with_note(trial, "the fallback search was cut short by the time budget after 1 build; left as built")
     top = build(limit)
     if not meets(top):
         if drop(top) >= drop(trial) - 1e-12:
@@ -631,6 +644,9 @@ def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measuremen
                                f"{len(tried)} fallback builds")
     low, high = 1, limit  # low misses, high meets
     while high - low > 1:
+        if ctx.budget_spent(f"{candidate.name} fallback search"):
+            return _with_note(tried[high], f"{high} most sensitive node(s) kept in float to meet the accuracy gate; the "
+                                           f"search was cut short by the time budget (between {low} and {high})")
         middle = (low + high) // 2
         if meets(build(middle)):
             high = middle

@@ -307,6 +307,9 @@ class BuildReport(_ReportModel):
     toolchain: list[ToolchainStep] | None = Field(default=None, description="Only when a variant was selected.")
     cache: CacheStats = Field(description="Build-cache use of this build.")
     duration_s: float = Field(description="Wall-clock seconds the build took.")
+    time_budget_s: float | None = Field(default=None, description="The build's time budget (--time-budget); None: none.")
+    cut_short: list[str] = Field(default=[], description="Optional steps not run because the time budget was spent "
+                                                          "(accuracy fallback builds, OpenVINO accuracy control).")
 
     @property
     def selected_variant(self) -> Variant | None:

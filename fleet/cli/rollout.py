@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from edgepack.durations import parse_duration
 from edgepack.errors import ConfigError
 from edgepack.selectors import parse_selector
 from fleet.cli.options import TOKEN, URL
@@ -21,15 +22,6 @@ from fleet.cli.options import TOKEN, URL
 app = typer.Typer(help="Roll a bundle out in percentage waves; follow, pause, abort or roll back.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 FINAL = {"succeeded", "rolled_back", "aborted", "failed"}
-
-
-def parse_duration(text: str) -> float:
-    """'30s', '5m', '1h', '90' (seconds) → seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ConfigError(f"invalid duration {text!r}: use e.g. 30s, 5m, 1h")
-    value, unit = float(match[1]), match[2] or "s"
-    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
 
 
 def parse_waves(text: str) -> list[float]:

@@ -193,6 +193,31 @@ def test_no_accuracy_recovery_runs_when_a_passing_variant_is_already_as_fast_and
     assert report.selected == "fp16"
 
 
+def test_a_spent_time_budget_skips_the_accuracy_recovery_and_the_report_says_so(tmp_path, tiny_project):
+    write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
+    drop = 1.0 - plain.report.variant("int8").accuracy
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2}, optimize={"precisions": ["fp32", "int8"]})
+
+    # a budget spent before the first variant is measured: every variant is still built, verified and
+    # judged; only the optional recovery is not started
+    result = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"),
+                     "--out", str(tmp_path / "b"), "--time-budget", "0s")
+
+    report = BuildReport.model_validate_json((tmp_path / "b" / "tiny-cnn-0.1.0-jetson-orin-nano.report.json").read_text())
+    assert result.returncode == 0 and report.time_budget_s == 0.0
+    assert report.cut_short == [next(c for c in report.cut_short if c.startswith("int8 accuracy recovery: not run, the build's time budget of 0 s was spent"))]
+    int8 = report.variant("int8")
+    assert not int8.passed and not int8.fallback_nodes and "int8" not in report.sensitivity
+    assert "accuracy recovery not run: the build's time budget was spent" in int8.notes
+    assert report.selected == "fp32"
+    assert "cut short: int8 accuracy recovery: not run" in " ".join((result.stdout + result.stderr).split())
+
+    bad = run_cli("build", "--profile", "jetson", "--config", str(tiny_project / "edgepack.yaml"),
+                  "--out", str(tmp_path / "c"), "--time-budget", "soon")
+    assert bad.returncode == 2 and "invalid duration 'soon': use e.g. 30s, 5m, 1h" in bad.stderr
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
 
 

@@ -151,6 +151,8 @@ class OpenVinoTarget(Target):
             return None
 
         lost = f"plain INT8 lost {plain_drop:.4g} {metric} against ov-fp32 (budget {max_drop:g})"
+        if ctx.budget_spent("ov-int8 accuracy control"):
+            return None
         try:
             controlled = ctx.run_pass(self._accuracy_control, reference.model_path, label="ov-int8 accuracy-control")
         except PassError as exc:

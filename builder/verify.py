@@ -41,6 +41,15 @@ def run_model(model_path: Path, feeds: list[dict[str, np.ndarray]], threads: int
     return Outputs({n: np.stack(v).astype(np.float64) for n, v in collected.items()})
 
 
+def _agreement(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """Share of samples whose prediction equals fp32's. A sequence of distributions ([N, T, C], a CTC text
+    recogniser's or a tagger's) agrees when the argmax at every position does, so the line reads the
+    same; the argmax of the whole flattened output would only compare its single most confident cell."""
+    if reference.ndim == 3 and reference.shape[-1] > 1:
+        return float(np.all(candidate.argmax(axis=-1) == reference.argmax(axis=-1), axis=1).mean())
+    return float((_predictions(candidate) == _predictions(reference)).mean())
+
+
 def _predictions(array: np.ndarray) -> np.ndarray:
     flat = array.reshape(array.shape[0], -1)
     if flat.shape[1] == 1:  # a single score per sample: a binary decision at 0.5
@@ -83,15 +92,13 @@ def compare(candidate: Outputs, reference: Outputs, labels: np.ndarray | None, m
     for c, r in pairs:
         if c.shape != r.shape:
             raise ModelError(f"a variant output has shape {list(c.shape)}, the fp32 reference {list(r.shape)}")
-    cand_pred = _predictions(pairs[0][0])
-    ref_pred = _predictions(reference.first)
-    agreement = float((cand_pred == ref_pred).mean())
+    agreement = _agreement(pairs[0][0], pairs[0][1])
     cos = float(np.mean([_cosine(c, r) for c, r in pairs]))
     abs_err = [np.abs(c - r) for c, r in pairs]
     max_abs = float(max(e.max() for e in abs_err))
     mean_abs = float(np.mean([e.mean() for e in abs_err]))
     if metric == "top1":
-        accuracy = float((cand_pred == labels.reshape(-1).astype(np.int64)).mean())
+        accuracy = float((_predictions(pairs[0][0]) == labels.reshape(-1).astype(np.int64)).mean())
     elif metric == "agreement":
         accuracy = agreement
     elif metric == "cosine":

@@ -36,7 +36,7 @@ class GatesConfig(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, description="Largest allowed drop vs. fp32 in metric units (top1: 0.01 = one point).")
     max_p95_latency_ms: float | None = Field(default=None, gt=0, description="Largest allowed p95 latency on the target (measured on host when the host is the target, else estimated).")
     max_size_mb: float | None = Field(default=None, gt=0, description="Largest allowed model file size in MB (1e6 bytes).")
-    min_agreement: float | None = Field(default=None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32.")
+    min_agreement: float | None = Field(default=None, ge=0, le=1, description="Smallest allowed top-1 agreement with fp32 (for a [N, T, C] sequence output: every position's top-1).")
 
 
 class PruneConfig(_Strict):

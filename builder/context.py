@@ -64,6 +64,7 @@ class BuildPlan:
     int8_dynamic_config: dict[str, Any] | None
     prune: Pass | None
     int8_config: dict[str, Any]
+    calibration_auto: bool = False  # calibration.method auto: other methods are measured where minmax misses
 
 
 @dataclasses.dataclass(frozen=True)

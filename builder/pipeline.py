@@ -225,7 +225,7 @@ def _plan(config: BuildConfig, profile: HardwareProfile) -> BuildPlan:
     opt = config.optimize
     wants = {p for p in opt.precisions if p in profile.precisions}
     int8_config = {
-        "calibration_method": opt.calibration.method,
+        "calibration_method": "minmax" if opt.calibration.method == "auto" else opt.calibration.method,
         "percentile": opt.calibration.percentile,
         "calibration_samples": opt.calibration.samples,
         "per_channel": opt.int8.per_channel,
@@ -240,6 +240,7 @@ def _plan(config: BuildConfig, profile: HardwareProfile) -> BuildPlan:
         int8_dynamic_config={} if (opt.int8.dynamic != "never" and "int8" in wants) else None,
         prune=passes["prune"].from_dict(opt.prune.model_dump()) if opt.prune else None,
         int8_config=int8_config,
+        calibration_auto=opt.calibration.method == "auto",
     )
     if plan.int8_dynamic_config is not None:
         passes["int8-dynamic"].from_dict(plan.int8_dynamic_config)
@@ -533,10 +534,17 @@ def apply_fallback(ctx: BuildContext, reference: ReferenceModel, evaluation: Eva
                 trials.append(_with_note(trial, why))
                 continue
             try:
-                if fallback:
+                if fallback and ctx.plan.calibration_auto:
+                    trial = _choose_calibration(ctx, reference, evaluation.reference, trial)
+                if fallback and _misses_accuracy(trial):
                     ranking = _rank_nodes(ctx, reference, trial.candidate)
                     sensitivity[trial.variant.name] = ranking
-                    trial = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+                    searched = _fallback(ctx, reference, evaluation.reference, trial, ranking)
+                    # a rebuilt variant keeps what was said of the one it was searched from
+                    for note in trial.variant.notes:
+                        if note not in searched.variant.notes:
+                            searched = _with_note(searched, note)
+                    trial = searched
                 else:
                     rebuilt = target.recover_accuracy(ctx, trial.candidate, [t.candidate for t in evaluation.trials])
                     if rebuilt is not None:
@@ -585,6 +593,44 @@ def _passing_at_least_as_good(ctx: BuildContext, trial: Trial, trials: Sequence[
     return None
 
 
+CALIBRATION_TRIALS = ("percentile", "entropy")
+
+
+def _requantize(ctx: BuildContext, reference: ReferenceModel, reference_measurement: VariantMeasurement, candidate: Candidate,
+                label: str, **changes: Any) -> Trial:
+    """`candidate` quantized again from the reference with `changes` to the INT8 config, measured and judged."""
+    pass_ = load_all_passes()["int8-static"].from_dict({**ctx.plan.int8_config, **changes})
+    out = ctx.run_pass(pass_, reference.model_path, label=label)
+    excluded = frozenset(changes.get("nodes_to_exclude") or ())
+    rebuilt = Candidate(candidate.name, candidate.precision, candidate.runtime, candidate.format, out.model_path,
+                        {**candidate.info, **out.info}, float_nodes=excluded)
+    target = target_class(candidate.runtime)
+    if target is not None:
+        rebuilt = target().requantized(ctx, rebuilt)
+    return Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), reference_measurement))
+
+
+def _choose_calibration(ctx: BuildContext, reference: ReferenceModel, reference_measurement: VariantMeasurement,
+                        trial: Trial) -> Trial:
+    """calibration.method auto, and minmax missed the accuracy gate: quantize with the other methods too and
+    keep the one that loses least on the validation data. The fallback search, if still needed, then
+    builds with that method (the plan's INT8 config says so from here on)."""
+    metric = ctx.config.metric
+    drops = {"minmax": accuracy_drop(metric, reference_measurement.accuracy, trial.variant.accuracy)}
+    best, best_method = trial, "minmax"
+    for method in CALIBRATION_TRIALS:
+        if ctx.budget_spent(f"{trial.variant.name} calibration {method}"):
+            break
+        attempt = _requantize(ctx, reference, reference_measurement, trial.candidate,
+                              f"{trial.candidate.name} calibration {method}", calibration_method=method)
+        drops[method] = accuracy_drop(metric, reference_measurement.accuracy, attempt.variant.accuracy)
+        if drops[method] < drops[best_method] - 1e-12:
+            best, best_method = attempt, method
+    ctx.plan.int8_config = {**ctx.plan.int8_config, "calibration_method": best_method}
+    measured = ", ".join(f"{method} {drop:.4g}" for method, drop in drops.items())
+    return _with_note(best, f"calibration chosen by measurement: {best_method} (the {metric} loss with each: {measured})")
+
+
 def _rank_nodes(ctx: BuildContext, reference: ReferenceModel, candidate: Candidate) -> list[SensitivityEntry]:
     from builder.sensitivity import rank_nodes
 
@@ -607,19 +653,12 @@ def _fallback(ctx: BuildContext, reference: ReferenceModel, reference_measuremen
     limit = min(ctx.config.optimize.int8.max_fallback_nodes, len(ranking))
     if limit < 1:
         return trial
-    int8_static = load_all_passes()["int8-static"]
-    target = target_class(candidate.runtime)
     tried: dict[int, Trial] = {}
 
     def build(count: int) -> Trial:
-        excluded = tuple(sorted(entry.node for entry in ranking[:count]))
-        pass_ = int8_static.from_dict({**ctx.plan.int8_config, "nodes_to_exclude": list(excluded)})
-        out = ctx.run_pass(pass_, reference.model_path, label=f"{candidate.name} fallback {count}")
-        rebuilt = Candidate(candidate.name, candidate.precision, candidate.runtime, candidate.format, out.model_path,
-                            {**candidate.info, **out.info}, float_nodes=frozenset(excluded))
-        if target is not None:
-            rebuilt = target().requantized(ctx, rebuilt)
-        tried[count] = Trial(rebuilt, judge(ctx, measure(ctx, reference, rebuilt), reference_measurement))
+        excluded = sorted(entry.node for entry in ranking[:count])
+        tried[count] = _requantize(ctx, reference, reference_measurement, candidate, f"{candidate.name} fallback {count}",
+                                   nodes_to_exclude=excluded)
         return tried[count]
 
     def meets(attempt: Trial) -> bool:

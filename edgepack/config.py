@@ -16,7 +16,7 @@ from edgepack.errors import ConfigError, first_validation_error, validation_erro
 from edgepack.yamlfile import read_yaml_mapping
 
 Precision = Literal["fp32", "fp16", "int8"]
-CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+CalibrationMethod = Literal["auto", "minmax", "entropy", "percentile"]
 BUILTIN_METRICS = ("top1", "agreement", "cosine", "mae")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -52,7 +52,9 @@ class PruneConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    method: CalibrationMethod = Field(default="minmax", description="How activation ranges are chosen.")
+    method: CalibrationMethod = Field(default="auto", description="How activation ranges are chosen. auto: minmax, and "
+                                      "where that misses the accuracy budget percentile and entropy too, keeping the one "
+                                      "that loses least on the validation data (the fallback search starts from it).")
     samples: int = Field(default=256, gt=0, description="Calibration samples used at most.")
     percentile: float = Field(default=99.999, gt=90, le=100, description="Percentile for method=percentile.")
 

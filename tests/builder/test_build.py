@@ -139,7 +139,8 @@ def test_int8_that_misses_the_budget_falls_back_to_float_on_the_most_sensitive_n
     drop = 1.0 - plain.report.variant("int8").accuracy
     assert drop > 0
     # without fp16, which on this tiny model is as fast and as small as int8 (then no fallback runs: below)
-    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2}, optimize={"precisions": ["fp32", "int8"]})
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2},
+                 optimize={"precisions": ["fp32", "int8"], "calibration": {"method": "minmax"}})
     result = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b"))
     int8 = result.report.variant("int8")
     assert int8.fallback_nodes, "the accuracy fallback kept no node in float"
@@ -156,7 +157,8 @@ def test_the_fallback_searches_how_many_nodes_to_keep_in_float_by_halving_and_st
     drop = 1.0 - plain.report.variant("int8").accuracy
 
     def fallback(budget: float, out: str):
-        write_config(tiny_project, gates={"max_accuracy_drop": budget}, optimize={"precisions": ["fp32", "int8"]})
+        write_config(tiny_project, gates={"max_accuracy_drop": budget},
+                     optimize={"precisions": ["fp32", "int8"], "calibration": {"method": "minmax"}})
         report = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / out)).report
         return report, [p.name for p in report.passes if "fallback" in p.name]
 
@@ -173,6 +175,26 @@ def test_the_fallback_searches_how_many_nodes_to_keep_in_float_by_halving_and_st
     assert builds == ["int8 fallback 1", "int8 fallback 3"]
     assert not report.variant("int8").passed
     assert any("still misses the accuracy gate" in note or "did not reduce" in note for note in report.variant("int8").notes)
+
+
+def test_calibration_auto_measures_the_other_methods_where_minmax_misses_and_the_search_starts_from_the_best(
+        tmp_path, tiny_project):
+    write_config(tiny_project, metric="cosine", gates={"max_accuracy_drop": 1.0})
+    plain = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "a"))
+    drop = 1.0 - plain.report.variant("int8").accuracy
+    write_config(tiny_project, gates={"max_accuracy_drop": drop / 2}, optimize={"precisions": ["fp32", "int8"]})
+
+    report = run_build(BuildRequest(config_path=tiny_project / "edgepack.yaml", profile="jetson", out_dir=tmp_path / "b")).report
+
+    passes = [p.name for p in report.passes if p.pass_name == "int8-static"]
+    assert passes[:3] == ["int8-static", "int8 calibration percentile", "int8 calibration entropy"]
+    int8 = report.variant("int8")
+    note = next(n for n in int8.notes if n.startswith("calibration chosen by measurement: "))
+    chosen = note.split(": ")[1].split(" ")[0]
+    losses = {m: float(v) for m, v in (part.split(" ") for part in note.split("each: ")[1].rstrip(")").split(", "))}
+    assert set(losses) == {"minmax", "percentile", "entropy"} and losses[chosen] == min(losses.values())
+    assert int8.quantization["calibration"] == chosen  # the variant shipped, or searched on, uses it
+    assert int8.passed or any("fallback" in p for p in passes)
 
 
 def test_no_accuracy_recovery_runs_when_a_passing_variant_is_already_as_fast_and_as_small(tmp_path, tiny_project):

@@ -91,7 +91,7 @@ class OpenVinoTarget(Target):
                     self._accuracy_control = passes["ov-int8"].from_dict({
                         **self._int8_config, "accuracy_control": True, "max_drop": ctx.gates.max_accuracy_drop,
                         "validation_samples": config.verify.max_samples})
-                if config.optimize.calibration.method != "minmax":
+                if config.optimize.calibration.method not in ("minmax", "auto"):
                     ctx.note(f"ov-int8 calibrates with NNCF's range estimators; calibration.method "
                                          f"{config.optimize.calibration.method} applies to the ONNX int8 variants")
 

@@ -35,7 +35,9 @@ def rank_nodes(ctx: BuildContext, base: Path, val_feeds: list[dict[str, np.ndarr
     ref = {name: array[: len(feeds)] for name, array in reference.arrays.items()}
     int8 = load_all_passes()["int8-static"]
     ranking = []
-    for node in nodes:
+    for measured, node in enumerate(nodes):
+        if measured and ctx.budget_spent(f"sensitivity ranking after {measured} of {len(nodes)} nodes"):
+            break  # the ranking so far still drives the fallback, over the nodes it measured
         pass_ = int8.from_dict({**ctx.plan.int8_config, "only_nodes": [node["name"]]})
         out = ctx.run_pass(pass_, base, label=f"sensitivity {node['name']}", quiet=True)
         outputs = run_model(out.model_path, feeds)

@@ -28,6 +28,9 @@ class OvInt8Config(PassConfig):
     accuracy_control: bool = Field(default=False, description="Revert the most harmful ops to float until the metric drop is within max_drop.")
     max_drop: float | None = Field(default=None, ge=0, description="Largest metric drop vs. the fp32 IR (metric units); needs accuracy_control.")
     validation_samples: int = Field(default=2000, gt=0, description="Validation samples accuracy control scores on at most.")
+    max_iterations: int = Field(default=16, gt=0, description="Accuracy control reverts at most this many op groups to float "
+                                                              "(each one a validation run); unbounded it ran for tens of minutes on PP-OCRv4 rec.")
+    ranking_subset_size: int = Field(default=64, gt=0, description="Validation samples accuracy control ranks the ops on.")
 
     @model_validator(mode="after")
     def _drop_with_control(self) -> "OvInt8Config":
@@ -73,9 +76,15 @@ class OvInt8(Pass):
             try:
                 if self.config.accuracy_control:
                     validation, validation_fn, samples = _validation(model, ctx, self.config.validation_samples)
+                    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+                    restorer = AdvancedAccuracyRestorerParameters(
+                        max_num_iterations=self.config.max_iterations,
+                        ranking_subset_size=min(self.config.ranking_subset_size, samples))
                     quantized = nncf.quantize_with_accuracy_control(
                         model, nncf.Dataset(feeds), validation, validation_fn,
-                        max_drop=self.config.max_drop, drop_type=nncf.DropType.ABSOLUTE, **settings)
+                        max_drop=self.config.max_drop, drop_type=nncf.DropType.ABSOLUTE,
+                        advanced_accuracy_restorer_parameters=restorer, **settings)
                 else:
                     quantized = nncf.quantize(model, nncf.Dataset(feeds), **settings)
             except Exception as exc:
@@ -87,7 +96,7 @@ class OvInt8(Pass):
         if self.config.accuracy_control:
             control = _accuracy_control_summary(log.messages, renamed)
             quantization.update({"max_drop": self.config.max_drop, "drop_type": "absolute", "metric": ctx.build.metric,
-                                 "validation_samples": samples, **control})
+                                 "validation_samples": samples, "max_iterations": self.config.max_iterations, **control})
             info["fallback_nodes"] = control["reverted_ops"] or []
         ops = quantized_ops(quantized)
         # Float parts stay fp32: they are what NNCF calibrated and (with accuracy control) validated.

@@ -90,7 +90,8 @@ class OpenVinoTarget(Target):
                 if ctx.gates.max_accuracy_drop is not None:
                     self._accuracy_control = passes["ov-int8"].from_dict({
                         **self._int8_config, "accuracy_control": True, "max_drop": ctx.gates.max_accuracy_drop,
-                        "validation_samples": config.verify.max_samples})
+                        "validation_samples": config.verify.max_samples,
+                        "max_iterations": max(1, config.optimize.int8.max_fallback_nodes)})
                 if config.optimize.calibration.method not in ("minmax", "auto"):
                     ctx.note(f"ov-int8 calibrates with NNCF's range estimators; calibration.method "
                                          f"{config.optimize.calibration.method} applies to the ONNX int8 variants")

@@ -15,6 +15,12 @@ them. A bare paho subscriber on the same topics counts what it receives.
   vs 1      stored with R replicas / with one (issue 12: two >= 1.6x one)
   dups      rows beyond the windows sent (must be 0); lost: windows sent but never stored (must be 0)
 
+Part 1b, a backlog (`--parts drain`): the same, but the replicas are paused (SIGSTOP) while the devices
+publish, so the broker queues each replica's share in its session, and resumed (SIGCONT) once the bare
+subscriber has everything: stored/s counts from the resume to the last row. It is what the replicas
+themselves can store, with no publisher sharing the host's cores: on a 2-core host the live rate of two or
+three replicas is capped by what the broker delivers while 10,000 publishers run beside them.
+
 Part 2, a rollout of every device (`--bake` 60 s, `--waves` 10,100, the default 10 % hold-back, install and
 telemetry gates, devices reporting a window every --telemetry-every s), on one replica:
   - what the broker can carry: a bare publisher sends a desired state to each of N other lite devices and
@@ -140,10 +146,17 @@ def start_replicas(root: Path, broker_url: str, db_url: str, public_key: Path, r
     return fleets
 
 
-BROKER_CONFIG = "max_inflight_messages 1000\n"
+# A paused replica's share of a backlog waits in its session (the drain part): let the broker hold all of it.
+BROKER_CONFIG = "max_inflight_messages 1000\nmax_queued_messages 1000000\n"
 
 
-def ingest_round(root: Path, db_url: str, args, public_key: Path, replicas: int) -> dict[str, Any]:
+def ingest_round(root: Path, db_url: str, args, public_key: Path, replicas: int, drain: bool = False) -> dict[str, Any]:
+    """Live (drain=False): the replicas store while the devices publish. Drain: the replicas are paused
+    (SIGSTOP) while the devices publish, the broker queues their shares, and the rate counts from their
+    SIGCONT to the last row: what the replicas store with no publisher on the cores."""
+    import os
+    import signal
+
     from fleet.db import make_engine
 
     per_device = max(1, args.windows // args.devices)
@@ -161,10 +174,19 @@ def ingest_round(root: Path, db_url: str, args, public_key: Path, replicas: int)
             payloads = {d: [window_payload(d, n) for n in range(per_device)] for d in device_ids}
             time.sleep(1.0)  # the devices' first statuses are stored; the bare subscriber counts windows only
             bare.count = 0
+            if drain:
+                for fleet in fleets:
+                    os.kill(fleet.process.pid, signal.SIGSTOP)
             started = time.monotonic()
             devices.burst(payloads)
             wait_for(lambda: bare.count >= total, 600, interval_s=0.01, what="the bare subscriber to receive every window")
             bare_done = bare.last
+            if drain:
+                bare_rate = total / max(bare_done - started, 1e-9)
+                time.sleep(1.0)  # the broker has queued the replicas' shares
+                started = time.monotonic()
+                for fleet in fleets:
+                    os.kill(fleet.process.pid, signal.SIGCONT)
             last_count, stored_at = 0, time.monotonic()
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
@@ -185,7 +207,8 @@ def ingest_round(root: Path, db_url: str, args, public_key: Path, replicas: int)
             engine.dispose()
             for fleet in fleets:
                 fleet.stop()
-    bare_rate = total / max(bare_done - started, 1e-9)
+    if not drain:
+        bare_rate = total / max(bare_done - started, 1e-9)
     fleet_rate = min(final, total) / max(stored_at - started, 1e-9)
     return {"replicas": replicas, "windows": total, "bare_rate": bare_rate, "fleet_rate": fleet_rate,
             "ratio": fleet_rate / bare_rate, "dups": max(0, final - total), "lost": max(0, total - final)}
@@ -407,10 +430,12 @@ def fresh_database(args, server_url: str | None, index: int, root: Path) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
-def print_ingest(results: dict[int, list[dict[str, Any]]], args) -> None:
+def print_ingest(results: dict[int, list[dict[str, Any]]], args, drain: bool = False) -> None:
     replica_counts = list(results)
     engine = "SQLite" if args.sqlite else "PostgreSQL"
-    print(f"\ningestion on {engine}, {args.devices} devices, {args.windows} windows, median of {args.rounds} round(s):")
+    what = ("a backlog drained (replicas paused while the devices published; stored/s from their resume)" if drain
+            else "live ingestion (the replicas store while the devices publish)")
+    print(f"\n{what} on {engine}, {args.devices} devices, {args.windows} windows, median of {args.rounds} round(s):")
     print(f"  {'replicas':>8} {'bare/s':>8} {'stored/s':>9} {'vs bare':>8} {'vs 1':>6} {'dups':>5} {'lost':>5}")
     one = statistics.median(r["fleet_rate"] for r in results[replica_counts[0]])
     for replicas in replica_counts:
@@ -450,7 +475,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--windows", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--parts", default="ingest,rollout", help="ingest, rollout or both.")
+    parser.add_argument("--parts", default="ingest,drain,rollout", help="ingest, drain, rollout: any of them.")
     parser.add_argument("--sqlite", action="store_true", help="SQLite in the fleet's data folder instead of PostgreSQL.")
     parser.add_argument("--db-url", help="An existing PostgreSQL server (a database is created per round).")
     parser.add_argument("--replicas", default="1,2,3", help="Fleet replica counts to compare (shared subscriptions).")
@@ -475,7 +500,9 @@ def main() -> None:
             server_url = server.url
         try:
             index = 0
-            if "ingest" in parts:
+            for part in ("ingest", "drain"):
+                if part not in parts:
+                    continue
                 results: dict[int, list[dict[str, Any]]] = {n: [] for n in replica_counts}
                 for round_no in range(args.rounds):
                     for replicas in replica_counts:  # interleaved: a busy host hits every replica count alike
@@ -483,12 +510,12 @@ def main() -> None:
                         round_root = root / f"round-{index}"
                         round_root.mkdir()
                         index += 1
-                        result = ingest_round(round_root, db_url, args, public_key, replicas)
+                        result = ingest_round(round_root, db_url, args, public_key, replicas, drain=part == "drain")
                         results[replicas].append(result)
-                        print(f"[round {round_no + 1}/{args.rounds}, {replicas} replica(s)] {result['windows']} windows from "
+                        print(f"[{part} round {round_no + 1}/{args.rounds}, {replicas} replica(s)] {result['windows']} windows from "
                               f"{args.devices} devices: bare {result['bare_rate']:.0f}/s, fleet stored {result['fleet_rate']:.0f}/s, "
                               f"ratio {result['ratio']:.2f}, dups {result['dups']}, lost {result['lost']}", flush=True)
-                print_ingest(results, args)
+                print_ingest(results, args, drain=part == "drain")
             if "rollout" in parts:
                 db_url = fresh_database(args, server_url, index, root)
                 round_root = root / "rollout"

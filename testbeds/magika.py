@@ -14,14 +14,13 @@ labels: metric `agreement` compares each variant's top class with the float mode
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from testbeds.models import magika_model
+from testbeds.project import project_main, write_config
 
 SIDE = 1024
 PAD = 256
@@ -60,23 +59,14 @@ def make_project(out_dir: Path, *, n_calib: int = 64, n_val: int = 128, seed: in
     np.savez(out_dir / "calib.npz", bytes=samples[:n_calib])
     np.savez(out_dir / "val.npz", bytes=samples[n_calib:])
     (out_dir / "model.onnx").write_bytes(magika_model().read_bytes())
-    config = {"name": "magika", "version": "1.0.0", "model": "model.onnx", "inputs": {"bytes": [1, 2 * SIDE]},
-              "data": {"calibration": "calib.npz", "validation": "val.npz"}, "metric": "agreement",
-              "optimize": {"precisions": ["fp32", "fp16", "int8"]}}
-    path = out_dir / "edgepack.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_config(out_dir, name="magika", version="1.0.0", model="model.onnx", inputs={"bytes": [1, 2 * SIDE]},
+                        metric="agreement")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n-calib", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(make_project(args.out_dir, n_calib=args.n_calib, n_val=args.n_val, seed=args.seed))
+def main(argv: list[str] | None = None) -> int:
+    return project_main(argv, prog="python -m testbeds.magika", description=__doc__.split("\n\n")[0],
+                        make_project=make_project, n_calib=64, n_val=128)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -39,7 +39,6 @@ by at most 3.1e-07 per element (mean 3.0e-08, cosine >= 0.9999995); `layers=1` a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import unicodedata
@@ -48,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from testbeds.models import minilm_dir
+from testbeds.project import project_main, write_config
 
 EMBEDDING_DIM = 384
 MAX_INPUT_CHARS_PER_WORD = 100
@@ -392,33 +391,19 @@ def make_project(out_dir: Path, *, n_calib: int = 32, n_val: int = 64, seq_len: 
     for file, n, stream in (("calib.npz", n_calib, seed * 2 + 1), ("val.npz", n_val, seed * 2 + 2)):
         input_ids, attention_mask = tokenize(sentences(n, seed=stream), max_len=seq_len)
         np.savez(out_dir / file, input_ids=input_ids, attention_mask=attention_mask)
-    config = {
-        "name": "all-minilm-l6-v2" if layers is None else f"all-minilm-l6-v2-{layers}l",
-        "version": "1.0.0",
-        "model": "model.onnx",
-        "inputs": {"input_ids": [1, seq_len], "attention_mask": [1, seq_len]},
-        "data": {"calibration": "calib.npz", "validation": "val.npz"},
-        "metric": "cosine",
-        "gates": {"max_accuracy_drop": 0.02},
-        "optimize": {"precisions": ["fp32", "fp16", "int8"]},
-    }
-    path = out_dir / "edgepack.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), encoding="utf-8")
-    return path
+    return write_config(out_dir, name="all-minilm-l6-v2" if layers is None else f"all-minilm-l6-v2-{layers}l",
+                        version="1.0.0", model="model.onnx",
+                        inputs={"input_ids": [1, seq_len], "attention_mask": [1, seq_len]}, metric="cosine",
+                        max_accuracy_drop=0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbeds.minilm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--layers", type=int, default=None, help="keep the first N of the 6 encoder layers")
-    parser.add_argument("--n-calib", type=int, default=32)
-    parser.add_argument("--n-val", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(make_project(args.out_dir, n_calib=args.n_calib, n_val=args.n_val, seq_len=args.seq_len, layers=args.layers,
-                       seed=args.seed))
-    return 0
+    def options(parser) -> None:
+        parser.add_argument("--layers", type=int, default=None, help="keep the first N of the 6 encoder layers")
+        parser.add_argument("--seq-len", type=int, default=64)
+
+    return project_main(argv, prog="python -m testbeds.minilm", description=__doc__.split("\n\n")[0],
+                        make_project=make_project, n_calib=32, n_val=64, options=options)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,9 @@ def magika_model() -> Path:
     """Google's magika file-type model (standard_v3_3): `bytes` int32 [N, 2048] (the first and last 1024 bytes
     of a file, padded with 256) -> softmax [N, 214] over content types."""
     return _shipped("magika", "models/standard_v3_3/model.onnx")
+
+
+def ppocr_rec_model() -> Path:
+    """PP-OCRv4 text recognizer (Chinese + English dictionary): `x` [N, 3, 48, W] -> softmax [N, W / 8, 6625]
+    (CTC: 0 = blank, then the 6623 characters of the model's `character` metadata, then " ")."""
+    return _shipped("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx")

@@ -18,17 +18,16 @@ Everything is a function of the seed.
 
 from __future__ import annotations
 
-import argparse
 import math
 import string
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from testbeds.models import ppocr_cls_model
+from testbeds.project import project_main, write_config
 
 HEIGHT, WIDTH = 48, 192
 UPRIGHT, ROTATED = 0, 1
@@ -149,30 +148,13 @@ def make_project(out_dir: Path, n_calib: int = 64, n_val: int = 200, seed: int =
     x_val, y_val = make_dataset(n_val, seed=seed * 2 + 2)
     np.savez(out_dir / "calib.npz", x=x_calib)
     np.savez(out_dir / "val.npz", x=x_val, labels=y_val)
-    config = {
-        "name": "ppocr-cls",
-        "version": "2.0.0",
-        "model": str(model.resolve()),
-        "inputs": {"x": [1, 3, HEIGHT, WIDTH]},
-        "data": {"calibration": "calib.npz", "validation": "val.npz"},
-        "metric": "top1",
-        "gates": {"max_accuracy_drop": 0.02},
-        "optimize": {"precisions": ["fp32", "fp16", "int8"]},
-    }
-    path = out_dir / "edgepack.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), encoding="utf-8")
-    return path
+    return write_config(out_dir, name="ppocr-cls", version="2.0.0", model=str(model.resolve()),
+                        inputs={"x": [1, 3, HEIGHT, WIDTH]}, metric="top1", max_accuracy_drop=0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbeds.ppocr_cls", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n-calib", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(make_project(args.out_dir, n_calib=args.n_calib, n_val=args.n_val, seed=args.seed))
-    return 0
+    return project_main(argv, prog="python -m testbeds.ppocr_cls", description=__doc__.split("\n\n")[0],
+                        make_project=make_project, n_calib=64, n_val=200)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,12 @@ speech probability from the fp32 model.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from testbeds.models import silero_vad_model
+from testbeds.project import project_main, write_config
 
 SAMPLE_RATE = 16000
 CHUNK = 512
@@ -162,34 +161,17 @@ def make_project(out_dir: Path, n_calib: int = 64, n_val: int = 256, seed: int =
     model = silero_vad_model()
     np.savez(out_dir / "calib.npz", **make_dataset(n_calib, seed=seed * 2 + 1))
     np.savez(out_dir / "val.npz", **make_dataset(n_val, seed=seed * 2 + 2))
-    config: dict = {
-        "name": "silero-vad",
-        "version": "5.0.0",
-        "model": str(model.resolve()),
-    }
-    if static_shapes:
-        config["inputs"] = {"input": [1, CONTEXT + CHUNK], "state": list(STATE_SHAPE)}
-    config |= {
-        "data": {"calibration": "calib.npz", "validation": "val.npz"},
-        "metric": "mae",
-        "gates": {"max_accuracy_drop": 0.05},
-        "optimize": {"precisions": ["fp32", "fp16", "int8"]},
-    }
-    path = out_dir / "edgepack.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), encoding="utf-8")
-    return path
+    inputs = {"input": [1, CONTEXT + CHUNK], "state": list(STATE_SHAPE)} if static_shapes else None
+    return write_config(out_dir, name="silero-vad", version="5.0.0", model=str(model.resolve()), inputs=inputs,
+                        metric="mae", max_accuracy_drop=0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbeds.silero", description="Write a Silero VAD build project.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n-calib", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--static-shapes", action="store_true", help="pin `inputs:` in edgepack.yaml (see make_project)")
-    args = parser.parse_args(argv)
-    print(make_project(args.out_dir, n_calib=args.n_calib, n_val=args.n_val, seed=args.seed, static_shapes=args.static_shapes))
-    return 0
+    def options(parser) -> None:
+        parser.add_argument("--static-shapes", action="store_true", help="pin `inputs:` in edgepack.yaml (see make_project)")
+
+    return project_main(argv, prog="python -m testbeds.silero", description="Write a Silero VAD build project.",
+                        make_project=make_project, n_calib=64, n_val=256, options=options)
 
 
 if __name__ == "__main__":

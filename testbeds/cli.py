@@ -95,7 +95,7 @@ def _describe_fidelity(report: dict) -> str:
     for profile, row in report["profiles"].items():
         if row["requests"]:
             parts.append(f"{profile} real part p50 {row['real_part_p50_ms']:.2f} / p95 {row['real_part_p95_ms']:.2f} ms of "
-                         f"{row['claimed_ms']:g} ms simulated ({row['distortion'] * 100:.1f} %, {row['requests']} requests)")
+                         f"{row['claimed_ms']:g} ms simulated ({row['judged_on']} {row['distortion'] * 100:.1f} %, {row['requests']} requests)")
         else:
             parts.append(f"{profile} answered no request")
     rate = report["rate"]

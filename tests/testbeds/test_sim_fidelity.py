@@ -51,6 +51,20 @@ def test_a_run_within_the_tolerance_is_faithful():
     json.dumps(report)  # it goes into the --json document as it is
 
 
+def test_a_profile_with_few_requests_is_judged_on_its_median_not_on_one_slow_request():
+    # the low-traffic scenario's 26 requests: three met an install (4.2 ms), the rest 0.4 ms: the p95 of 26 is theirs
+    few = _stats({"rpi5": [0.4] * 100, "x86-avx2": [0.4] * 23 + [4.2] * 3}, planned_hz=10.0, completed=126)
+    report = fidelity([few], {"rpi5": 60.0, "x86-avx2": 40.0})
+    x86 = report["profiles"]["x86-avx2"]
+    assert report["ok"] and x86["judged_on"] == "p50" and x86["real_part_p95_ms"] > 0.1 * 40.0
+    assert report["profiles"]["rpi5"]["judged_on"] == "p95"
+
+    # a busy host slows most of them: the median says so
+    busy = _stats({"rpi5": [0.4] * 100, "x86-avx2": [5.0] * 26}, planned_hz=10.0, completed=126)
+    report = fidelity([busy], {"rpi5": 60.0, "x86-avx2": 40.0})
+    assert not report["ok"] and "x86-avx2's real inference time p50 5.0 ms is 12 %" in report["reason"]
+
+
 def test_a_slow_real_part_on_one_profile_makes_the_host_saturated_and_says_so_in_one_line():
     # rpi5 fine, x86-avx2's real part p95 8 ms: 20 % of its 40 ms
     answers = {"rpi5": [1.0] * 100, "x86-avx2": [1.0] * 90 + [8.0] * 10}

@@ -216,9 +216,12 @@ def decode(model: type[M], payload: bytes | str) -> M:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:  # the common case, a valid message, in pydantic's own parser (half the time of json.loads + validate)
-        return model.model_validate_json(payload)
+        message = model.model_validate_json(payload)
     except ValidationError:
         pass  # parsed again below, to say what is wrong in the words of this protocol
+    else:
+        if "schema_version" in message.model_fields_set:  # the field has a default: a message must still name it
+            return message
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):

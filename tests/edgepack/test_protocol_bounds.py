@@ -4,6 +4,7 @@ forged or broken message is one counted ProtocolError, never a database error in
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -37,3 +38,19 @@ def test_the_largest_storable_values_decode():
 def test_integers_beyond_the_columns_are_a_protocol_error_naming_the_field(model, payload, field):
     with pytest.raises(ProtocolError, match=field):
         decode(model, payload)
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (json.dumps({"device_id": "cam-1", "window_s": 1.0, "inferences": 1, "errors": 0}).encode(),
+     "unknown schema_version None"),  # the field has a default; a message must still name its version
+    (json.dumps({"schema_version": "1", "device_id": "cam-1", "window_s": 1.0, "inferences": 1, "errors": 0}).encode(),
+     "unknown schema_version '1'"),
+    (b"[1, 2]", "payload is not a JSON object"),
+    (b"{not json", "payload is not valid JSON"),
+])
+def test_decode_refuses_in_the_protocol_s_words_what_its_fast_path_lets_pass_or_fail(payload, reason):
+    # decode tries pydantic's JSON parser first (a valid message), then parses a failure again to say why
+    with pytest.raises(ProtocolError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        decode(Telemetry, payload)
+    # a NaN token (json.dumps writes one) decodes as it did through json.loads; the fleet stores it as null
+    assert math.isnan(decode(Telemetry, _telemetry(drift={"input": float("nan")})).drift["input"])

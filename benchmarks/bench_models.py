@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from builder.pipeline import BuildRequest, run_build  # noqa: E402
-from builder.verify import Outputs, compare  # noqa: E402
+from bench_build import p50_ms  # noqa: E402  (same folder: the script's own)
+from builder.onnx_utils import make_session  # noqa: E402
+from builder.verify import compare, run_model  # noqa: E402
 from edgepack.config import load_build_config  # noqa: E402
 
 MODELS = ("digits", "ppocr-cls", "silero-vad", "magika", "minilm")
@@ -60,18 +62,9 @@ def make_project(name: str, root: Path) -> Path:
     return make(root / name)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def feeds_of(model: Path, npz: Path, limit: int | None = None) -> list[dict[str, np.ndarray]]:
     """One feed per sample, batch 1 where the model's input has one more axis than the sample."""
-    session = _session(model)
+    session = make_session(model)
     data = np.load(npz)
     inputs = {i.name: len(i.shape) for i in session.get_inputs()}
     count = min(len(data[name]) for name in inputs)
@@ -84,28 +77,6 @@ def feeds_of(model: Path, npz: Path, limit: int | None = None) -> list[dict[str,
             feed[name] = sample[None] if sample.ndim + 1 == rank else sample
         feeds.append(feed)
     return feeds
-
-
-def outputs_of(model: Path, feeds: list[dict[str, np.ndarray]]) -> Outputs:
-    session = _session(model)
-    names = [o.name for o in session.get_outputs()]
-    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            collected[name].append(np.asarray(value))
-    return Outputs({n: np.stack(v).astype(np.float64) for n, v in collected.items()})
-
-
-def p50_ms(model: Path, feed: dict[str, np.ndarray], runs: int) -> float:
-    session = _session(model)
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000)
 
 
 def plain_static(model: Path, calib: list[dict[str, np.ndarray]], out: Path) -> Path:
@@ -156,7 +127,7 @@ def bench_model(name: str, profile: str, work: Path) -> dict[str, Any]:
     labels_key = config.data.labels_key
     with np.load(config.validation_path) as data:
         labels = data[labels_key][:len(val)] if labels_key in data.files else None
-    reference = outputs_of(model, val)
+    reference = run_model(model, val)
     base_value = compare(reference, reference, labels, config.metric)["accuracy"]
     rows: dict[str, dict[str, Any]] = {"fp32": {"path": model}}
     chosen = report.variant(report.selected) if report.selected else None
@@ -173,7 +144,7 @@ def bench_model(name: str, profile: str, work: Path) -> dict[str, Any]:
         path = row.get("path")
         if path is not None:
             try:
-                row["delta"] = compare(outputs_of(path, val), reference, labels, config.metric)["accuracy"] - base_value
+                row["delta"] = compare(run_model(path, val), reference, labels, config.metric)["accuracy"] - base_value
                 row["size"] = path.stat().st_size
             except Exception as exc:  # noqa: BLE001 - onnxruntime refusing a quantized graph is a result too
                 row.update(path=None, error=f"does not run: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")

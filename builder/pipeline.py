@@ -305,7 +305,8 @@ def build_reference(ctx: BuildContext) -> ReferenceModel:
     opset_out = ctx.run_pass(ctx.plan.opset, current)
     base = ctx.run_pass(ctx.plan.simplify, opset_out.model_path).model_path
     outputs = ctx.outputs(Candidate("fp32", "fp32", "onnxruntime", "onnx", base), ctx.validation_feeds)
-    graph_counts = count_graph(base, _counting_shapes(ctx, base))
+    # dims that stay dynamic (a transformer's batch and sequence) are counted at the shapes validate() fixed
+    graph_counts = count_graph(base, ctx.input_shapes or None)
     total_macs = sum(n["macs"] for n in graph_counts)
     matmul_macs = sum(n["macs"] for n in graph_counts if n["op_type"] in ("MatMul", "Gemm"))
     is_target, target_reason = host_is_target(ctx.profile)
@@ -341,15 +342,6 @@ def _apply_family_recipe(ctx: BuildContext, family: Family) -> None:
         plan.int8_dynamic_config = {**plan.int8_dynamic_config, "op_types": list(op_types)}
         changes.append(f"dynamic INT8 also quantizes the embedding tables ({family.embedding_share:.0%} of the weights)")
     ctx.note(f"model family: {family.name} ({family.reason})" + (f"; {'; '.join(changes)}" if changes else ""))
-
-
-def _counting_shapes(ctx: BuildContext, model_path: Path) -> dict[str, tuple[int, ...]] | None:
-    """The input shapes to count a model's MACs at when its dims stay dynamic (a transformer's batch and
-    sequence): the config's or the data's. None when there is nothing to take them from."""
-    try:
-        return _static_shapes_for(ctx, load_model(model_path))
-    except (ModelError, DataError, ConfigError):
-        return None
 
 
 def _needs_static_shapes(ctx: BuildContext) -> bool:
